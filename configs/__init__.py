@@ -1,0 +1,1 @@
+"""Presets: each module defines CONFIG, setting only what differs from the defaults."""

@@ -1,0 +1,116 @@
+"""Command-line flags: a preset from configs/, then any config field as --section.field.
+
+Every field of every config section is a flag (`--model.d_model 128`); a field name that
+is unique across sections also works bare (`--steps 100`). Unknown flags and bad values
+exit with status 2 and a message that names the flag and the closest valid one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import importlib
+import pkgutil
+import sys
+import typing
+
+from jmamba.config import Config, validate
+
+DEFAULT_PRESET = "cpu_demo"
+
+
+def available_presets() -> list[str]:
+    import configs
+    return sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
+
+
+def load_preset(name: str) -> Config:
+    names = available_presets()
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise SystemExit(f"error: unknown --config '{name}'. Presets: {', '.join(names)}.{hint}")
+    return importlib.import_module(f"configs.{name}").CONFIG
+
+
+def _parse_value(text: str, typ, flag: str):
+    """Turns a flag's text into the field's type, or exits naming the flag."""
+    try:
+        if typ is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError("expected true or false")
+        if typing.get_origin(typ) is tuple:
+            item = typing.get_args(typ)[0]
+            return tuple(item(v) for v in text.split(","))
+        return typ(text)
+    except ValueError as e:
+        raise SystemExit(f"error: bad value {text!r} for {flag}: {e}")
+
+
+def _fields(cfg: Config):
+    """(section, field, type, current value) for every config field."""
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(sub))
+        for f in dataclasses.fields(sub):
+            yield section.name, f.name, hints[f.name], getattr(sub, f.name)
+
+
+def build_parser(cfg: Config) -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(
+        prog="train.py", allow_abbrev=False,
+        description="Train a Mamba2-MoE language model. Defaults shown are the preset's.")
+    parser.add_argument("--config", default=DEFAULT_PRESET,
+                        help=f"preset in configs/: {', '.join(available_presets())}")
+    fields = list(_fields(cfg))
+    bare_counts: dict[str, int] = {}
+    for _, name, _, _ in fields:
+        bare_counts[name] = bare_counts.get(name, 0) + 1
+    dests = {}
+    for section, name, typ, value in fields:
+        flags = [f"--{section}.{name}"]
+        if bare_counts[name] == 1:
+            flags.insert(0, f"--{name}")
+        dest = f"{section}__{name}"
+        dests[dest] = (section, name, typ, flags[-1])
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        parser.add_argument(*flags, dest=dest, default=None, metavar=typ.__name__.upper()
+                            if isinstance(typ, type) else "A,B", help=f"(default: {shown})")
+    return parser, dests
+
+
+def parse_config(argv: list[str]) -> Config:
+    """argv -> a validated Config. Exits with status 2 and a clear message on bad input."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=DEFAULT_PRESET)
+    known, _ = pre.parse_known_args(argv)
+    cfg = load_preset(known.config)
+    parser, dests = build_parser(cfg)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        valid = [o for a in parser._actions for o in a.option_strings]
+        flag = unknown[0].split("=")[0]
+        close = difflib.get_close_matches(flag, valid, n=1, cutoff=0.5)
+        hint = f" Did you mean {close[0]}?" if close else ""
+        parser.error(f"unknown flag {flag}.{hint} See --help for all flags.")
+    updates: dict[str, dict] = {}
+    for dest, (section, name, typ, flag) in dests.items():
+        text = getattr(args, dest)
+        if text is not None:
+            updates.setdefault(section, {})[name] = _parse_value(text, typ, flag)
+    cfg = cfg.replace(**{s: dataclasses.replace(getattr(cfg, s), **kw)
+                         for s, kw in updates.items()})
+    try:
+        return validate(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    from jmamba.driver import train  # imports jax only after the flags are checked
+    train(cfg)

@@ -1,0 +1,169 @@
+"""Typed, frozen configs for the model, training and parallel layout, validated in one place."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+MLP_KINDS = ("moe", "dense", "none")
+SSM_IMPLS = ("chunked", "reference", "kernel")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Mirrors mamba_ssm's MambaConfig (Mamba2 layers) plus the MoE settings."""
+
+    d_model: int = 64
+    n_layer: int = 4
+    vocab_size: int = 64
+    pad_vocab_size_multiple: int = 8
+    # Mamba2 mixer (mamba_ssm.modules.mamba2.Mamba2 defaults, smaller headdim/chunk for CPU).
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 16
+    ngroups: int = 1
+    chunk_size: int = 32
+    dt_min: float = 0.001
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    conv_bias: bool = True
+    bias: bool = False
+    ssm_impl: str = "chunked"
+    # Block and LM.
+    rms_norm_eps: float = 1e-5
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+    dtype: str = "float32"  # compute dtype; parameters are always fp32
+    # Channel mixer after each Mamba2 mixer: "moe", "dense" (gated MLP) or "none".
+    mlp: str = "moe"
+    d_intermediate: int = 128  # dense gated-MLP hidden size
+    n_experts: int = 4
+    top_k: int = 2
+    d_expert: int = 64  # expert SwiGLU hidden size F
+    renormalize: bool = True
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def padded_vocab(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return -(-self.vocab_size // m) * m
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, data and logging for one run."""
+
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 64
+    seed: int = 0
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    log_every: int = 10
+    log_dir: str = "runs/default"
+    # Embedded data: multi-query associative recall (see jmamba/data.py).
+    task: str = "recall"
+    n_pairs: int = 8
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Layout of the (pp, ep) mesh; filled in by the pipeline and expert-parallel code."""
+
+    pp: int = 1
+    ep: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def replace(self, **sections) -> "Config":
+        return dataclasses.replace(self, **sections)
+
+
+def _check(ok: bool, field_name: str, rule: str, value) -> None:
+    if not ok:
+        raise ValueError(f"config field '{field_name}' = {value!r}: {rule}")
+
+
+def validate_model(m: ModelConfig) -> ModelConfig:
+    for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "d_state",
+                 "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
+        _check(getattr(m, name) > 0, f"model.{name}", "must be a positive integer",
+               getattr(m, name))
+    _check(m.d_inner % m.headdim == 0, "model.headdim",
+           f"must divide d_inner = expand * d_model = {m.d_inner}", m.headdim)
+    _check(m.nheads % m.ngroups == 0, "model.ngroups",
+           f"must divide the number of heads d_inner / headdim = {m.nheads}", m.ngroups)
+    _check(m.d_inner % m.ngroups == 0, "model.ngroups", "must divide d_inner", m.ngroups)
+    _check(0 < m.dt_min <= m.dt_max, "model.dt_min", "need 0 < dt_min <= dt_max", m.dt_min)
+    _check(m.dt_init_floor > 0, "model.dt_init_floor", "must be > 0", m.dt_init_floor)
+    lo, hi = m.A_init_range
+    _check(0 < lo <= hi, "model.A_init_range", "need 0 < low <= high", m.A_init_range)
+    _check(m.ssm_impl in SSM_IMPLS, "model.ssm_impl", f"must be one of {SSM_IMPLS}", m.ssm_impl)
+    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", m.dtype)
+    _check(m.rms_norm_eps > 0, "model.rms_norm_eps", "must be > 0", m.rms_norm_eps)
+    _check(m.mlp in MLP_KINDS, "model.mlp", f"must be one of {MLP_KINDS}", m.mlp)
+    if m.mlp == "dense":
+        _check(m.d_intermediate > 0, "model.d_intermediate", "must be > 0 for mlp='dense'",
+               m.d_intermediate)
+    if m.mlp == "moe":
+        _check(m.n_experts > 0, "model.n_experts", "must be > 0 for mlp='moe'", m.n_experts)
+        _check(1 <= m.top_k <= m.n_experts, "model.top_k",
+               f"must be in [1, n_experts={m.n_experts}]", m.top_k)
+        _check(m.d_expert > 0, "model.d_expert", "must be > 0", m.d_expert)
+        _check(m.aux_loss_coef >= 0, "model.aux_loss_coef", "must be >= 0", m.aux_loss_coef)
+        _check(m.z_loss_coef >= 0, "model.z_loss_coef", "must be >= 0", m.z_loss_coef)
+    return m
+
+
+def validate_train(t: TrainConfig, m: ModelConfig) -> TrainConfig:
+    for name in ("steps", "batch_size", "seq_len", "log_every"):
+        _check(getattr(t, name) > 0, f"train.{name}", "must be a positive integer",
+               getattr(t, name))
+    _check(t.lr > 0, "train.lr", "must be > 0", t.lr)
+    _check(0 <= t.warmup_steps <= t.steps, "train.warmup_steps", "must be in [0, steps]",
+           t.warmup_steps)
+    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]", t.min_lr_ratio)
+    _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
+    _check(t.grad_clip > 0, "train.grad_clip", "must be > 0", t.grad_clip)
+    _check(t.task in ("recall",), "train.task", "must be 'recall'", t.task)
+    # The recall task needs room for the pairs and at least one query (see data.py).
+    _check(t.n_pairs >= 1, "train.n_pairs", "must be >= 1", t.n_pairs)
+    _check(t.seq_len >= 4 * t.n_pairs + 2, "train.seq_len",
+           f"must be >= 4 * n_pairs + 2 = {4 * t.n_pairs + 2} for the recall task", t.seq_len)
+    _check(m.vocab_size >= 4 * t.n_pairs + 2, "model.vocab_size",
+           f"must be >= 4 * n_pairs + 2 = {4 * t.n_pairs + 2} for the recall task",
+           m.vocab_size)
+    return t
+
+
+def validate(cfg: Config) -> Config:
+    """Checks every section; raises ValueError naming the field and the rule it broke."""
+    validate_model(cfg.model)
+    validate_train(cfg.train, cfg.model)
+    p = cfg.parallel
+    _check(p.pp >= 1, "parallel.pp", "must be >= 1", p.pp)
+    _check(p.ep >= 1, "parallel.ep", "must be >= 1", p.ep)
+    return cfg

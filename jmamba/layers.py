@@ -1,0 +1,128 @@
+"""Mamba2 mixer, norms and the dense gated MLP as Flax NNX modules (single-device math).
+
+Glossary: B batch, L sequence, D d_model, I d_inner (= expand * D), H heads, P head dim,
+N d_state, G groups, K conv width, X conv channels (I + 2 G N), F MLP hidden.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jmamba.config import ModelConfig
+from jmamba.ssd import ssd
+
+
+def uniform_init(bound):
+    """PyTorch's default Linear/Conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def dense(rngs, d_in, d_out, scale=1.0, use_bias=False):
+    """A Linear with torch's default init, optionally scaled (mamba_ssm's residual rescale)."""
+    return nnx.Linear(d_in, d_out, use_bias=use_bias, rngs=rngs,
+                      kernel_init=uniform_init(scale / math.sqrt(d_in)),
+                      bias_init=nnx.initializers.zeros)
+
+
+def linear(layer: nnx.Linear, x, dtype):
+    """Applies `layer` in the compute dtype (parameters stay fp32)."""
+    y = jnp.dot(x.astype(dtype), layer.kernel[...].astype(dtype))
+    if layer.bias is not None:
+        y = y + layer.bias[...].astype(dtype)
+    return y
+
+
+def rms_norm(x, scale, eps, dtype, groups=1):
+    """RMSNorm over the last axis in fp32; `groups` normalises equal slices of it apart."""
+    x32 = x.astype(jnp.float32)
+    xg = x32.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+    xg = xg * jax.lax.rsqrt(jnp.mean(xg * xg, axis=-1, keepdims=True) + eps)
+    return (xg.reshape(x.shape) * scale).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, groups: int = 1):
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.float32))
+        self.eps, self.groups = eps, groups
+
+    def __call__(self, x, dtype):
+        return rms_norm(x, self.scale[...], self.eps, dtype, self.groups)
+
+
+class Mamba2Mixer(nnx.Module):
+    """mamba_ssm's Mamba2: in_proj -> [z, x, B, C, dt], causal depthwise conv over xBC,
+    SiLU, SSD with a scalar A per head and D skip, gated RMSNorm with z, out_proj."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_scale: float = 1.0):
+        self.cfg = cfg
+        D, I, H, G, N = cfg.d_model, cfg.d_inner, cfg.nheads, cfg.ngroups, cfg.d_state
+        X = I + 2 * G * N
+        self.in_proj = dense(rngs, D, 2 * I + 2 * G * N + H, use_bias=cfg.bias)
+        conv_bound = 1.0 / math.sqrt(cfg.d_conv)  # depthwise: fan_in = K
+        self.conv1d_kernel = nnx.Param(uniform_init(conv_bound)(rngs.params(), (cfg.d_conv, X)))
+        self.conv1d_bias = (nnx.Param(uniform_init(conv_bound)(rngs.params(), (X,)))
+                         if cfg.conv_bias else None)
+        # dt_bias = softplus^-1(dt), dt log-uniform in [dt_min, dt_max] (mamba_ssm init).
+        u = jax.random.uniform(rngs.params(), (H,))
+        dt = jnp.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = jnp.maximum(dt, cfg.dt_init_floor)
+        self.dt_bias = nnx.Param(dt + jnp.log(-jnp.expm1(-dt)))
+        lo, hi = cfg.A_init_range
+        self.A_log = nnx.Param(jnp.log(jax.random.uniform(rngs.params(), (H,), minval=lo,
+                                                          maxval=hi)))
+        self.D = nnx.Param(jnp.ones((H,), jnp.float32))
+        self.norm = RMSNorm(I, cfg.rms_norm_eps, groups=G)
+        self.out_proj = dense(rngs, I, D, scale=out_scale, use_bias=cfg.bias)
+
+    def causal_conv(self, xBC_BxLxX):
+        """Depthwise causal conv1d: out[t] = sum_k w[k] * in[t - (K-1) + k] (+ bias)."""
+        K = self.cfg.d_conv
+        L = xBC_BxLxX.shape[1]
+        padded = jnp.pad(xBC_BxLxX, [(0, 0), (K - 1, 0), (0, 0)])
+        w_KxX = self.conv1d_kernel[...].astype(xBC_BxLxX.dtype)
+        out = sum(padded[:, k:k + L] * w_KxX[k] for k in range(K))
+        if self.conv1d_bias is not None:
+            out = out + self.conv1d_bias[...].astype(out.dtype)
+        return out
+
+    def __call__(self, u_BxLxD):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        Bsz, L, _ = u_BxLxD.shape
+        I, H, P, G, N = cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
+        zxbcdt = linear(self.in_proj, u_BxLxD, dtype)
+        z_BxLxI = zxbcdt[..., :I]
+        xBC_BxLxX = jax.nn.silu(self.causal_conv(zxbcdt[..., I:2 * I + 2 * G * N]))
+        dt_BxLxH = zxbcdt[..., 2 * I + 2 * G * N:]
+        x_BxLxHxP = xBC_BxLxX[..., :I].reshape(Bsz, L, H, P)
+        B_BxLxGxN = xBC_BxLxX[..., I:I + G * N].reshape(Bsz, L, G, N)
+        C_BxLxGxN = xBC_BxLxX[..., I + G * N:].reshape(Bsz, L, G, N)
+        A_H = -jnp.exp(self.A_log[...])
+        y_BxLxHxP, _ = ssd(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, self.D[...],
+                           self.dt_bias[...], chunk_size=cfg.chunk_size, impl=cfg.ssm_impl)
+        # Gated RMSNorm, norm_before_gate=False as in mamba_ssm: norm(y * silu(z)).
+        y_BxLxI = y_BxLxHxP.reshape(Bsz, L, I).astype(jnp.float32)
+        y_BxLxI = self.norm(y_BxLxI * jax.nn.silu(z_BxLxI.astype(jnp.float32)), dtype)
+        return linear(self.out_proj, y_BxLxI, dtype)
+
+
+class GatedMLP(nnx.Module):
+    """mamba_ssm's GatedMLP (SwiGLU): fc2(silu(gate) * up), fc1 producing [up, gate]."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_scale: float = 1.0):
+        self.cfg = cfg
+        self.fc1 = dense(rngs, cfg.d_model, 2 * cfg.d_intermediate, use_bias=cfg.bias)
+        self.fc2 = dense(rngs, cfg.d_intermediate, cfg.d_model, scale=out_scale,
+                         use_bias=cfg.bias)
+
+    def __call__(self, x_BxLxD):
+        dtype = jnp.dtype(self.cfg.dtype)
+        up_gate = linear(self.fc1, x_BxLxD, dtype)
+        F = self.cfg.d_intermediate
+        return linear(self.fc2, up_gate[..., :F] * jax.nn.silu(up_gate[..., F:]), dtype)

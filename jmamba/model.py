@@ -1,0 +1,169 @@
+"""The Mamba2-MoE language model as pieces a pipeline can split: embed, layers, head.
+
+Glossary (shared by all model files): B batch, L sequence, D d_model, V padded vocab,
+E experts, K top-k, F expert hidden, H ssm heads, P head dim, N d_state, G groups,
+Y layers (a stack of blocks), S pipeline stages, M microbatches.
+
+Parameters are a plain nested dict with named paths:
+    embed/embedding [V, D]
+    layers/<block param path> [n_layer, ...]   (row i is global layer i, whatever the layout)
+    norm_f/scale [D]
+    lm_head/kernel [D, V]                       (only when tie_embeddings=False)
+Blocks carry the (hidden, residual) pair of mamba_ssm as two plain arrays.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jmamba.config import ModelConfig
+from jmamba.layers import GatedMLP, Mamba2Mixer, RMSNorm, rms_norm, uniform_init
+from jmamba.moe import MoE, moe_dropless
+
+
+class Block(nnx.Module):
+    """mamba_ssm's Block with fused add-norm: add, RMSNorm, Mamba2 mixer; add, RMSNorm, MLP."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        # mamba_ssm rescales the residual-branch output projections by 1/sqrt(n per layer * Y).
+        n_res = 1 if cfg.mlp == "none" else 2
+        out_scale = 1.0 / math.sqrt(n_res * cfg.n_layer)
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+        self.mixer = Mamba2Mixer(cfg, rngs, out_scale)
+        if cfg.mlp != "none":
+            self.norm2 = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
+            self.mlp = (MoE(cfg, rngs, out_scale) if cfg.mlp == "moe"
+                        else GatedMLP(cfg, rngs, out_scale))
+
+    def __call__(self, hidden_BxLxD, residual_BxLxD, experts_fn=moe_dropless):
+        """Returns (hidden, residual, aux_B, z_B, counts_E); all plain arrays."""
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        res_dtype = jnp.float32 if cfg.residual_in_fp32 else dtype
+        residual = hidden_BxLxD.astype(res_dtype) + residual_BxLxD.astype(res_dtype)
+        hidden = self.mixer(self.norm(residual, dtype))
+        Bsz = hidden.shape[0]
+        aux_B = z_B = jnp.zeros((Bsz,), jnp.float32)
+        counts_E = jnp.zeros((max(cfg.n_experts, 1),), jnp.int32)
+        if cfg.mlp != "none":
+            residual = hidden.astype(res_dtype) + residual
+            hidden = self.norm2(residual, dtype)
+            if cfg.mlp == "moe":
+                hidden, aux_B, z_B, counts_E = self.mlp(hidden, experts_fn)
+            else:
+                hidden = self.mlp(hidden)
+        return hidden, residual, aux_B, z_B, counts_E.astype(jnp.int32)
+
+
+@functools.lru_cache(maxsize=None)
+def block_graphdef(cfg: ModelConfig):
+    """The static structure of one block; its parameters come from the stacked dict."""
+    return nnx.split(nnx.eval_shape(lambda: Block(cfg, nnx.Rngs(0))))[0]
+
+
+def init_block(cfg: ModelConfig, key):
+    return nnx.state(Block(cfg, nnx.Rngs(key)), nnx.Param).to_pure_dict()
+
+
+def init_params(cfg: ModelConfig, key) -> dict:
+    """Fresh fp32 parameters with a leading layer axis on every block parameter."""
+    k_embed, k_layers, k_head = jax.random.split(key, 3)
+    V, D = cfg.padded_vocab, cfg.d_model
+    params = {
+        "embed": {"embedding": 0.02 * jax.random.normal(k_embed, (V, D), jnp.float32)},
+        "layers": jax.vmap(functools.partial(init_block, cfg))(
+            jax.random.split(k_layers, cfg.n_layer)),
+        "norm_f": {"scale": jnp.ones((D,), jnp.float32)},
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = {"kernel": uniform_init(1 / math.sqrt(D))(k_head, (D, V))}
+    return params
+
+
+def embed(embed_params, tokens_BxL, cfg: ModelConfig):
+    """Token embedding; returns the (hidden, residual) pair that enters layer 0."""
+    hidden = embed_params["embedding"][tokens_BxL].astype(jnp.dtype(cfg.dtype))
+    res_dtype = jnp.float32 if cfg.residual_in_fp32 else jnp.dtype(cfg.dtype)
+    return hidden, jnp.zeros(hidden.shape, res_dtype)
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "none",
+               experts_fn=moe_dropless):
+    """Scans the blocks of a [Y, ...] parameter stack over (hidden, residual).
+
+    Returns (hidden, residual, aux_B, z_B, counts_YxE): aux and z summed over the Y layers.
+    """
+    graphdef = block_graphdef(cfg)
+
+    def body(carry, layer_params):
+        h, r, aux_B, z_B = carry
+        h, r, a, z, counts_E = nnx.merge(graphdef, layer_params)(h, r, experts_fn)
+        return (h, r, aux_B + a, z_B + z), counts_E
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    zeros_B = jnp.zeros((hidden.shape[0],), jnp.float32)
+    (hidden, residual, aux_B, z_B), counts_YxE = jax.lax.scan(
+        body, (hidden, residual, zeros_B, zeros_B), layers_YxTree)
+    return hidden, residual, aux_B, z_B, counts_YxE
+
+
+def head_logits(params, hidden, residual, cfg: ModelConfig):
+    """Final add + RMSNorm + lm_head (tied to the embedding unless configured otherwise)."""
+    dtype = jnp.dtype(cfg.dtype)
+    residual = hidden.astype(residual.dtype) + residual
+    h = rms_norm(residual, params["norm_f"]["scale"], cfg.rms_norm_eps, dtype)
+    w_DxV = (params["embed"]["embedding"].T if cfg.tie_embeddings
+             else params["lm_head"]["kernel"])
+    return jnp.dot(h, w_DxV.astype(dtype))
+
+
+def token_losses(logits_BxLxV, targets_BxL, mask_BxL):
+    """Masked sums (not means): nll_sum, correct_sum. Callers divide by global token counts."""
+    logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    nll_BxL = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
+    correct_BxL = (jnp.argmax(logp, axis=-1) == targets_BxL).astype(jnp.float32)
+    mask = mask_BxL.astype(jnp.float32)
+    return jnp.sum(nll_BxL * mask), jnp.sum(correct_BxL * mask)
+
+
+def total_loss(cfg: ModelConfig, nll_sum, n_tokens, aux_sum, z_sum, n_rows):
+    """Token-weighted cross-entropy over the whole batch plus the layer-mean MoE losses.
+
+    aux_sum and z_sum are summed over rows and layers; dividing by (rows * layers) gives
+    the per-layer mean of the per-sequence losses.
+    """
+    ce = nll_sum / jnp.maximum(n_tokens, 1.0)
+    aux = aux_sum / (n_rows * cfg.n_layer)
+    z = z_sum / (n_rows * cfg.n_layer)
+    loss = ce
+    if cfg.mlp == "moe":
+        loss = loss + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z
+    return loss, {"ce": ce, "aux_loss": aux, "z_loss": z}
+
+
+def loss_fn(params, batch, cfg: ModelConfig, remat: str = "none"):
+    """Single-device loss: the reference every parallel layout must match."""
+    hidden, residual = embed(params["embed"], batch["inputs"], cfg)
+    hidden, residual, aux_B, z_B, counts_YxE = run_layers(params["layers"], hidden, residual,
+                                                          cfg, remat)
+    logits = head_logits(params, hidden, residual, cfg)
+    nll_sum, correct_sum = token_losses(logits, batch["targets"], batch["mask"])
+    n_tokens = jnp.sum(batch["mask"].astype(jnp.float32))
+    loss, parts = total_loss(cfg, nll_sum, n_tokens, jnp.sum(aux_B), jnp.sum(z_B),
+                             batch["inputs"].shape[0])
+    return loss, {**parts, "accuracy": correct_sum / jnp.maximum(n_tokens, 1.0),
+                  "expert_counts": counts_YxE}

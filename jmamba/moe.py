@@ -1,0 +1,122 @@
+"""Mixture of SwiGLU experts: router, top-k, dropless dispatch, and the balancing losses.
+
+Glossary: B batch, L sequence, T tokens (B * L), D d_model, E experts, K top-k,
+F expert hidden, S token copies sorted by expert (T * K).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jmamba.config import ModelConfig
+from jmamba.layers import uniform_init
+
+
+def route(logits_TxE, top_k: int, renormalize: bool):
+    """Softmax over experts in fp32, then top-k. Returns (weights_TxK, experts_TxK, probs_TxE)."""
+    probs_TxE = jax.nn.softmax(logits_TxE.astype(jnp.float32), axis=-1)
+    weights_TxK, experts_TxK = jax.lax.top_k(probs_TxE, top_k)
+    if renormalize:
+        weights_TxK = weights_TxK / jnp.sum(weights_TxK, axis=-1, keepdims=True)
+    return weights_TxK, experts_TxK, probs_TxE
+
+
+def balance_losses(logits_BxLxE, experts_BxLxK):
+    """Per-sequence load-balancing loss (Switch/GShard form, one sequence = one GShard group)
+    and router z-loss. Returns (aux_B, z_B).
+
+    aux = E * sum_e f_e * P_e, with f_e the share of the sequence's token copies sent to e
+    and P_e the mean router probability of e. Being per sequence, the batch mean splits
+    exactly over microbatches and data-parallel shards (pipelined loss == unpipelined).
+    z = mean_t logsumexp(logits_t)^2 (ST-MoE).
+    """
+    E = logits_BxLxE.shape[-1]
+    logits = logits_BxLxE.astype(jnp.float32)
+    probs_BxLxE = jax.nn.softmax(logits, axis=-1)
+    onehot_BxLxE = jnp.sum(jax.nn.one_hot(experts_BxLxK, E, dtype=jnp.float32), axis=2)
+    f_BxE = jnp.mean(onehot_BxLxE, axis=1) / experts_BxLxK.shape[-1]
+    P_BxE = jnp.mean(probs_BxLxE, axis=1)
+    aux_B = E * jnp.sum(jax.lax.stop_gradient(f_BxE) * P_BxE, axis=-1)
+    z_B = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2, axis=-1)
+    return aux_B, z_B
+
+
+def swiglu_ragged(x_SxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, dtype):
+    """Expert MLPs on token copies sorted by expert: rows [sum(g[:e]), sum(g[:e+1])) go to e.
+
+    Rows past sum(group_sizes) come out as zeros.
+    """
+    c = lambda a: a.astype(dtype)
+    x = c(x_SxD)
+    h_gate = jax.lax.ragged_dot(x, c(w_gate_ExDxF), group_sizes_E)
+    h_up = jax.lax.ragged_dot(x, c(w_up_ExDxF), group_sizes_E)
+    return jax.lax.ragged_dot(jax.nn.silu(h_gate) * h_up, c(w_down_ExFxD), group_sizes_E)
+
+
+def sort_by_expert(experts_TxK, n_experts: int):
+    """Orders the T*K token copies by expert. Returns (order_S, token_S, group_sizes_E)."""
+    K = experts_TxK.shape[-1]
+    flat_S = experts_TxK.reshape(-1)
+    order_S = jnp.argsort(flat_S, stable=True)
+    group_sizes_E = jnp.bincount(flat_S, length=n_experts).astype(jnp.int32)
+    return order_S, order_S // K, group_sizes_E
+
+
+def combine(y_sorted_SxD, order_S, weights_TxK):
+    """Puts expert outputs back in token order and sums them with the router weights."""
+    T, K = weights_TxK.shape
+    y_SxD = jnp.zeros_like(y_sorted_SxD).at[order_S].set(y_sorted_SxD)
+    y_TxKxD = y_SxD.reshape(T, K, -1).astype(jnp.float32)
+    return jnp.einsum("tkd,tk->td", y_TxKxD, weights_TxK)
+
+
+def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down, dtype):
+    """Single-device dropless MoE: sort copies by expert, grouped matmul, unsort, combine."""
+    order_S, token_S, group_sizes_E = sort_by_expert(experts_TxK, w_gate.shape[0])
+    y_sorted = swiglu_ragged(x_TxD[token_S], group_sizes_E, w_gate, w_up, w_down, dtype)
+    return combine(y_sorted, order_S, weights_TxK)
+
+
+def moe_dense_reference(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down, dtype):
+    """Every expert on every token, then the router-weighted sum: slow and obviously right."""
+    c = lambda a: a.astype(dtype)
+    x = c(x_TxD)
+    h_TxExF = jax.nn.silu(jnp.einsum("td,edf->tef", x, c(w_gate))) * jnp.einsum(
+        "td,edf->tef", x, c(w_up))
+    y_TxExD = jnp.einsum("tef,efd->ted", h_TxExF, c(w_down)).astype(jnp.float32)
+    E = w_gate.shape[0]
+    gate_TxE = jnp.sum(jax.nn.one_hot(experts_TxK, E) * weights_TxK[..., None], axis=1)
+    return jnp.einsum("ted,te->td", y_TxExD, gate_TxE)
+
+
+class MoE(nnx.Module):
+    """Linear router + E SwiGLU experts stacked as [E, D, F] / [E, F, D]."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_scale: float = 1.0):
+        self.cfg = cfg
+        E, D, F = cfg.n_experts, cfg.d_model, cfg.d_expert
+        self.router = nnx.Param(uniform_init(1 / math.sqrt(D))(rngs.params(), (D, E)))
+        self.w_gate = nnx.Param(uniform_init(1 / math.sqrt(D))(rngs.params(), (E, D, F)))
+        self.w_up = nnx.Param(uniform_init(1 / math.sqrt(D))(rngs.params(), (E, D, F)))
+        self.w_down = nnx.Param(uniform_init(out_scale / math.sqrt(F))(rngs.params(),
+                                                                         (E, F, D)))
+
+    def __call__(self, x_BxLxD, experts_fn=moe_dropless):
+        """Returns (y_BxLxD, aux_B, z_B, counts_E). `experts_fn` is the dispatch strategy:
+        single-device dropless by default; expert parallelism passes its own."""
+        cfg = self.cfg
+        Bsz, L, D = x_BxLxD.shape
+        dtype = jnp.dtype(cfg.dtype)
+        # The router runs in fp32: top-k choices must not flip with the compute dtype.
+        logits_BxLxE = jnp.dot(x_BxLxD.astype(jnp.float32), self.router[...])
+        weights_TxK, experts_TxK, _ = route(logits_BxLxE.reshape(Bsz * L, -1), cfg.top_k,
+                                            cfg.renormalize)
+        y_TxD = experts_fn(x_BxLxD.reshape(Bsz * L, D), weights_TxK, experts_TxK,
+                           self.w_gate[...], self.w_up[...], self.w_down[...], dtype)
+        aux_B, z_B = balance_losses(logits_BxLxE, experts_TxK.reshape(Bsz, L, -1))
+        counts_E = jnp.bincount(experts_TxK.reshape(-1), length=cfg.n_experts)
+        return y_TxD.reshape(Bsz, L, D).astype(dtype), aux_B, z_B, counts_E
