@@ -34,7 +34,7 @@ def load_preset(name: str) -> Config:
     return importlib.import_module(f"configs.{name}").CONFIG
 
 
-def _parse_value(text: str, typ, flag: str):
+def _parse_value(text: str, typ, flag: str, parser):
     """Turns a flag's text into the field's type, or exits naming the flag."""
     try:
         if typ is bool:
@@ -48,7 +48,7 @@ def _parse_value(text: str, typ, flag: str):
             return tuple(item(v) for v in text.split(","))
         return typ(text)
     except ValueError as e:
-        raise SystemExit(f"error: bad value {text!r} for {flag}: {e}")
+        parser.error(f"bad value {text!r} for {flag}: {e}")
 
 
 def _fields(cfg: Config):
@@ -76,7 +76,7 @@ def build_parser(cfg: Config) -> tuple[argparse.ArgumentParser, dict]:
         if bare_counts[name] == 1:
             flags.insert(0, f"--{name}")
         dest = f"{section}__{name}"
-        dests[dest] = (section, name, typ, flags[-1])
+        dests[dest] = (section, name, typ, "/".join(flags))
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
         parser.add_argument(*flags, dest=dest, default=None, metavar=typ.__name__.upper()
                             if isinstance(typ, type) else "A,B", help=f"(default: {shown})")
@@ -101,7 +101,7 @@ def parse_config(argv: list[str]) -> Config:
     for dest, (section, name, typ, flag) in dests.items():
         text = getattr(args, dest)
         if text is not None:
-            updates.setdefault(section, {})[name] = _parse_value(text, typ, flag)
+            updates.setdefault(section, {})[name] = _parse_value(text, typ, flag, parser)
     cfg = cfg.replace(**{s: dataclasses.replace(getattr(cfg, s), **kw)
                          for s, kw in updates.items()})
     try:

@@ -68,7 +68,7 @@ def block_graphdef(cfg: ModelConfig):
 
 
 def init_block(cfg: ModelConfig, key):
-    return nnx.state(Block(cfg, nnx.Rngs(key)), nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(Block(cfg, nnx.Rngs(key)), nnx.Param))
 
 
 def init_params(cfg: ModelConfig, key) -> dict:

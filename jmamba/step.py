@@ -34,7 +34,7 @@ def make_train_step(loss_fn: Callable, optimizer, schedule) -> Callable:
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         counts = parts.pop("expert_counts")
-        metrics = {"loss": loss, **parts, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
                    "lr": schedule(state.step), "expert_load_max_over_mean": expert_load(counts)}
         return TrainState(state.step + 1, params, opt_state), metrics
 

@@ -1,0 +1,40 @@
+"""The embedded task and a short training run that must lower the loss."""
+
+import dataclasses
+import json
+
+import numpy as np
+
+from jmamba.config import Config, TrainConfig, validate
+from jmamba.data import recall_batch
+from jmamba.driver import train
+
+
+def test_recall_batch_answers_are_the_queried_values():
+    b = recall_batch(seed=1, step=3, batch_size=4, seq_len=40, vocab_size=64, n_pairs=5)
+    assert b["inputs"].shape == b["targets"].shape == b["mask"].shape == (4, 40)
+    for row in range(4):
+        seq = np.concatenate([b["inputs"][row], b["targets"][row, -1:]])
+        table = dict(zip(seq[1:11:2], seq[2:12:2]))  # the 5 (key, value) pairs
+        answers = np.nonzero(b["mask"][row])[0]
+        assert len(answers) == (40 - 10) // 2
+        for t in answers:  # input t is a queried key, target t is its value
+            assert b["targets"][row, t] == table[b["inputs"][row, t]]
+    again = recall_batch(seed=1, step=3, batch_size=4, seq_len=40, vocab_size=64, n_pairs=5)
+    np.testing.assert_array_equal(again["inputs"], b["inputs"])
+    other = recall_batch(seed=1, step=4, batch_size=4, seq_len=40, vocab_size=64, n_pairs=5)
+    assert not np.array_equal(other["inputs"], b["inputs"])
+
+
+def test_short_run_lowers_loss(tmp_path):
+    cfg = validate(Config(train=dataclasses.replace(
+        TrainConfig(), steps=80, warmup_steps=10, log_every=10, log_dir=str(tmp_path))))
+    records = train(cfg)
+    first, last = records[0]["loss"], records[-1]["loss"]
+    assert last < first - 0.5, (first, last)
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == list(range(10, 81, 10))
+    for key in ("step", "loss", "tokens_per_s", "accuracy", "grad_norm", "lr", "aux_loss",
+                "z_loss", "expert_load_max_over_mean"):
+        assert key in lines[-1]
+    assert all(np.isfinite(r["loss"]) for r in lines)
