@@ -42,7 +42,7 @@ class Block(nnx.Module):
                         else GatedMLP(cfg, rngs, out_scale))
 
     def __call__(self, hidden_BxLxD, residual_BxLxD, experts_fn=moe_dropless):
-        """Returns (hidden, residual, aux_B, z_B, counts_E); all plain arrays."""
+        """Returns (hidden, residual, aux_B, z_B, counts_E, dropped); all plain arrays."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         res_dtype = jnp.float32 if cfg.residual_in_fp32 else dtype
@@ -51,14 +51,15 @@ class Block(nnx.Module):
         Bsz = hidden.shape[0]
         aux_B = z_B = jnp.zeros((Bsz,), jnp.float32)
         counts_E = jnp.zeros((max(cfg.n_experts, 1),), jnp.int32)
+        dropped = jnp.zeros((), jnp.int32)
         if cfg.mlp != "none":
             residual = hidden.astype(res_dtype) + residual
             hidden = self.norm2(residual, dtype)
             if cfg.mlp == "moe":
-                hidden, aux_B, z_B, counts_E = self.mlp(hidden, experts_fn)
+                hidden, aux_B, z_B, counts_E, dropped = self.mlp(hidden, experts_fn)
             else:
                 hidden = self.mlp(hidden)
-        return hidden, residual, aux_B, z_B, counts_E.astype(jnp.int32)
+        return hidden, residual, aux_B, z_B, counts_E.astype(jnp.int32), dropped
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,21 +105,22 @@ def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "
                experts_fn=moe_dropless):
     """Scans the blocks of a [Y, ...] parameter stack over (hidden, residual).
 
-    Returns (hidden, residual, aux_B, z_B, counts_YxE): aux and z summed over the Y layers.
+    Returns (hidden, residual, aux_B, z_B, counts_YxE, dropped): aux, z and dropped token
+    copies summed over the Y layers.
     """
     graphdef = block_graphdef(cfg)
 
     def body(carry, layer_params):
-        h, r, aux_B, z_B = carry
-        h, r, a, z, counts_E = nnx.merge(graphdef, layer_params)(h, r, experts_fn)
-        return (h, r, aux_B + a, z_B + z), counts_E
+        h, r, aux_B, z_B, dropped = carry
+        h, r, a, z, counts_E, d = nnx.merge(graphdef, layer_params)(h, r, experts_fn)
+        return (h, r, aux_B + a, z_B + z, dropped + d), counts_E
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
     zeros_B = jnp.zeros((hidden.shape[0],), jnp.float32)
-    (hidden, residual, aux_B, z_B), counts_YxE = jax.lax.scan(
-        body, (hidden, residual, zeros_B, zeros_B), layers_YxTree)
-    return hidden, residual, aux_B, z_B, counts_YxE
+    (hidden, residual, aux_B, z_B, dropped), counts_YxE = jax.lax.scan(
+        body, (hidden, residual, zeros_B, zeros_B, jnp.zeros((), jnp.int32)), layers_YxTree)
+    return hidden, residual, aux_B, z_B, counts_YxE, dropped
 
 
 def head_logits(params, hidden, residual, cfg: ModelConfig):
@@ -158,12 +160,12 @@ def total_loss(cfg: ModelConfig, nll_sum, n_tokens, aux_sum, z_sum, n_rows):
 def loss_fn(params, batch, cfg: ModelConfig, remat: str = "none"):
     """Single-device loss: the reference every parallel layout must match."""
     hidden, residual = embed(params["embed"], batch["inputs"], cfg)
-    hidden, residual, aux_B, z_B, counts_YxE = run_layers(params["layers"], hidden, residual,
-                                                          cfg, remat)
+    hidden, residual, aux_B, z_B, counts_YxE, dropped = run_layers(
+        params["layers"], hidden, residual, cfg, remat)
     logits = head_logits(params, hidden, residual, cfg)
     nll_sum, correct_sum = token_losses(logits, batch["targets"], batch["mask"])
     n_tokens = jnp.sum(batch["mask"].astype(jnp.float32))
     loss, parts = total_loss(cfg, nll_sum, n_tokens, jnp.sum(aux_B), jnp.sum(z_B),
                              batch["inputs"].shape[0])
     return loss, {**parts, "accuracy": correct_sum / jnp.maximum(n_tokens, 1.0),
-                  "expert_counts": counts_YxE}
+                  "expert_counts": counts_YxE, "dropped_tokens": dropped}

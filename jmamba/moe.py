@@ -75,10 +75,13 @@ def combine(y_sorted_SxD, order_S, weights_TxK):
 
 
 def moe_dropless(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down, dtype):
-    """Single-device dropless MoE: sort copies by expert, grouped matmul, unsort, combine."""
+    """Single-device dropless MoE: sort copies by expert, grouped matmul, unsort, combine.
+
+    Like every `experts_fn`, returns (y_TxD fp32, dropped token copies as an int32 scalar).
+    """
     order_S, token_S, group_sizes_E = sort_by_expert(experts_TxK, w_gate.shape[0])
     y_sorted = swiglu_ragged(x_TxD[token_S], group_sizes_E, w_gate, w_up, w_down, dtype)
-    return combine(y_sorted, order_S, weights_TxK)
+    return combine(y_sorted, order_S, weights_TxK), jnp.zeros((), jnp.int32)
 
 
 def moe_dense_reference(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down, dtype):
@@ -90,7 +93,7 @@ def moe_dense_reference(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down, d
     y_TxExD = jnp.einsum("tef,efd->ted", h_TxExF, c(w_down)).astype(jnp.float32)
     E = w_gate.shape[0]
     gate_TxE = jnp.sum(jax.nn.one_hot(experts_TxK, E) * weights_TxK[..., None], axis=1)
-    return jnp.einsum("ted,te->td", y_TxExD, gate_TxE)
+    return jnp.einsum("ted,te->td", y_TxExD, gate_TxE), jnp.zeros((), jnp.int32)
 
 
 class MoE(nnx.Module):
@@ -106,8 +109,9 @@ class MoE(nnx.Module):
                                                                          (E, F, D)))
 
     def __call__(self, x_BxLxD, experts_fn=moe_dropless):
-        """Returns (y_BxLxD, aux_B, z_B, counts_E). `experts_fn` is the dispatch strategy:
-        single-device dropless by default; expert parallelism passes its own."""
+        """Returns (y_BxLxD, aux_B, z_B, counts_E, dropped). `experts_fn` is the dispatch
+        strategy: single-device dropless by default; expert parallelism passes its own, which
+        sees this device's tokens and its slice of the [E, ...] expert weights."""
         cfg = self.cfg
         Bsz, L, D = x_BxLxD.shape
         dtype = jnp.dtype(cfg.dtype)
@@ -115,8 +119,8 @@ class MoE(nnx.Module):
         logits_BxLxE = jnp.dot(x_BxLxD.astype(jnp.float32), self.router[...])
         weights_TxK, experts_TxK, _ = route(logits_BxLxE.reshape(Bsz * L, -1), cfg.top_k,
                                             cfg.renormalize)
-        y_TxD = experts_fn(x_BxLxD.reshape(Bsz * L, D), weights_TxK, experts_TxK,
+        y_TxD, dropped = experts_fn(x_BxLxD.reshape(Bsz * L, D), weights_TxK, experts_TxK,
                            self.w_gate[...], self.w_up[...], self.w_down[...], dtype)
         aux_B, z_B = balance_losses(logits_BxLxE, experts_TxK.reshape(Bsz, L, -1))
         counts_E = jnp.bincount(experts_TxK.reshape(-1), length=cfg.n_experts)
-        return y_TxD.reshape(Bsz, L, D).astype(dtype), aux_B, z_B, counts_E
+        return y_TxD.reshape(Bsz, L, D).astype(dtype), aux_B, z_B, counts_E, dropped

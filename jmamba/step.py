@@ -27,7 +27,8 @@ def expert_load(counts_YxE):
 
 
 def make_train_step(loss_fn: Callable, optimizer, schedule) -> Callable:
-    """loss_fn(params, batch) -> (loss, metrics with 'expert_counts' [Y, E])."""
+    """loss_fn(params, batch) -> (loss, metrics with 'expert_counts' [Y, E] and
+    'dropped_tokens'); every other metric passes through."""
 
     def train_step(state: TrainState, batch):
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)

@@ -44,12 +44,12 @@ def test_scan_over_layers_equals_python_loop():
     params = model.init_params(CFG, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, CFG.vocab_size)
     h, r = model.embed(params["embed"], tokens, CFG)
-    h_scan, r_scan, aux_scan, _, _ = model.run_layers(params["layers"], h, r, CFG)
+    h_scan, r_scan, aux_scan, _, _, _ = model.run_layers(params["layers"], h, r, CFG)
     gd = model.block_graphdef(CFG)
     aux = 0.0
     for i in range(CFG.n_layer):  # layer i is row i of every stacked parameter
         layer_i = jax.tree.map(lambda a: a[i], params["layers"])
-        h, r, a, _, _ = nnx.merge(gd, layer_i)(h, r)
+        h, r, a, _, _, _ = nnx.merge(gd, layer_i)(h, r)
         aux = aux + a
     np.testing.assert_allclose(h_scan, h, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(r_scan, r, rtol=1e-5, atol=1e-5)

@@ -67,8 +67,9 @@ def test_dropless_equals_per_token_loop_and_dense(E, K, skew):
     if skew:  # most tokens prefer expert 0, some experts get nothing
         logits = logits.at[:, 0].add(4.0)
     w, e, _ = route(logits, K, renormalize=True)
-    y = moe_dropless(x, w, e, wg, wu, wd, jnp.float32)
-    y_dense = moe_dense_reference(x, w, e, wg, wu, wd, jnp.float32)
+    y, dropped = moe_dropless(x, w, e, wg, wu, wd, jnp.float32)
+    y_dense, _ = moe_dense_reference(x, w, e, wg, wu, wd, jnp.float32)
+    assert int(dropped) == 0
     y_loop = per_token_loop(x, w, e, wg, wu, wd)
     np.testing.assert_allclose(y, y_loop, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(y_dense, y_loop, rtol=1e-5, atol=1e-5)
@@ -79,7 +80,7 @@ def test_dropless_gradients_equal_dense():
     params = experts(jax.random.key(0), E, D, F)
     x = jax.random.normal(jax.random.key(1), (T, D))
     w, e, _ = route(jax.random.normal(jax.random.key(2), (T, E)), K, True)
-    f = lambda fn: jax.grad(lambda x, w, p: jnp.sum(fn(x, w, e, *p, jnp.float32) ** 2),
+    f = lambda fn: jax.grad(lambda x, w, p: jnp.sum(fn(x, w, e, *p, jnp.float32)[0] ** 2),
                             argnums=(0, 1, 2))(x, w, params)
     for a, b in zip(jax.tree.leaves(f(moe_dropless)), jax.tree.leaves(f(moe_dense_reference))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
