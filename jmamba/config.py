@@ -84,12 +84,29 @@ class TrainConfig:
     n_pairs: int = 8
 
 
+PP_SCHEDULES = ("gpipe", "circular")
+PP_COMMS = ("pair", "sum")
+REMATS = ("none", "full", "dots")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Layout of the (pp, ep) mesh; filled in by the pipeline and expert-parallel code."""
+    """Layout of the ('pp', 'ep') mesh and the pipeline schedule."""
 
     pp: int = 1
     ep: int = 1
+    microbatches: int = 1
+    pp_schedule: str = "gpipe"  # or "circular": pp_virtual stages per device
+    pp_virtual: int = 2  # virtual stages per device for the circular schedule
+    # Which layers each (virtual) stage holds, in pipeline order: counts "3,5,5,3" or
+    # ranges "0-2,3-7,8-12,13-15". Empty: an even split.
+    pp_split: str = ""
+    pp_comm: str = "pair"  # send (hidden, residual) between stages, or their "sum"
+    remat: str = "none"  # per-layer rematerialisation: none, full, or dots (save matmuls)
+
+    @property
+    def virtual(self) -> int:
+        return self.pp_virtual if self.pp_schedule == "circular" else 1
 
 
 @dataclass(frozen=True)
@@ -163,7 +180,30 @@ def validate(cfg: Config) -> Config:
     """Checks every section; raises ValueError naming the field and the rule it broke."""
     validate_model(cfg.model)
     validate_train(cfg.train, cfg.model)
-    p = cfg.parallel
+    validate_parallel(cfg.parallel, cfg.model, cfg.train)
+    return cfg
+
+
+def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> ParallelConfig:
     _check(p.pp >= 1, "parallel.pp", "must be >= 1", p.pp)
     _check(p.ep >= 1, "parallel.ep", "must be >= 1", p.ep)
-    return cfg
+    _check(p.microbatches >= 1, "parallel.microbatches", "must be >= 1", p.microbatches)
+    _check(p.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
+           f"must be one of {PP_SCHEDULES}", p.pp_schedule)
+    _check(p.pp_comm in PP_COMMS, "parallel.pp_comm", f"must be one of {PP_COMMS}", p.pp_comm)
+    _check(p.remat in REMATS, "parallel.remat", f"must be one of {REMATS}", p.remat)
+    if p.pp_schedule == "circular":
+        _check(p.pp_virtual >= 1, "parallel.pp_virtual", "must be >= 1", p.pp_virtual)
+        _check(p.microbatches % p.pp == 0, "parallel.microbatches",
+               f"must be a multiple of pp = {p.pp} for the circular schedule", p.microbatches)
+    _check(t.batch_size % (p.microbatches * p.ep) == 0, "train.batch_size",
+           f"must split into microbatches * ep = {p.microbatches} * {p.ep} equal parts",
+           t.batch_size)
+    if m.mlp == "moe":
+        _check(m.n_experts % p.ep == 0, "model.n_experts",
+               f"must be divisible by parallel.ep = {p.ep} (one copy of each expert)",
+               m.n_experts)
+    # Stage splits are checked against n_layer by jmamba.parallel.layout.stage_splits.
+    from jmamba.parallel.layout import stage_splits
+    stage_splits(m.n_layer, p.pp * p.virtual, p.pp_split)
+    return p

@@ -48,10 +48,10 @@ class Block(nnx.Module):
         res_dtype = jnp.float32 if cfg.residual_in_fp32 else dtype
         residual = hidden_BxLxD.astype(res_dtype) + residual_BxLxD.astype(res_dtype)
         hidden = self.mixer(self.norm(residual, dtype))
-        Bsz = hidden.shape[0]
-        aux_B = z_B = jnp.zeros((Bsz,), jnp.float32)
-        counts_E = jnp.zeros((max(cfg.n_experts, 1),), jnp.int32)
-        dropped = jnp.zeros((), jnp.int32)
+        # zeros_like(hidden, ...) keeps hidden's per-device type when run under shard_map.
+        aux_B = z_B = jnp.zeros_like(hidden, shape=hidden.shape[:1], dtype=jnp.float32)
+        counts_E = jnp.zeros_like(hidden, shape=(max(cfg.n_experts, 1),), dtype=jnp.int32)
+        dropped = jnp.zeros_like(hidden, shape=(), dtype=jnp.int32)
         if cfg.mlp != "none":
             residual = hidden.astype(res_dtype) + residual
             hidden = self.norm2(residual, dtype)
@@ -102,24 +102,37 @@ REMAT_POLICIES = {
 
 
 def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "none",
-               experts_fn=moe_dropless):
+               experts_fn=moe_dropless, n_active=None):
     """Scans the blocks of a [Y, ...] parameter stack over (hidden, residual).
 
+    With n_active (a traced int), rows >= n_active are padding and are skipped by a cond, so
+    a pipeline stage with fewer layers does not pay for them.
     Returns (hidden, residual, aux_B, z_B, counts_YxE, dropped): aux, z and dropped token
     copies summed over the Y layers.
     """
     graphdef = block_graphdef(cfg)
+    n_experts = max(cfg.n_experts, 1)
 
-    def body(carry, layer_params):
+    def block(carry, layer_params):
         h, r, aux_B, z_B, dropped = carry
         h, r, a, z, counts_E, d = nnx.merge(graphdef, layer_params)(h, r, experts_fn)
         return (h, r, aux_B + a, z_B + z, dropped + d), counts_E
 
     if remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    zeros_B = jnp.zeros((hidden.shape[0],), jnp.float32)
+        block = jax.checkpoint(block, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    body = block
+    if n_active is not None:
+        def body(carry, xs):
+            j, layer_params = xs
+            def skip(c, _):
+                return c, jnp.zeros_like(c[0], shape=(n_experts,), dtype=jnp.int32)
+            return jax.lax.cond(j < n_active, block, skip, carry, layer_params)
+    n_rows = jax.tree.leaves(layers_YxTree)[0].shape[0]
+    xs = layers_YxTree if n_active is None else (jnp.arange(n_rows), layers_YxTree)
+    zeros_B = jnp.zeros_like(hidden, shape=hidden.shape[:1], dtype=jnp.float32)
+    dropped0 = jnp.zeros_like(hidden, shape=(), dtype=jnp.int32)
     (hidden, residual, aux_B, z_B, dropped), counts_YxE = jax.lax.scan(
-        body, (hidden, residual, zeros_B, zeros_B, jnp.zeros((), jnp.int32)), layers_YxTree)
+        body, (hidden, residual, zeros_B, zeros_B, dropped0), xs)
     return hidden, residual, aux_B, z_B, counts_YxE, dropped
 
 

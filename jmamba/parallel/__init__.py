@@ -1,0 +1,1 @@
+"""Parallelism around the single-device model: mesh and shardings, stage layout, pipeline."""

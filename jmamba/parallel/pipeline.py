@@ -1,0 +1,167 @@
+"""The pipeline: a shard_map loop over microbatches on the ('pp', 'ep') mesh.
+
+Schedules (Mamba-free; the model pieces come from jmamba.model):
+- GPipe: at iteration t, stage s runs microbatch t - s; outputs go to s + 1 by ppermute.
+- Circular (virtual stages, v repeats per device): stage s at iteration t runs item
+  i = t - s, microbatch (i // (S v)) S + i % S, repeat (i // S) % v. Its output is
+  consumed by device s + 1 (ring) at t + 1, so each device stays busy with v-times-smaller
+  stages and the bubble falls from (S-1)/(M+S-1) to (S-1)/(vM+S-1).
+Embedding runs only on stage 0 (repeat 0), head and loss only on the last stage (last
+repeat), each under a lax.cond so other stages neither hold (see layout.py) nor run them.
+Stages with fewer layers skip their padding rows with a per-layer cond.
+
+Loss normalisation matches the single-device model exactly: every stage accumulates sums
+(masked nll, per-sequence aux and z losses), which are psum'd and divided by global counts.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from jmamba import model
+from jmamba.moe import moe_dropless
+from jmamba.parallel.layout import StageLayout
+from jmamba.parallel.mesh import BATCH_AXES, MESH_AXES, spec, stage_param_specs
+
+
+def _vary(tree):
+    """Marks fresh constants as varying over the mesh, so cond/scan types match shard_map's
+    per-device values (shard_map's vma checking keeps psum's transpose exact)."""
+    def one(x):
+        x = jnp.asarray(x)
+        missing = tuple(a for a in MESH_AXES if a not in jax.typeof(x).manual_axis_type.varying)
+        return lax.pcast(x, missing, to="varying") if missing else x
+    return jax.tree.map(one, tree)
+
+
+def schedule_item(t, s, pp: int, v: int, M: int):
+    """(valid, microbatch, repeat) that stage s runs at iteration t."""
+    i = t - s
+    valid = (i >= 0) & (i < M * v)
+    i = jnp.clip(i, 0, M * v - 1)
+    return valid, (i // (pp * v)) * pp + i % pp, (i // pp) % v
+
+
+def n_iterations(pp: int, v: int, M: int) -> int:
+    return M * v + pp - 1
+
+
+def bubble_fraction(pp: int, v: int, M: int) -> float:
+    """Idle share of each device's iterations: (S-1)/(vM+S-1)."""
+    return (pp - 1) / n_iterations(pp, v, M)
+
+
+def transfer_bytes(cfg, microbatch_rows: int, seq_len: int) -> int:
+    """Bytes one stage sends per microbatch for cfg.parallel.pp_comm."""
+    m = cfg.model
+    n = microbatch_rows * seq_len * m.d_model
+    h_bytes = jnp.dtype(m.dtype).itemsize
+    r_bytes = 4 if m.residual_in_fp32 else h_bytes
+    return n * (r_bytes if cfg.parallel.pp_comm == "sum" else h_bytes + r_bytes)
+
+
+def microbatch(batch: dict, M: int) -> dict:
+    """[B, L] -> [M, B/M, L]: microbatch m holds rows m*B/M ... (m+1)*B/M - 1."""
+    return jax.tree.map(lambda a: a.reshape((M, a.shape[0] // M) + a.shape[1:]), batch)
+
+
+def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
+    """Returns loss_fn(stage_params, batch) -> (loss, metrics), the pipelined twin of
+    model.loss_fn, for the stage-stacked parameters of layout.to_stage."""
+    m, p = cfg.model, cfg.parallel
+    pp, v, M = layout.pp, layout.virtual, p.microbatches
+    T = n_iterations(pp, v, M)
+    counts_VxS = jnp.asarray(layout.counts_VxS)
+    # Global layer row of each stage slot (padding rows go to an extra row n_layer).
+    rows_VxSxY = jnp.asarray(jnp.where(layout.index_VxSxY >= 0, layout.index_VxSxY, m.n_layer))
+    E = max(m.n_experts, 1)
+    ring = [(j, (j + 1) % pp) for j in range(pp)]
+    res_dtype = jnp.float32 if m.residual_in_fp32 else jnp.dtype(m.dtype)
+
+    def per_device(layers, io, inputs_MxBxL, targets_MxBxL, mask_MxBxL):
+        s = lax.axis_index("pp")
+        layers_VxY = jax.tree.map(lambda a: a[:, 0], layers)  # this device's stages
+        table, scale = io["table"], io["scale"]
+        Bm, L = inputs_MxBxL.shape[1:]
+        embed_params = {"embedding": table[0]}
+        head_params = {"embed": {"embedding": table[-1]}, "norm_f": {"scale": scale[-1]}}
+        head_cfg = cfg.model if m.tie_embeddings else _tied(cfg.model)
+
+        def iteration(carry, t):
+            recv, acc = carry
+            valid, mb, r = schedule_item(t, s, pp, v, M)
+            first = (s == 0) & (r == 0)
+            last = (s == pp - 1) & (r == v - 1)
+            if p.pp_comm == "sum":
+                recv = (recv, _vary(jnp.zeros(recv.shape, res_dtype)))
+            h, res = lax.cond(first, lambda: _vary(model.embed(embed_params, inputs_MxBxL[mb], m)),
+                              lambda: (recv[0].astype(m.dtype), recv[1]))
+            stage_layers = jax.tree.map(lambda a: a[r], layers_VxY)
+
+            def run(h, res):
+                return model.run_layers(stage_layers, h, res, m, p.remat, experts_fn,
+                                        n_active=counts_VxS[r, s])
+
+            def skip(h, res):
+                zB = jnp.zeros((Bm,), jnp.float32)
+                return (h, res) + _vary((zB, zB, jnp.zeros((layout.ymax, E), jnp.int32),
+                                         jnp.zeros((), jnp.int32)))
+
+            h, res, aux_B, z_B, counts_YxE, dropped = lax.cond(valid, run, skip, h, res)
+
+            def head():
+                logits = model.head_logits(head_params, h, res, head_cfg)
+                return model.token_losses(logits, targets_MxBxL[mb], mask_MxBxL[mb])
+
+            nll, correct = lax.cond(valid & last, head, lambda: _vary((0.0, 0.0)))
+            w = valid.astype(jnp.float32)
+            counts_rows = jnp.zeros((m.n_layer + 1, E), jnp.int32).at[rows_VxSxY[r, s]].add(
+                counts_YxE * valid)
+            acc = {"nll": acc["nll"] + nll, "correct": acc["correct"] + correct,
+                   "aux": acc["aux"] + w * jnp.sum(aux_B), "z": acc["z"] + w * jnp.sum(z_B),
+                   "counts": acc["counts"] + counts_rows,
+                   "dropped": acc["dropped"] + dropped * valid}
+            send = (h.astype(res_dtype) + res) if p.pp_comm == "sum" else (h, res)
+            return (lax.ppermute(send, "pp", ring), acc), None
+
+        shape = (Bm, L, m.d_model)
+        recv0 = (jnp.zeros(shape, res_dtype) if p.pp_comm == "sum"
+                 else (jnp.zeros(shape, m.dtype), jnp.zeros(shape, res_dtype)))
+        acc0 = {"nll": 0.0, "correct": 0.0, "aux": 0.0, "z": 0.0,
+                "counts": jnp.zeros((m.n_layer + 1, E), jnp.int32),
+                "dropped": jnp.zeros((), jnp.int32)}
+        (_, acc), _ = lax.scan(iteration, _vary((recv0, acc0)), jnp.arange(T))
+        acc = lax.psum(acc, ("pp", "ep"))
+        n_tokens = lax.psum(jnp.sum(mask_MxBxL.astype(jnp.float32)), "ep")
+        n_rows = M * Bm * p.ep
+        loss, parts = model.total_loss(m, acc["nll"], n_tokens, acc["aux"], acc["z"], n_rows)
+        return loss, {**parts, "accuracy": acc["correct"] / jnp.maximum(n_tokens, 1.0),
+                      "expert_counts": acc["counts"][:m.n_layer],
+                      "dropped_tokens": acc["dropped"]}
+
+    batch_spec = spec(*BATCH_AXES)
+
+    def loss_fn(stage_params, batch):
+        mbs = microbatch(batch, M)
+        param_specs = stage_param_specs(stage_params)
+        fn = jax.shard_map(
+            per_device, mesh=mesh,
+            in_specs=(param_specs["layers"], param_specs["io"], batch_spec, batch_spec,
+                      batch_spec),
+            out_specs=(P(), P()))
+        return fn(stage_params["layers"], stage_params["io"], mbs["inputs"], mbs["targets"],
+                  mbs["mask"])
+
+    return loss_fn
+
+
+@functools.lru_cache(maxsize=None)
+def _tied(model_cfg):
+    """The head reads its output table from io/table, laid out [V, D] like an embedding."""
+    import dataclasses
+    return dataclasses.replace(model_cfg, tie_embeddings=True)
