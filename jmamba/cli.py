@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import difflib
 import importlib
+import os
 import pkgutil
 import sys
 import typing
@@ -110,7 +111,16 @@ def parse_config(argv: list[str]) -> Config:
         parser.error(str(e))
 
 
+def simulate_cpu_devices(n: int) -> None:
+    """Lets a CPU-only host run an n-device mesh: XLA's host platform splits into n devices.
+    Must run before jax is imported; GPU runs ignore it (it only shapes the CPU platform)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if n > 1 and "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    simulate_cpu_devices(cfg.parallel.pp * cfg.parallel.ep)
     from jmamba.driver import train  # imports jax only after the flags are checked
     train(cfg)

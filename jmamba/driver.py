@@ -9,11 +9,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jmamba import model
 from jmamba.config import Config
 from jmamba.data import RecallData
-from jmamba.optim import lr_schedule, make_optimizer
-from jmamba.step import init_state, make_train_step
+from jmamba.parallel.setup import build
 
 
 class MetricsLog:
@@ -35,16 +33,15 @@ def count_params(params) -> int:
 
 def train(cfg: Config) -> list[dict]:
     """Runs cfg.train.steps steps; returns the logged records."""
-    m, t = cfg.model, cfg.train
+    m, t, p = cfg.model, cfg.train, cfg.parallel
     data = RecallData(t.seed, t.batch_size, t.seq_len, m.vocab_size, t.n_pairs)
-    optimizer = make_optimizer(t)
-    params = model.init_params(m, jax.random.key(t.seed))
-    state = init_state(params, optimizer)
-    step_fn = make_train_step(lambda p, b: model.loss_fn(p, b, m), optimizer, lr_schedule(t))
-    step_fn = jax.jit(step_fn, donate_argnums=0)
-    print(f"jmamba: {count_params(params) / 1e6:.2f}M params, {jax.device_count()} "
-          f"{jax.default_backend()} device(s), {t.steps} steps of {t.batch_size}x{t.seq_len}"
-          f" tokens, logging to {t.log_dir}/metrics.jsonl", flush=True)
+    run = build(cfg)
+    state = run.state
+    n_params = count_params(run.canonical(state.params))
+    print(f"jmamba: {n_params / 1e6:.2f}M params, mesh pp={p.pp} x ep={p.ep} on "
+          f"{jax.default_backend()}, {p.microbatches} microbatch(es), {t.steps} steps of "
+          f"{t.batch_size}x{t.seq_len} tokens, logging to {t.log_dir}/metrics.jsonl", flush=True)
+    step_fn = run.step_fn
     log = MetricsLog(t.log_dir)
     records, pending = [], None
     tokens_per_step = t.batch_size * t.seq_len

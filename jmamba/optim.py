@@ -1,5 +1,6 @@
-"""AdamW with linear warmup and cosine decay, global-norm clipping, and mamba_ssm's
-no-weight-decay set (A_log, D, dt_bias, norm scales, biases)."""
+"""AdamW with linear warmup and cosine decay and mamba_ssm's no-weight-decay set (A_log, D,
+dt_bias, norm scales, biases). Global-norm clipping lives in the train step (step.py), where
+a parallel layout can supply the norm of its canonical parameters."""
 
 from __future__ import annotations
 
@@ -26,8 +27,5 @@ def lr_schedule(t: TrainConfig):
 
 
 def make_optimizer(t: TrainConfig):
-    return optax.chain(
-        optax.clip_by_global_norm(t.grad_clip),
-        optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
-                    weight_decay=t.weight_decay, mask=decay_mask),
-    )
+    return optax.adamw(lr_schedule(t), b1=t.b1, b2=t.b2, eps=t.eps,
+                       weight_decay=t.weight_decay, mask=decay_mask)

@@ -26,16 +26,31 @@ def expert_load(counts_YxE):
     return jnp.mean(ratio_Y)
 
 
-def make_train_step(loss_fn: Callable, optimizer, schedule) -> Callable:
+def sq_norm(tree):
+    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
+
+
+def make_train_step(loss_fn: Callable, optimizer, schedule, grad_clip: float,
+                    fix_grads: Callable = lambda g: g, grad_sq_norm: Callable = sq_norm
+                    ) -> Callable:
     """loss_fn(params, batch) -> (loss, metrics with 'expert_counts' [Y, E] and
-    'dropped_tokens'); every other metric passes through."""
+    'dropped_tokens'); every other metric passes through.
+
+    fix_grads and grad_sq_norm let a parallel layout make its gradients and their norm equal
+    the single-device model's (e.g. a tied embedding held by two pipeline stages).
+    Clipping is optax.clip_by_global_norm's rule on that norm.
+    """
 
     def train_step(state: TrainState, batch):
         (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        grads = fix_grads(grads)
+        g_norm = jnp.sqrt(grad_sq_norm(grads))
+        scale = jnp.where(g_norm < grad_clip, 1.0, grad_clip / g_norm)
+        grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         counts = parts.pop("expert_counts")
-        metrics = {"loss": loss, **parts, "grad_norm": optax.tree.norm(grads),
+        metrics = {"loss": loss, **parts, "grad_norm": g_norm,
                    "lr": schedule(state.step), "expert_load_max_over_mean": expert_load(counts)}
         return TrainState(state.step + 1, params, opt_state), metrics
 

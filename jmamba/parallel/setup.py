@@ -1,0 +1,97 @@
+"""Builds the jitted train step and initial state for any (pp, ep) layout.
+
+One device without microbatches runs model.loss_fn on the canonical parameters; every other
+layout runs the pipeline on stage-stacked parameters placed by the sharding table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jmamba import model
+from jmamba.optim import lr_schedule, make_optimizer
+from jmamba.parallel.layout import (StageLayout, tie_gradients, to_canonical, to_stage,
+                                    unique_sq_norm)
+from jmamba.parallel.mesh import make_mesh, shardings, stage_param_specs
+from jmamba.parallel.pipeline import make_pipeline_loss
+from jmamba.step import TrainState, init_state, make_train_step
+
+
+@dataclasses.dataclass
+class Training:
+    step_fn: Callable  # jitted (state, batch) -> (state, metrics), donates state
+    state: TrainState
+    canonical: Callable  # stage-layout params -> canonical params (identity on one device)
+    mesh: Any = None
+    layout: StageLayout | None = None
+
+
+def is_single_device(cfg) -> bool:
+    p = cfg.parallel
+    return p.pp == 1 and p.ep == 1 and p.microbatches == 1
+
+
+def build(cfg, params=None) -> Training:
+    """Initial state (fresh parameters unless given canonical ones) and the jitted step."""
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    optimizer = make_optimizer(t)
+    if params is None:
+        params = model.init_params(m, jax.random.key(t.seed))
+    if is_single_device(cfg):
+        loss = functools.partial(model.loss_fn, cfg=m, remat=p.remat)
+        step = make_train_step(loss, optimizer, lr_schedule(t), t.grad_clip)
+        return Training(jax.jit(step, donate_argnums=0), init_state(params, optimizer),
+                        lambda x: x)
+    layout = StageLayout.from_config(cfg)
+    mesh = make_mesh(p.pp, p.ep)
+    stage_params = to_stage(params, layout)
+    param_sh = shardings(mesh, stage_param_specs(stage_params))
+    stage_params = jax.device_put(stage_params, param_sh)
+    step = make_train_step(make_pipeline_loss(cfg, layout, mesh), optimizer, lr_schedule(t),
+                           t.grad_clip,
+                           fix_grads=functools.partial(tie_gradients, layout=layout),
+                           grad_sq_norm=functools.partial(unique_sq_norm, layout=layout))
+    replicated = NamedSharding(mesh, P())
+    state_shape = jax.eval_shape(functools.partial(init_state, optimizer=optimizer),
+                                 stage_params)
+    state_sh = TrainState(
+        replicated, param_sh,
+        optax.tree_map_params(optimizer, lambda _, s: s, state_shape.opt_state, param_sh,
+                              transform_non_params=lambda _: replicated))
+    state = jax.jit(functools.partial(init_state, optimizer=optimizer),
+                    out_shardings=state_sh)(stage_params)
+    step_fn = jax.jit(step, in_shardings=(state_sh, replicated),
+                      out_shardings=(state_sh, replicated), donate_argnums=0)
+    return Training(step_fn, state, functools.partial(to_canonical, layout=layout), mesh,
+                    layout)
+
+
+def param_bytes_per_device(params) -> dict[int, dict[str, int]]:
+    """Bytes each device holds, per top-level group ('layers', 'io', ...)."""
+    out: dict[int, dict[str, int]] = {}
+    for group, sub in params.items():
+        for leaf in jax.tree.leaves(sub):
+            for shard in leaf.addressable_shards:
+                d = out.setdefault(shard.device.id, {})
+                d[group] = d.get(group, 0) + int(np.prod(shard.data.shape)) * leaf.dtype.itemsize
+    return out
+
+
+def io_slot_use(layout: StageLayout) -> list[str]:
+    """What each stage's io slot holds (for the per-device bytes report)."""
+    names = []
+    for s in range(layout.n_slots):
+        use = []
+        if s == 0:
+            use.append("embedding")
+        if s == layout.n_slots - 1:
+            use.append("head (tied copy)" if layout.tied and layout.n_slots > 1 else "head")
+        names.append(" + ".join(use) or "unused")
+    return names
