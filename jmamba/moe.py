@@ -45,16 +45,18 @@ def balance_losses(logits_BxLxE, experts_BxLxK):
     return aux_B, z_B
 
 
-def swiglu_ragged(x_SxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, dtype):
+def swiglu_ragged(x_SxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, dtype,
+                  matmul=jax.lax.ragged_dot):
     """Expert MLPs on token copies sorted by expert: rows [sum(g[:e]), sum(g[:e+1])) go to e.
 
-    Rows past sum(group_sizes) come out as zeros.
+    Rows past sum(group_sizes) come out as zeros. `matmul(x_SxD, w_ExDxF, group_sizes_E)`
+    is the grouped matmul: `jax.lax.ragged_dot` or jmamba.kernels.grouped_matmul.
     """
     c = lambda a: a.astype(dtype)
     x = c(x_SxD)
-    h_gate = jax.lax.ragged_dot(x, c(w_gate_ExDxF), group_sizes_E)
-    h_up = jax.lax.ragged_dot(x, c(w_up_ExDxF), group_sizes_E)
-    return jax.lax.ragged_dot(jax.nn.silu(h_gate) * h_up, c(w_down_ExFxD), group_sizes_E)
+    h_gate = matmul(x, c(w_gate_ExDxF), group_sizes_E)
+    h_up = matmul(x, c(w_up_ExDxF), group_sizes_E)
+    return matmul(jax.nn.silu(h_gate) * h_up, c(w_down_ExFxD), group_sizes_E)
 
 
 def sort_by_expert(experts_TxK, n_experts: int):

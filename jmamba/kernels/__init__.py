@@ -1,0 +1,1 @@
+"""Hand-written accelerator kernels, each with a plain XLA twin."""

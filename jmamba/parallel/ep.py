@@ -1,0 +1,219 @@
+"""Expert parallelism: each token copy travels to the rank that owns its expert and back.
+
+`make_ep_experts_fn` returns an `experts_fn` (see jmamba/moe.py) meant to run inside
+`jax.shard_map` over one mesh axis (default 'ep') of R ranks. Each rank brings its own T
+tokens and holds the X = E / R experts [r*X, (r+1)*X): global expert e lives on rank e // X.
+
+Glossary: T tokens on this rank, K top-k, S = T*K token copies, E global experts, R ranks
+on the axis, X local experts per rank, C receive-buffer rows, P rows per padded slice (dense
+exchange), D d_model, F expert hidden.
+
+Receive buffer and drop rule. Rank r receives into a static buffer of C rows, ordered by
+(local expert, source rank, the source's own order: token index, then top-k slot). The first
+C copies of that order are kept; the rest are dropped: they add zero to y and are counted by
+the rank that sent them. So on an overloaded rank lower local experts win over higher ones,
+and for one expert lower source ranks win. Both exchanges below obey this rule exactly.
+
+Two exchanges with the same result:
+- "ragged": `jax.lax.ragged_all_to_all` moves exactly the kept rows (GPU/TPU only).
+- "dense": each rank sends every other rank a fixed slice of P = min(S, C) rows, zero
+  padded, through `jax.lax.all_to_all`, then compacts it into the buffer. It moves up to R
+  times more bytes; it is the twin that runs on CPU (XLA:CPU has no ragged-all-to-all).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.lax import ragged_all_to_all
+
+from jmamba.kernels.grouped_matmul import grouped_matmul
+from jmamba.moe import combine, sort_by_expert, swiglu_ragged
+
+IMPLS = ("auto", "ragged", "dense")
+
+
+def check_ep_layout(n_experts: int, ep: int) -> None:
+    """Raises ValueError naming the config fields when experts cannot split evenly."""
+    if ep < 1:
+        raise ValueError(f"config field 'parallel.ep' = {ep}: must be >= 1")
+    if n_experts % ep:
+        raise ValueError(
+            f"config field 'model.n_experts' = {n_experts} is not divisible by "
+            f"'parallel.ep' = {ep}: every ep rank must hold the same number of experts; "
+            "change model.n_experts or parallel.ep")
+
+
+def capacity_rows(n_copies: int, capacity_factor: float | None, n_ranks: int) -> int:
+    """Receive-buffer rows per rank: ceil(factor * S) rounded up to a multiple of 8.
+
+    factor >= 1 never drops on balanced traffic (each rank then receives exactly S
+    copies); None means dropless whatever the routing: R * S rows.
+    """
+    if capacity_factor is None:
+        return n_ranks * n_copies
+    return max(8, -(-math.ceil(capacity_factor * n_copies) // 8) * 8)
+
+
+def _exclusive_cumsum(a):
+    return jnp.cumsum(a) - a
+
+
+class Plan(NamedTuple):
+    """Where every slice of copies goes: slice e (sender side) = my copies for expert e;
+    slice (r, x) (receiver side) = rank r's copies for my local expert x."""
+
+    send_off_E: jax.Array  # start of my copies for expert e among my sorted copies
+    send_keep_E: jax.Array  # how many of them its owner keeps
+    land_off_E: jax.Array  # where they land in the owner's buffer
+    recv_off_RxX: jax.Array  # where rank r's copies for my expert x start in my buffer
+    recv_keep_RxX: jax.Array  # how many of them I keep
+    home_off_RxX: jax.Array  # where they sit among rank r's sorted copies
+    group_sizes_X: jax.Array  # kept rows per local expert, in buffer order
+
+
+def plan_exchange(group_sizes_E, n_ranks: int, capacity: int, axis_name) -> Plan:
+    """Agrees on the buffer layout and the dropped copies with two small all_to_alls."""
+    E, R = group_sizes_E.shape[0], n_ranks
+    X = E // R
+    S = jnp.sum(group_sizes_E)
+    # Offsets are clamped into range for empty slices (a past-the-end offset of a zero-size
+    # slice must still be a valid index for ragged_all_to_all).
+    send_off_E = jnp.minimum(_exclusive_cumsum(group_sizes_E), jnp.maximum(S - 1, 0))
+    # 1. Each owner learns how many copies every source has for each of its experts and
+    #    where they sit among that source's sorted copies.
+    mine_Rx2xX = jnp.stack([group_sizes_E.reshape(R, X), send_off_E.reshape(R, X)], axis=1)
+    got_Rx2xX = jax.lax.all_to_all(mine_Rx2xX, axis_name, 0, 0)
+    count_RxX, home_off_RxX = got_Rx2xX[:, 0], got_Rx2xX[:, 1]
+    # 2. Lay them out expert-major, then by source rank; keep what fits in C rows.
+    count_XxR = count_RxX.T
+    start_XxR = _exclusive_cumsum(count_XxR.reshape(-1)).reshape(X, R)
+    keep_XxR = jnp.clip(capacity - start_XxR, 0, count_XxR)
+    recv_off_RxX = jnp.minimum(start_XxR, capacity - 1).T
+    recv_keep_RxX = keep_XxR.T
+    # 3. Each source learns, per expert, how many copies are kept and where they land.
+    reply_Rx2xX = jnp.stack([recv_off_RxX, recv_keep_RxX], axis=1)
+    back_Rx2xX = jax.lax.all_to_all(reply_Rx2xX, axis_name, 0, 0)
+    return Plan(send_off_E=send_off_E, send_keep_E=back_Rx2xX[:, 1].reshape(E),
+                land_off_E=back_Rx2xX[:, 0].reshape(E), recv_off_RxX=recv_off_RxX,
+                recv_keep_RxX=recv_keep_RxX, home_off_RxX=home_off_RxX,
+                group_sizes_X=jnp.sum(keep_XxR, axis=1))
+
+
+def _ragged_there(x_sorted_SxD, plan: Plan, capacity: int, owner_S, axis_name):
+    del owner_S
+    out_CxD = jnp.zeros((capacity, x_sorted_SxD.shape[1]), x_sorted_SxD.dtype)
+    return ragged_all_to_all(x_sorted_SxD, out_CxD, plan.send_off_E, plan.send_keep_E,
+                             plan.land_off_E, plan.recv_keep_RxX.reshape(-1),
+                             axis_name=axis_name)
+
+
+def _ragged_back(y_buf_CxD, plan: Plan, owner_S, axis_name):
+    out_SxD = jnp.zeros((owner_S.shape[0], y_buf_CxD.shape[1]), y_buf_CxD.dtype)
+    return ragged_all_to_all(y_buf_CxD, out_SxD, plan.recv_off_RxX.reshape(-1),
+                             plan.recv_keep_RxX.reshape(-1), plan.home_off_RxX.reshape(-1),
+                             plan.send_keep_E, axis_name=axis_name)
+
+
+def _take_rows(a_NxD, idx, valid):
+    """a[idx] where valid, zero rows elsewhere (idx clamped so every gather is in range)."""
+    rows = a_NxD[jnp.clip(idx, 0, a_NxD.shape[0] - 1)]
+    return jnp.where(valid[..., None], rows, jnp.zeros((), a_NxD.dtype))
+
+
+def _slice_bounds(plan: Plan):
+    """Sender side: my kept copies for rank d are a prefix of my copies for d, since the
+    cut on d is a single point in its (expert, source) order. Returns (first_R, n_R)."""
+    R, X = plan.recv_keep_RxX.shape
+    return plan.send_off_E.reshape(R, X)[:, 0], jnp.sum(plan.send_keep_E.reshape(R, X), 1)
+
+
+def _dense_there(x_sorted_SxD, plan: Plan, capacity: int, owner_S, axis_name):
+    R, X = plan.recv_keep_RxX.shape
+    P = min(owner_S.shape[0], capacity)
+    p_P = jnp.arange(P)
+    # 1. Pack: slice d holds my kept copies for rank d, zero padded to P rows.
+    first_R, n_R = _slice_bounds(plan)
+    send_RxPxD = _take_rows(x_sorted_SxD, first_R[:, None] + p_P, p_P < n_R[:, None])
+    recv_RxPxD = jax.lax.all_to_all(send_RxPxD, axis_name, 0, 0)
+    # 2. Compact: buffer row c falls in slot (x, r) of the expert-major order; inside rank
+    #    r's slice, its rows for lower local experts come first.
+    keep_XR = plan.recv_keep_RxX.T.reshape(-1)
+    end_XR = jnp.cumsum(keep_XR)
+    c_C = jnp.arange(capacity)
+    slot_C = jnp.minimum(jnp.searchsorted(end_XR, c_C, side="right"), X * R - 1)
+    x_C, r_C = slot_C // R, slot_C % R
+    before_RxX = jax.vmap(_exclusive_cumsum)(plan.recv_keep_RxX)
+    p_C = c_C - (end_XR - keep_XR)[slot_C] + before_RxX[r_C, x_C]
+    return jnp.where((c_C < end_XR[-1])[:, None], recv_RxPxD[r_C, jnp.clip(p_C, 0, P - 1)],
+                     jnp.zeros((), recv_RxPxD.dtype))
+
+
+def _dense_back(y_buf_CxD, plan: Plan, owner_S, axis_name):
+    R, X = plan.recv_keep_RxX.shape
+    P = min(owner_S.shape[0], y_buf_CxD.shape[0])
+    p_P = jnp.arange(P)
+    # 3. Pack each source's results in the order it sent them.
+    end_RxX = jnp.cumsum(plan.recv_keep_RxX, axis=1)
+    x_RxP = jnp.minimum(jax.vmap(lambda e: jnp.searchsorted(e, p_P, side="right"))(end_RxX),
+                        X - 1)
+    r_R1 = jnp.arange(R)[:, None]
+    start_RxX = end_RxX - plan.recv_keep_RxX
+    c_RxP = plan.recv_off_RxX[r_R1, x_RxP] + p_P - start_RxX[r_R1, x_RxP]
+    back_RxPxD = _take_rows(y_buf_CxD, c_RxP, p_P < end_RxX[:, -1:])
+    got_RxPxD = jax.lax.all_to_all(back_RxPxD, axis_name, 0, 0)
+    # 4. Unpack: my sorted copy i went to rank d = owner_S[i] as row i - first_R[d].
+    first_R, n_R = _slice_bounds(plan)
+    p_S = jnp.arange(owner_S.shape[0]) - first_R[owner_S]
+    return jnp.where((p_S < n_R[owner_S])[:, None],
+                     got_RxPxD[owner_S, jnp.clip(p_S, 0, P - 1)],
+                     jnp.zeros((), got_RxPxD.dtype))
+
+
+EXCHANGES = {"ragged": (_ragged_there, _ragged_back), "dense": (_dense_there, _dense_back)}
+
+
+def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
+                       capacity_factor: float | None = 1.25, impl: str = "auto",
+                       matmul=grouped_matmul):
+    """An experts_fn for jax.shard_map over `axis_name` (size `ep`); see the module doc.
+
+    It returns (y_TxD fp32, this rank's dropped copies as an int32 scalar: its own token
+    copies that the owning rank had no room for; psum over the axis for the total).
+    """
+    check_ep_layout(n_experts, ep)
+    if capacity_factor is not None and not capacity_factor > 0:
+        raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "ragged" if jax.default_backend() == "gpu" else "dense"
+    there, back = EXCHANGES[impl]
+    X = n_experts // ep
+
+    def experts_fn(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down, dtype):
+        T, K = experts_TxK.shape
+        if w_gate.shape[0] != X:
+            raise ValueError(f"expert weights hold {w_gate.shape[0]} experts on this rank; "
+                             f"expected n_experts / ep = {X} (shard their E axis over "
+                             f"'{axis_name}')")
+        capacity = capacity_rows(T * K, capacity_factor, ep)
+        # 1. Sort my copies by global expert: copies for one rank become contiguous.
+        order_S, token_S, group_sizes_E = sort_by_expert(experts_TxK, n_experts)
+        owner_S = experts_TxK.reshape(-1)[order_S] // X
+        # 2. Exchange counts; settle where each copy lands and which are dropped.
+        plan = plan_exchange(group_sizes_E, ep, capacity, axis_name)
+        # 3. Send the copies (in the compute dtype) to their experts' ranks.
+        buf_CxD = there(x_TxD.astype(dtype)[token_S], plan, capacity, owner_S, axis_name)
+        # 4. Local experts on the buffer; rows past the kept ones stay zero.
+        y_buf_CxD = swiglu_ragged(buf_CxD, plan.group_sizes_X, w_gate, w_up, w_down, dtype,
+                                  matmul)
+        # 5. Bring results home (dropped copies stay zero), unsort, weight and sum.
+        y_sorted_SxD = back(y_buf_CxD, plan, owner_S, axis_name)
+        dropped = (T * K - jnp.sum(plan.send_keep_E)).astype(jnp.int32)
+        return combine(y_sorted_SxD, order_S, weights_TxK), dropped
+
+    return experts_fn

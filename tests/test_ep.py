@@ -1,0 +1,158 @@
+"""Expert-parallel dispatch against the single-device MoE and a per-token twin with drops."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AxisType, PartitionSpec as P
+
+from jmamba.moe import moe_dropless, route
+from jmamba.parallel import ep as ep_mod
+from jmamba.parallel.ep import capacity_rows, make_ep_experts_fn
+
+E, K, D, F = 8, 2, 16, 32
+
+
+def mesh_of(ep):
+    return jax.make_mesh((ep,), ("ep",), axis_types=(AxisType.Auto,),
+                         devices=jax.devices()[:ep])
+
+
+def problem(T, skew: float, seed=0):
+    """T global tokens routed top-K over E experts; skew pushes tokens to experts 0 and 1."""
+    k = jax.random.split(jax.random.key(seed), 6)
+    x = jax.random.normal(k[0], (T, D))
+    logits = jax.random.normal(k[1], (T, E)).at[:, :2].add(skew)
+    w, e, _ = route(logits, K, renormalize=True)
+    ws = (jax.random.normal(k[2], (E, D, F)) / np.sqrt(D),
+          jax.random.normal(k[3], (E, D, F)) / np.sqrt(D),
+          jax.random.normal(k[4], (E, F, D)) / np.sqrt(F))
+    return x, w, e, ws, jax.random.normal(k[5], (T, D))
+
+
+def run_ep(ep, x, w, e, *ws, **kw):
+    """The EP experts_fn under shard_map: tokens and the experts' E axis split over 'ep'.
+    Returns (y_TxD, dropped per rank)."""
+    fn = make_ep_experts_fn(E, ep, **kw)
+
+    def body(x, w, e, wg, wu, wd):
+        y, dropped = fn(x, w, e, wg, wu, wd, jnp.float32)
+        return y, dropped[None]
+
+    spec = P("ep")
+    return jax.jit(jax.shard_map(body, mesh=mesh_of(ep), in_specs=(spec,) * 6,
+                                 out_specs=(spec, spec)))(x, w, e, *ws)
+
+
+def value_and_grads(experts_fn, x, w, e, ws, ct):
+    """sum(y * ct) and its gradients w.r.t. x, router weights and the three expert weights."""
+    def loss(x, w, ws):
+        y, dropped = experts_fn(x, w, e, *ws)
+        return jnp.sum(y * ct), (y, dropped)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, ws)
+
+
+@pytest.mark.parametrize("ep,skew", [(1, 0.0), (2, 3.0), (4, 0.0), (4, 3.0)])
+def test_ep_equals_single_device_values_and_gradients(ep, skew):
+    x, w, e, ws, ct = problem(T=32, skew=skew)
+    dropless = lambda x, w, e, *ws: moe_dropless(x, w, e, *ws, jnp.float32)
+    (_, (y_ref, _)), g_ref = value_and_grads(dropless, x, w, e, ws, ct)
+    # capacity_factor=None: R * S rows, dropless whatever the routing.
+    (_, (y, dropped)), g = value_and_grads(
+        functools.partial(run_ep, ep, capacity_factor=None), x, w, e, ws, ct)
+    np.testing.assert_array_equal(dropped, np.zeros(ep))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_default_capacity_never_drops_balanced_traffic():
+    ep, T = 4, 32
+    x, w, _, ws, _ = problem(T, skew=0.0)
+    # Token t goes to experts t % E and (t + 1) % E: every expert gets T * K / E copies,
+    # and every rank receives exactly the S copies it sends.
+    e = (jnp.arange(T)[:, None] + jnp.arange(K)) % E
+    y, dropped = run_ep(ep, x, w, e, *ws)
+    y_ref, _ = moe_dropless(x, w, e, *ws, jnp.float32)
+    np.testing.assert_array_equal(dropped, np.zeros(ep))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def with_capacity_reference(x, w, e, ws, ep, capacity):
+    """Per-token MoE under the documented drop rule, as plain loops.
+
+    Each receiving rank keeps copies in (local expert, source rank, token) order until its
+    `capacity` rows are full. Returns (y, dropped copies per source rank).
+    """
+    x, w, e = np.asarray(x), np.asarray(w), np.asarray(e)
+    wg, wu, wd = map(np.asarray, ws)
+    T, X = x.shape[0] // ep, E // ep
+    kept = np.zeros(e.shape, bool)
+    for owner in range(ep):
+        used = 0
+        for ge in range(owner * X, (owner + 1) * X):
+            for t, k in zip(*np.nonzero(e == ge)):  # row-major: source rank, then token
+                kept[t, k] = used < capacity
+                used += 1
+    y = np.zeros_like(x)
+    for t, k in zip(*np.nonzero(kept)):
+        g, u = x[t] @ wg[e[t, k]], x[t] @ wu[e[t, k]]
+        y[t] += w[t, k] * ((g / (1 + np.exp(-g)) * u) @ wd[e[t, k]])
+    return y, (~kept).reshape(ep, T * K).sum(1)
+
+
+def test_overflow_drops_exactly_and_keeps_the_rest_right():
+    ep, T, cf = 4, 64, 1.0
+    x, w, e, ws, _ = problem(T, skew=1.0, seed=3)
+    y, dropped = run_ep(ep, x, w, e, *ws, capacity_factor=cf, impl="dense")
+    capacity = capacity_rows(T // ep * K, cf, ep)
+    y_ref, dropped_ref = with_capacity_reference(x, w, e, ws, ep, capacity)
+    # Rank 0 (experts 0, 1) overflows inside expert 0: every source loses some copies
+    # and keeps some.
+    assert ((dropped_ref > 0) & (dropped_ref < T // ep * K)).all()
+    np.testing.assert_array_equal(dropped, dropped_ref)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
+                               recv_sizes, *, axis_name):
+    """ragged_all_to_all as its docstring's pseudo-code, from all_gathers (XLA:CPU has no
+    ragged-all-to-all). Rows past a sender's send_sizes read as zero, so sizes that
+    disagree between sender and receiver show up as wrong values."""
+    ops, ins, sends, outs = (jax.lax.all_gather(a, axis_name) for a in
+                             (operand, input_offsets, send_sizes, output_offsets))
+    R, per = ins.shape[0], ins.shape[1] // ins.shape[0]
+    me = jax.lax.axis_index(axis_name)
+    rows = jnp.arange(output.shape[0])
+    result = output
+    for src in range(R):
+        for j in range(per):
+            i = me * per + j  # src's slice number for this receiver
+            off = rows - outs[src, i]
+            inside = (off >= 0) & (off < recv_sizes[src * per + j])
+            got = jnp.where((off < sends[src, i])[:, None],
+                            ops[src, jnp.clip(ins[src, i] + off, 0, ops.shape[1] - 1)], 0)
+            result = jnp.where(inside[:, None], got, result)
+    return result
+
+
+@pytest.mark.parametrize("cf", [None, 0.5])
+def test_ragged_offsets_match_dense_under_an_emulated_ragged_all_to_all(cf, monkeypatch):
+    ep, T = 4, 64
+    x, w, e, ws, ct = problem(T, skew=4.0, seed=3)
+    run = lambda impl: value_and_grads(
+        functools.partial(run_ep, ep, capacity_factor=cf, impl=impl), x, w, e, ws, ct)
+    (_, (y_d, drop_d)), g_d = run("dense")
+    monkeypatch.setattr(ep_mod, "ragged_all_to_all", emulated_ragged_all_to_all)
+    (_, (y_r, drop_r)), g_r = run("ragged")
+    np.testing.assert_array_equal(drop_r, drop_d)
+    np.testing.assert_allclose(y_r, y_d, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_r), jax.tree.leaves(g_d)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_expert_split_names_the_fields():
+    with pytest.raises(ValueError, match=r"model\.n_experts.*parallel\.ep"):
+        make_ep_experts_fn(6, 4)

@@ -1,0 +1,103 @@
+"""grouped_matmul's CPU path and custom VJP against jax.lax.ragged_dot and its autodiff."""
+
+import inspect
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmamba.kernels import grouped_matmul as gm
+from jmamba.kernels.grouped_matmul import grouped_matmul, kernel_usable
+from jmamba.moe import swiglu_ragged
+
+# Empty groups, and rows past sum(group sizes) (S = 24, sum = 21).
+GROUP_SIZES = np.array([5, 0, 9, 7], np.int32)
+
+
+def operands(S=24, D=16, F=32, E=4):
+    kx, kw, kc = jax.random.split(jax.random.key(0), 3)
+    return (jax.random.normal(kx, (S, D)), jax.random.normal(kw, (E, D, F)),
+            jax.random.normal(kc, (S, F)))
+
+
+def test_cpu_path_equals_ragged_dot_and_never_picks_the_kernel():
+    x, w, _ = operands()
+    assert not kernel_usable(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    y = grouped_matmul(x, w, jnp.asarray(GROUP_SIZES))
+    np.testing.assert_array_equal(y, jax.lax.ragged_dot(x, w, jnp.asarray(GROUP_SIZES)))
+    np.testing.assert_array_equal(y[21:], 0.0)
+    # Group 2 by hand: rows 5..13 use w[2].
+    np.testing.assert_allclose(y[5:14], x[5:14] @ w[2], rtol=1e-5, atol=1e-5)
+
+
+def test_custom_vjp_equals_autodiff_of_ragged_dot():
+    x, w, ct = operands()
+    gs = jnp.asarray(GROUP_SIZES)
+    loss = lambda f: (lambda x, w: jnp.sum(f(x, w, gs) * ct))
+    dx, dw = jax.grad(loss(grouped_matmul), argnums=(0, 1))(x, w)
+    rx, rw = jax.grad(loss(jax.lax.ragged_dot), argnums=(0, 1))(x, w)
+    np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw, rw, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(dx[21:], 0.0)  # rows outside every group
+    np.testing.assert_array_equal(dw[1], 0.0)  # the empty group
+
+
+def test_swiglu_with_grouped_matmul_keeps_cpu_results():
+    x, _, _ = operands()
+    E, D, F = 4, 16, 8
+    k = jax.random.split(jax.random.key(1), 3)
+    ws = [jax.random.normal(k[0], (E, D, F)), jax.random.normal(k[1], (E, D, F)),
+          jax.random.normal(k[2], (E, F, D))]
+    gs = jnp.asarray(GROUP_SIZES)
+    f = lambda mm: jax.value_and_grad(
+        lambda x, ws: jnp.sum(swiglu_ragged(x, gs, *ws, jnp.float32, mm) ** 2),
+        argnums=(0, 1))(x, ws)
+    for a, b in zip(jax.tree.leaves(f(grouped_matmul)), jax.tree.leaves(f(jax.lax.ragged_dot))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_impl_refused_where_it_cannot_run():
+    x, w, _ = operands()
+    with pytest.raises(ValueError, match="kernel cannot take"):
+        grouped_matmul(x, w, jnp.asarray(GROUP_SIZES), impl="kernel")
+
+
+def fake_kernels(monkeypatch):
+    """Stand-ins for the Mosaic GPU kernels (which need a Hopper GPU) with their documented
+    contracts: same keyword signature, row blocks, and rows outside every group left
+    unwritten (filled with 7 here)."""
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+    real_rd, real_trd = ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot
+
+    def ragged_dot(lhs, rhs, **kw):
+        inspect.signature(real_rd).bind(lhs, rhs, **kw)
+        assert lhs.shape[0] % kw["block_m"] == 0
+        rhs = jnp.swapaxes(rhs, 1, 2) if kw.get("transpose_rhs") else rhs
+        y = jax.lax.ragged_dot(lhs, rhs, kw["group_sizes"])
+        written = jnp.arange(lhs.shape[0])[:, None] < jnp.sum(kw["group_sizes"])
+        return jnp.where(written, y, 7.0).astype(lhs.dtype)
+
+    def transposed_ragged_dot(lhs, rhs, **kw):
+        inspect.signature(real_trd).bind(lhs, rhs, **kw)
+        assert lhs.shape[1] % kw["block_m"] == 0 and rhs.shape[1] % kw["block_n"] == 0
+        dims = jax.lax.RaggedDotDimensionNumbers((((0,), (0,)), ((), ())), [0], [])
+        return jax.lax.ragged_dot_general(lhs, rhs, kw["group_sizes"], dims)
+
+    monkeypatch.setattr(ragged_dot_mgpu, "ragged_dot", ragged_dot)
+    monkeypatch.setattr(transposed_ragged_dot_mgpu, "transposed_ragged_dot",
+                        transposed_ragged_dot)
+    monkeypatch.setattr(gm, "_on_hopper", lambda: True)
+
+
+def test_kernel_path_wiring_with_stand_in_kernels(monkeypatch):
+    fake_kernels(monkeypatch)
+    x, w, ct = (a.astype(jnp.bfloat16) for a in operands())  # S = 24: padded to 32 rows
+    gs, blocks = jnp.asarray(GROUP_SIZES), gm.Blocks(16, 16, 16, 2, 1)
+    assert kernel_usable(x, w, blocks)
+    run = lambda impl: jax.value_and_grad(lambda x, w: jnp.sum(
+        (gm.grouped_matmul(x, w, gs, impl, blocks) * ct).astype(jnp.float32)), (0, 1))(x, w)
+    y_k, y_x = gm.grouped_matmul(x, w, gs, "kernel", blocks), gm.grouped_matmul(x, w, gs, "xla")
+    np.testing.assert_array_equal(y_k, y_x)  # including the zero rows past sum(gs)
+    for a, b in zip(jax.tree.leaves(run("kernel")), jax.tree.leaves(run("xla"))):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-2)
