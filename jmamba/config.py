@@ -87,6 +87,7 @@ class TrainConfig:
 PP_SCHEDULES = ("gpipe", "circular")
 PP_COMMS = ("pair", "sum")
 REMATS = ("none", "full", "dots")
+EP_DISPATCH = ("auto", "ragged", "dense")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,11 @@ class ParallelConfig:
     pp_split: str = ""
     pp_comm: str = "pair"  # send (hidden, residual) between stages, or their "sum"
     remat: str = "none"  # per-layer rematerialisation: none, full, or dots (save matmuls)
+    # Expert parallelism: receive-buffer rows per ep rank = factor * tokens * top_k (>= 1
+    # never drops on balanced traffic); the exchange is ragged_all_to_all on GPU ("ragged"),
+    # padded dense all_to_all on CPU ("dense"); "auto" picks by backend.
+    ep_capacity_factor: float = 1.25
+    ep_dispatch: str = "auto"
 
     @property
     def virtual(self) -> int:
@@ -192,6 +198,10 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Para
            f"must be one of {PP_SCHEDULES}", p.pp_schedule)
     _check(p.pp_comm in PP_COMMS, "parallel.pp_comm", f"must be one of {PP_COMMS}", p.pp_comm)
     _check(p.remat in REMATS, "parallel.remat", f"must be one of {REMATS}", p.remat)
+    _check(p.ep_dispatch in EP_DISPATCH, "parallel.ep_dispatch",
+           f"must be one of {EP_DISPATCH}", p.ep_dispatch)
+    _check(p.ep_capacity_factor > 0, "parallel.ep_capacity_factor", "must be > 0",
+           p.ep_capacity_factor)
     if p.pp_schedule == "circular":
         _check(p.pp_virtual >= 1, "parallel.pp_virtual", "must be >= 1", p.pp_virtual)
         _check(p.microbatches % p.pp == 0, "parallel.microbatches",

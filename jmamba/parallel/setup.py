@@ -16,7 +16,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jmamba import model
+from jmamba.moe import moe_dropless
 from jmamba.optim import lr_schedule, make_optimizer
+from jmamba.parallel.ep import make_ep_experts_fn
 from jmamba.parallel.layout import (StageLayout, tie_gradients, to_canonical, to_stage,
                                     unique_sq_norm)
 from jmamba.parallel.mesh import make_mesh, shardings, stage_param_specs
@@ -31,6 +33,14 @@ class Training:
     canonical: Callable  # stage-layout params -> canonical params (identity on one device)
     mesh: Any = None
     layout: StageLayout | None = None
+
+
+def experts_fn_for(cfg):
+    """Local dropless experts at ep = 1; the ep all-to-all dispatch otherwise."""
+    m, p = cfg.model, cfg.parallel
+    if p.ep == 1 or m.mlp != "moe":
+        return moe_dropless
+    return make_ep_experts_fn(m.n_experts, p.ep, "ep", p.ep_capacity_factor, p.ep_dispatch)
 
 
 def is_single_device(cfg) -> bool:
@@ -54,7 +64,8 @@ def build(cfg, params=None) -> Training:
     stage_params = to_stage(params, layout)
     param_sh = shardings(mesh, stage_param_specs(stage_params))
     stage_params = jax.device_put(stage_params, param_sh)
-    step = make_train_step(make_pipeline_loss(cfg, layout, mesh), optimizer, lr_schedule(t),
+    step = make_train_step(make_pipeline_loss(cfg, layout, mesh, experts_fn_for(cfg)),
+                           optimizer, lr_schedule(t),
                            t.grad_clip,
                            fix_grads=functools.partial(tie_gradients, layout=layout),
                            grad_sq_norm=functools.partial(unique_sq_norm, layout=layout))

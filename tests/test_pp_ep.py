@@ -1,0 +1,82 @@
+"""PP x EP on the 2-D ('pp', 'ep') mesh: loss and gradients equal the single-device model."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jmamba import model
+from jmamba.config import Config, ModelConfig, ParallelConfig, TrainConfig, validate
+from jmamba.data import recall_batch
+from jmamba.parallel import layout as lay
+from jmamba.parallel.mesh import make_mesh
+from jmamba.parallel.pipeline import make_pipeline_loss
+from jmamba.parallel.setup import experts_fn_for
+
+MODEL = ModelConfig(d_model=16, n_layer=8, vocab_size=40, headdim=8, d_state=8, chunk_size=8,
+                    n_experts=8, top_k=2, d_expert=16)
+
+
+def the_batch():
+    return {k: jnp.asarray(v) for k, v in recall_batch(1, 0, 8, 24, 40, 4).items()}
+
+
+def make_cfg(pp, ep, M=2, capacity=8.0, schedule="gpipe"):
+    return validate(Config(model=MODEL, train=TrainConfig(batch_size=8, seq_len=24, n_pairs=4),
+                           parallel=ParallelConfig(pp=pp, ep=ep, microbatches=M,
+                                                   ep_capacity_factor=capacity,
+                                                   pp_schedule=schedule)))
+
+
+@pytest.fixture(scope="module")
+def reference():
+    params = model.init_params(MODEL, jax.random.key(0))
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(
+        lambda p: model.loss_fn(p, the_batch(), MODEL), has_aux=True))(params)
+    return params, loss, metrics, grads
+
+
+def run(cfg, params):
+    layout = lay.StageLayout.from_config(cfg)
+    loss_fn = make_pipeline_loss(cfg, layout, make_mesh(cfg.parallel.pp, cfg.parallel.ep),
+                                 experts_fn_for(cfg))
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
+        lay.to_stage(params, layout), the_batch())
+    return loss, metrics, lay.to_canonical(lay.tie_gradients(grads, layout), layout)
+
+
+@pytest.mark.parametrize("pp,ep,M,schedule", [(1, 4, 1, "gpipe"), (2, 2, 2, "gpipe"),
+                                              (2, 4, 2, "gpipe"), (4, 2, 4, "circular")])
+def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule):
+    params, loss_ref, metrics_ref, grads_ref = reference
+    loss, metrics, grads = run(make_cfg(pp, ep, M, schedule=schedule), params)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+    for key in ("ce", "aux_loss", "z_loss"):
+        np.testing.assert_allclose(metrics[key], metrics_ref[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(metrics["expert_counts"], metrics_ref["expert_counts"])
+    assert int(metrics["dropped_tokens"]) == 0
+    for (path, g_ref), g in zip(jax.tree_util.tree_flatten_with_path(grads_ref)[0],
+                                jax.tree.leaves(grads)):
+        scale = float(jnp.max(jnp.abs(g_ref))) + 1e-12
+        np.testing.assert_allclose(g / scale, g_ref / scale, atol=1e-5,
+                                   err_msg=jax.tree_util.keystr(path))
+
+
+def test_overflow_is_counted_not_hidden(reference):
+    params = reference[0]
+    _, metrics, _ = run(make_cfg(2, 2, capacity=0.25), params)
+    assert int(metrics["dropped_tokens"]) > 0
+    assert np.isfinite(float(metrics["ce"]))
+
+
+def test_bad_ep_layouts_rejected():
+    with pytest.raises(ValueError, match="model.n_experts"):
+        validate(Config(model=dataclasses.replace(MODEL, n_experts=6),
+                        parallel=ParallelConfig(ep=4)))
+    with pytest.raises(ValueError, match="train.batch_size"):
+        validate(Config(model=MODEL, train=TrainConfig(batch_size=6),
+                        parallel=ParallelConfig(ep=4)))
+    with pytest.raises(ValueError, match="parallel.ep_dispatch"):
+        validate(Config(model=MODEL, parallel=ParallelConfig(ep_dispatch="fast")))
