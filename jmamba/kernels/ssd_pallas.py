@@ -60,7 +60,12 @@ class _Specs:
         self.heads = pl.BlockSpec((H,), lambda *_: (0,))
 
 
-def _chunk_outer(u, v, w, cfg):
+def _fine(dtype):
+    """Matmul dtype where rounding would be amplified: the states (see K._mm)."""
+    return f32 if dtype == f32 else "tf32"
+
+
+def _chunk_outer(u, v, w, cfg, dtype):
     """(B, Lp, H, P), (B, Lp, G, N), (B, H, Lp) -> per-chunk sum_l w u v^T, (B, C, H, P, N)."""
     Bsz, Lp, H, P = u.shape
     G, N = v.shape[2:]
@@ -68,7 +73,7 @@ def _chunk_outer(u, v, w, cfg):
     return _call(K.chunk_outer_kernel, (Bsz, Lp // cfg.chunk, H),
                  [sp.rows_P, sp.group_N, sp.chunk], sp.state,
                  jax.ShapeDtypeStruct((Bsz, Lp // cfg.chunk, H, P, N), f32), cfg,
-                 dtype=u.dtype)(u, v, w)
+                 dtype=dtype)(u, v, w)
 
 
 def _state_pass(s_BxCxHxPxN, e_BxHxC, init_BxHxPxN, cfg, reverse):
@@ -89,7 +94,7 @@ def _forward(x, dt, acs, Bm, Cm, D, init, cfg):
     Q, C = cfg.chunk, Lp // cfg.chunk
     acs_BxHxCxQ = acs.reshape(Bsz, H, C, Q)
     to_end = jnp.exp(acs_BxHxCxQ[..., -1:] - acs_BxHxCxQ).reshape(Bsz, H, Lp)
-    chunk_states = _chunk_outer(x, Bm, dt * to_end, cfg)
+    chunk_states = _chunk_outer(x, Bm, dt * to_end, cfg, _fine(x.dtype))
     states = _state_pass(chunk_states, jnp.exp(acs_BxHxCxQ[..., -1]), init, cfg, False)
     sp = _Specs(Q, P, N, H, H // G)
     y = _call(K.chunk_scan_fwd_kernel, (Bsz, C, H, Q // cfg.bt),
@@ -119,7 +124,8 @@ def _core_bwd(cfg, res, cts):
     Q, C, R = cfg.chunk, Lp // cfg.chunk, H // G
     acs_BxHxCxQ = acs.reshape(Bsz, H, C, Q)
     # Adjoint of step 4, then of step 3: dstates[c+1] = gradient of the state leaving chunk c.
-    from_y = _chunk_outer(dy, Cm, jnp.exp(acs), cfg)
+    fine = _fine(x.dtype)
+    from_y = _chunk_outer(dy, Cm, jnp.exp(acs), cfg, fine)
     dstates = _state_pass(from_y, jnp.exp(acs_BxHxCxQ[..., -1]), dfinal.astype(f32), cfg, True)
 
     sp = _Specs(Q, P, N, H, R)
@@ -131,13 +137,13 @@ def _core_bwd(cfg, res, cts):
         [sp.rows_P, sp.chunk, sp.rows_N, sp.chunk],
         [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(dt.shape, f32),
          jax.ShapeDtypeStruct((Bsz, Lp, H, N), f32), jax.ShapeDtypeStruct(dt.shape, f32)],
-        cfg, q=Q, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype)(x, dt, acs, Bm, Cm, dy, dstates, D)
+        cfg, q=Q, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype, fine=fine)(x, dt, acs, Bm, Cm, dy, dstates, D)
     dC_h, da_rows = _call(
         K.chunk_scan_bwd_dc_kernel, grid,
         [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.rows_P, sp.state],
         [sp.rows_N, sp.chunk],
         [jax.ShapeDtypeStruct((Bsz, Lp, H, N), f32), jax.ShapeDtypeStruct(dt.shape, f32)],
-        cfg, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype)(x, dt, acs, Bm, Cm, dy, states)
+        cfg, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype, fine=fine)(x, dt, acs, Bm, Cm, dy, states)
 
     # d acs: rows of Z minus its columns (= dt ddt), plus, at each chunk's last step, the
     # state-passing term <dH_c, h_end_c> (h_end_c = exp(acs_last) h_c + S_c depends on it).

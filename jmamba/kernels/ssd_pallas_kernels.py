@@ -17,8 +17,15 @@ f32 = jnp.float32
 
 
 def _mm(a, b, dtype, trans_a=False, trans_b=False):
-    """A tensor-core matmul with fp32 accumulation; fp32 inputs stay exact (no tf32)."""
-    precision = lax.Precision.HIGHEST if dtype == f32 else None
+    """A tensor-core matmul with fp32 accumulation; fp32 inputs stay exact (no tf32).
+
+    dtype "tf32" keeps fp32 operands at tf32 precision: the backward uses it where a bf16
+    operand would be rounded before a sum with cancellation (the ddt, dA, dt_bias paths).
+    """
+    if isinstance(dtype, str):
+        precision, dtype = lax.Precision.HIGH, f32
+    else:
+        precision = lax.Precision.HIGHEST if dtype == f32 else None
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
     return lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=precision,
                            preferred_element_type=f32)
@@ -88,7 +95,7 @@ def chunk_scan_fwd_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, st_ref, d_ref, y
 
 
 def chunk_scan_bwd_dx_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, dy_ref, ds_ref, d_ref,
-                             dx_ref, ddt_ref, db_ref, ddd_ref, *, q, bt, bs, dtype):
+                             dx_ref, ddt_ref, db_ref, ddd_ref, *, q, bt, bs, dtype, fine):
     """Gradients owned by one block of bs inputs s: dx, ddt (through X = dt x), dB, D terms.
 
     dX_s = sum_{t>=s} (C_t.B_s) L[t,s] dy_t + exp(acs_last - acs_s) dS B_s      (X = dt x)
@@ -100,7 +107,7 @@ def chunk_scan_bwd_dx_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, dy_ref, ds_re
     b_s, x_s, dt_s, acs_s = b_ref[ss, :], x_ref[ss, :], dt_ref[ss], acs_ref[ss]
     to_end_S = jnp.exp(acs_ref[q - 1] - acs_s)  # decay from s to the chunk's end
     dS_PxN = ds_ref[...]
-    dX_SxP = _mm(b_s, dS_PxN, dtype, trans_b=True) * to_end_S[:, None]
+    dX_SxP = _mm(b_s, dS_PxN, fine, trans_b=True) * to_end_S[:, None]
     dB_SxN = _mm(x_s, dS_PxN, dtype) * (to_end_S * dt_s)[:, None]
 
     def body(i, carry):
@@ -110,7 +117,7 @@ def chunk_scan_bwd_dx_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, dy_ref, ds_re
         c_t, dy_t = c_ref[ts, :], dy_ref[ts, :]
         decay_SxT = _decay(acs_ref[ts], acs_s, t0, s0, transposed=True)
         cb_SxT = _mm(b_s, c_t, dtype, trans_b=True)
-        dX_SxP = dX_SxP + _mm(cb_SxT * decay_SxT, dy_t, dtype)
+        dX_SxP = dX_SxP + _mm(cb_SxT * decay_SxT, dy_t, fine)
         xdy_SxT = _mm(x_s, dy_t, dtype, trans_b=True)
         dB_SxN = dB_SxN + _mm(xdy_SxT * decay_SxT * dt_s[:, None], c_t, dtype)
         return dX_SxP, dB_SxN
@@ -124,7 +131,7 @@ def chunk_scan_bwd_dx_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, dy_ref, ds_re
 
 
 def chunk_scan_bwd_dc_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, dy_ref, st_ref,
-                             dc_ref, da_ref, *, bt, bs, dtype):
+                             dc_ref, da_ref, *, bt, bs, dtype, fine):
     """Gradients owned by one block of bt outputs t: dC and the row part of d(acs).
 
     dC_t = exp(acs_t) h0^T dy_t + sum_{s<=t} (dy_t.x_s) L[t,s] dt_s B_s
@@ -134,7 +141,7 @@ def chunk_scan_bwd_dc_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, dy_ref, st_re
     t0 = pl.program_id(3) * bt
     ts = pl.ds(t0, bt)
     c_t, dy_t, acs_t = c_ref[ts, :], dy_ref[ts, :], acs_ref[ts]
-    dC_TxN = _mm(dy_t, st_ref[...], dtype) * jnp.exp(acs_t)[:, None]
+    dC_TxN = _mm(dy_t, st_ref[...], fine) * jnp.exp(acs_t)[:, None]
     da_T = jnp.sum(dC_TxN * c_t.astype(f32), axis=1)  # dy_t . y_off_t
 
     def body(j, carry):
