@@ -46,12 +46,12 @@ def rel(a, b):
     return float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-30))
 
 
-def check(shape, chunk, tol=1e-2, with_reference=False):
+def check(shape, chunk, tol=1e-2, with_reference=False, **kernel_kw):
     Bsz, L, H, P, G, N = shape
     # The twins get the same bf16 inputs: they compute in fp32 and round y to bf16 as the
     # kernel does, so dy is rounded alike and only the kernel's bf16 matmul operands differ.
     args = make_inputs(*shape)
-    kern = jax.jit(functools.partial(ssd_pallas, chunk_size=chunk))
+    kern = jax.jit(functools.partial(ssd_pallas, chunk_size=chunk, **kernel_kw))
     with jax.default_matmul_precision("highest"):
         twins = {"chunked": functools.partial(ssd_chunked, chunk_size=chunk)}
         if with_reference:
@@ -67,7 +67,7 @@ def check(shape, chunk, tol=1e-2, with_reference=False):
         errs[f"d{name}"] = rel(a, b)
     finite = all(bool(jnp.all(jnp.isfinite(a))) for a in [y, s, *g])
     bad = {k: v for k, v in errs.items() if not v < tol}
-    print(f"shape (B,L,H,P,G,N)={shape} chunk={chunk}: finite={finite} "
+    print(f"shape (B,L,H,P,G,N)={shape} chunk={chunk} {kernel_kw}: finite={finite} "
           + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
     return finite and not bad
 
@@ -75,6 +75,8 @@ def check(shape, chunk, tol=1e-2, with_reference=False):
 def main():
     print(jax.devices(), flush=True)
     ok = check((4, 4096, 32, 64, 1, 128), 256)
+    check((4, 4096, 32, 64, 1, 128), 256, fine="tf32x3")  # precision of the state paths
+    check((4, 4096, 32, 64, 1, 128), 256, fine="bf16")
     ok &= check((1, 1000, 8, 64, 2, 64), 256, with_reference=True)  # L % chunk != 0, G > 1
     ok &= check((2, 512, 4, 32, 4, 16), 64, with_reference=True)
     print("ALL OK" if ok else "FAILED", flush=True)

@@ -33,6 +33,7 @@ class _Cfg(NamedTuple):
     bp: int  # head-dim rows per program in the state pass
     interpret: bool
     num_warps: int
+    fine: str  # matmul precision of the state paths for bf16 inputs: bf16, tf32, tf32x3
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, **kw):
@@ -60,9 +61,9 @@ class _Specs:
         self.heads = pl.BlockSpec((H,), lambda *_: (0,))
 
 
-def _fine(dtype):
+def _fine(dtype, cfg):
     """Matmul dtype where rounding would be amplified: the states (see K._mm)."""
-    return f32 if dtype == f32 else "tf32"
+    return dtype if dtype == f32 or cfg.fine == "bf16" else cfg.fine
 
 
 def _chunk_outer(u, v, w, cfg, dtype):
@@ -94,7 +95,7 @@ def _forward(x, dt, acs, Bm, Cm, D, init, cfg):
     Q, C = cfg.chunk, Lp // cfg.chunk
     acs_BxHxCxQ = acs.reshape(Bsz, H, C, Q)
     to_end = jnp.exp(acs_BxHxCxQ[..., -1:] - acs_BxHxCxQ).reshape(Bsz, H, Lp)
-    chunk_states = _chunk_outer(x, Bm, dt * to_end, cfg, _fine(x.dtype))
+    chunk_states = _chunk_outer(x, Bm, dt * to_end, cfg, _fine(x.dtype, cfg))
     states = _state_pass(chunk_states, jnp.exp(acs_BxHxCxQ[..., -1]), init, cfg, False)
     sp = _Specs(Q, P, N, H, H // G)
     y = _call(K.chunk_scan_fwd_kernel, (Bsz, C, H, Q // cfg.bt),
@@ -124,7 +125,7 @@ def _core_bwd(cfg, res, cts):
     Q, C, R = cfg.chunk, Lp // cfg.chunk, H // G
     acs_BxHxCxQ = acs.reshape(Bsz, H, C, Q)
     # Adjoint of step 4, then of step 3: dstates[c+1] = gradient of the state leaving chunk c.
-    fine = _fine(x.dtype)
+    fine = _fine(x.dtype, cfg)
     from_y = _chunk_outer(dy, Cm, jnp.exp(acs), cfg, fine)
     dstates = _state_pass(from_y, jnp.exp(acs_BxHxCxQ[..., -1]), dfinal.astype(f32), cfg, True)
 
@@ -137,7 +138,8 @@ def _core_bwd(cfg, res, cts):
         [sp.rows_P, sp.chunk, sp.rows_N, sp.chunk],
         [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(dt.shape, f32),
          jax.ShapeDtypeStruct((Bsz, Lp, H, N), f32), jax.ShapeDtypeStruct(dt.shape, f32)],
-        cfg, q=Q, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype, fine=fine)(x, dt, acs, Bm, Cm, dy, dstates, D)
+        cfg, q=Q, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype, fine=fine,
+    )(x, dt, acs, Bm, Cm, dy, dstates, D)
     dC_h, da_rows = _call(
         K.chunk_scan_bwd_dc_kernel, grid,
         [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.rows_P, sp.state],
@@ -159,8 +161,8 @@ _ssd_core.defvjp(_core_fwd, _core_bwd)
 
 
 def ssd_pallas(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
-               initial_state_BxHxPxN=None, chunk_size=64, interpret=None, block_t=64,
-               num_warps=4):
+               initial_state_BxHxPxN=None, chunk_size=64, interpret=None, block_t=128,
+               num_warps=8, fine="tf32"):
     """The chunked SSD through Pallas kernels. Returns (y_BxLxHxP, final_state_BxHxPxN).
 
     interpret=None picks interpret mode on CPU. On GPU, chunk_size, P and N must be powers of
@@ -172,7 +174,7 @@ def ssd_pallas(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     cfg = _Cfg(chunk=Q, bt=min(block_t, Q), bp=P if interpret else 16, interpret=interpret,
-               num_warps=num_warps)
+               num_warps=num_warps, fine=fine)
     dt_BxLxH = jax.nn.softplus(dt_BxLxH.astype(f32) + dt_bias_H.astype(f32))
     x, Bm, Cm = x_BxLxHxP, B_BxLxGxN, C_BxLxGxN
     # Pad L to a multiple of Q with dt = 0: no decay and no input, so the padded steps leave

@@ -16,14 +16,18 @@ from jax.experimental import pallas as pl
 f32 = jnp.float32
 
 
+_FINE = {"tf32": lax.Precision.HIGH, "tf32x3": lax.DotAlgorithmPreset.TF32_TF32_F32_X3}
+
+
 def _mm(a, b, dtype, trans_a=False, trans_b=False):
     """A tensor-core matmul with fp32 accumulation; fp32 inputs stay exact (no tf32).
 
-    dtype "tf32" keeps fp32 operands at tf32 precision: the backward uses it where a bf16
-    operand would be rounded before a sum with cancellation (the ddt, dA, dt_bias paths).
+    dtype "tf32" (or "tf32x3", three tf32 passes) keeps fp32 operands: the bf16 path uses it
+    where a bf16 operand would be rounded before a sum with cancellation (the states, and
+    the ddt, dA, dt_bias paths).
     """
     if isinstance(dtype, str):
-        precision, dtype = lax.Precision.HIGH, f32
+        precision, dtype = _FINE[dtype], f32
     else:
         precision = lax.Precision.HIGHEST if dtype == f32 else None
     dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
