@@ -74,7 +74,7 @@ def _chunk_outer(u, v, w, cfg, dtype):
     return _call(K.chunk_outer_kernel, (Bsz, Lp // cfg.chunk, H),
                  [sp.rows_P, sp.group_N, sp.chunk], sp.state,
                  jax.ShapeDtypeStruct((Bsz, Lp // cfg.chunk, H, P, N), f32), cfg,
-                 dtype=dtype)(u, v, w)
+                 bk=min(64, cfg.chunk), dtype=dtype)(u, v, w)
 
 
 def _state_pass(s_BxCxHxPxN, e_BxHxC, init_BxHxPxN, cfg, reverse):

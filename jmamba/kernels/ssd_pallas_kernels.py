@@ -50,14 +50,19 @@ def _decay(acs_t, acs_s, t0, s0, transposed=False):
     return jnp.exp(jnp.where(causal, diff, -jnp.inf))
 
 
-def chunk_outer_kernel(u_ref, v_ref, w_ref, out_ref, *, dtype):
-    """out (P, N) = sum_l w_l u_l v_l^T over one chunk.
+def chunk_outer_kernel(u_ref, v_ref, w_ref, out_ref, *, bk, dtype):
+    """out (P, N) = sum_l w_l u_l v_l^T over one chunk, bk rows at a time.
 
     Forward step 2 (chunk states): u = x, v = B, w = dt * exp(acs_last - acs).
     Backward of step 4 (state gradient from the outputs): u = dy, v = C, w = exp(acs).
+    Looping over bk-row slices keeps fp32 (tf32) operands within shared memory.
     """
-    uw_QxP = u_ref[...].astype(f32) * w_ref[...][:, None]
-    out_ref[...] = _mm(uw_QxP, v_ref[...], dtype, trans_a=True)
+    def body(k, out_PxN):
+        ks = pl.ds(k * bk, bk)
+        uw_KxP = u_ref[ks, :].astype(f32) * w_ref[ks][:, None]
+        return out_PxN + _mm(uw_KxP, v_ref[ks, :], dtype, trans_a=True)
+
+    out_ref[...] = lax.fori_loop(0, u_ref.shape[0] // bk, body, jnp.zeros(out_ref.shape, f32))
 
 
 def state_pass_kernel(s_ref, e_ref, init_ref, out_ref, *, n_chunks, reverse):
