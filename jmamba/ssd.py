@@ -128,6 +128,6 @@ def ssd(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
     if impl == "chunked":
         return ssd_chunked(*args, chunk_size=chunk_size)
     if impl == "kernel":
-        raise NotImplementedError("ssm_impl='kernel' needs the Pallas SSD kernel (issue 6); "
-                                  "use ssm_impl='chunked'")
-    raise ValueError(f"unknown ssm_impl {impl!r}; use 'chunked' or 'reference'")
+        from jmamba.kernels.ssd_pallas import ssd_pallas  # Pallas only when asked for
+        return ssd_pallas(*args, chunk_size=chunk_size)
+    raise ValueError(f"unknown ssm_impl {impl!r}; use 'reference', 'chunked' or 'kernel'")

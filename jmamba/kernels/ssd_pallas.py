@@ -1,0 +1,194 @@
+"""The chunked SSD as Pallas kernels (Triton lowering on GPU, interpret mode on CPU).
+
+Same signature and semantics as `jmamba.ssd.ssd_chunked`, which is its twin. The four steps
+of the Mamba-2 chunked algorithm (paper, section 6) map to pallas_calls:
+  0. dt = softplus(dt + dt_bias) and the within-chunk cumsum of dt * A: plain XLA (tiny).
+  2. chunk states                       -> chunk_outer_kernel       grid (B, C, H)
+  3. state passing across chunks        -> state_pass_kernel        grid (B, H, P/bp)
+  1+4. intra-chunk and state outputs    -> chunk_scan_fwd_kernel    grid (B, C, H, Q/bt)
+The backward (a jax.custom_vjp) runs the same shapes in reverse: the adjoint of step 4
+(chunk_outer on dy and C), the reverse state pass, then one kernel for the gradients each
+input block owns (dx, ddt, dB) and one for those each output block owns (dC, d acs).
+Gradients through softplus, the cumsum and padding are left to JAX autodiff.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from jmamba.kernels import ssd_pallas_kernels as K
+
+f32 = jnp.float32
+
+
+class _Cfg(NamedTuple):
+    """Static launch settings (hashable, for custom_vjp's nondiff argument)."""
+    chunk: int
+    bt: int  # output rows per program in the chunk-scan kernels
+    bp: int  # head-dim rows per program in the state pass
+    interpret: bool
+    num_warps: int
+    fine: str  # matmul precision of the state paths for bf16 inputs: bf16, tf32, tf32x3
+
+
+def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, **kw):
+    params = {}
+    if not cfg.interpret:
+        from jax.experimental.pallas import triton as pltriton
+        params["compiler_params"] = pltriton.CompilerParams(num_warps=cfg.num_warps,
+                                                            num_stages=2)
+    return pl.pallas_call(functools.partial(kernel, **kw), grid=grid, in_specs=in_specs,
+                          out_specs=out_specs, out_shape=out_shape,
+                          interpret=cfg.interpret, **params)
+
+
+class _Specs:
+    """BlockSpecs of one (batch, chunk, head) program; grid indices are (b, c, h, ...)."""
+
+    def __init__(self, Q, P, N, H, R):
+        self.rows_P = pl.BlockSpec((None, Q, None, P), lambda b, c, h, *_: (b, c, h, 0))
+        self.rows_N = pl.BlockSpec((None, Q, None, N), lambda b, c, h, *_: (b, c, h, 0))
+        self.group_N = pl.BlockSpec((None, Q, None, N), lambda b, c, h, *_: (b, c, h // R, 0))
+        self.chunk = pl.BlockSpec((None, None, Q), lambda b, c, h, *_: (b, h, c))
+        self.state = pl.BlockSpec((None, None, None, P, N), lambda b, c, h, *_: (b, c, h, 0, 0))
+        self.state_end = pl.BlockSpec((None, None, None, P, N),
+                                      lambda b, c, h, *_: (b, c + 1, h, 0, 0))
+        self.heads = pl.BlockSpec((H,), lambda *_: (0,))
+
+
+def _fine(dtype, cfg):
+    """Matmul dtype where rounding would be amplified: the states (see K._mm)."""
+    return dtype if dtype == f32 or cfg.fine == "bf16" else cfg.fine
+
+
+def _chunk_outer(u, v, w, cfg, dtype):
+    """(B, Lp, H, P), (B, Lp, G, N), (B, H, Lp) -> per-chunk sum_l w u v^T, (B, C, H, P, N)."""
+    Bsz, Lp, H, P = u.shape
+    G, N = v.shape[2:]
+    sp = _Specs(cfg.chunk, P, N, H, H // G)
+    return _call(K.chunk_outer_kernel, (Bsz, Lp // cfg.chunk, H),
+                 [sp.rows_P, sp.group_N, sp.chunk], sp.state,
+                 jax.ShapeDtypeStruct((Bsz, Lp // cfg.chunk, H, P, N), f32), cfg,
+                 bk=min(64, cfg.chunk), dtype=dtype)(u, v, w)
+
+
+def _state_pass(s_BxCxHxPxN, e_BxHxC, init_BxHxPxN, cfg, reverse):
+    """Step 3 (or its adjoint): the states at every chunk boundary, (B, C+1, H, P, N)."""
+    Bsz, C, H, P, N = s_BxCxHxPxN.shape
+    bp = min(cfg.bp, P)
+    chunks = lambda n: pl.BlockSpec((None, n, None, bp, N), lambda b, h, p: (b, 0, h, p, 0))
+    return _call(K.state_pass_kernel, (Bsz, H, P // bp),
+                 [chunks(C), pl.BlockSpec((None, None, C), lambda b, h, p: (b, h, 0)),
+                  pl.BlockSpec((None, None, bp, N), lambda b, h, p: (b, h, p, 0))],
+                 chunks(C + 1), jax.ShapeDtypeStruct((Bsz, C + 1, H, P, N), f32), cfg,
+                 n_chunks=C, reverse=reverse)(s_BxCxHxPxN, e_BxHxC, init_BxHxPxN)
+
+
+def _forward(x, dt, acs, Bm, Cm, D, init, cfg):
+    Bsz, Lp, H, P = x.shape
+    G, N = Bm.shape[2:]
+    Q, C = cfg.chunk, Lp // cfg.chunk
+    acs_BxHxCxQ = acs.reshape(Bsz, H, C, Q)
+    to_end = jnp.exp(acs_BxHxCxQ[..., -1:] - acs_BxHxCxQ).reshape(Bsz, H, Lp)
+    chunk_states = _chunk_outer(x, Bm, dt * to_end, cfg, _fine(x.dtype, cfg))
+    states = _state_pass(chunk_states, jnp.exp(acs_BxHxCxQ[..., -1]), init, cfg, False)
+    sp = _Specs(Q, P, N, H, H // G)
+    y = _call(K.chunk_scan_fwd_kernel, (Bsz, C, H, Q // cfg.bt),
+              [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.state, sp.heads],
+              sp.rows_P, jax.ShapeDtypeStruct(x.shape, x.dtype), cfg,
+              bt=cfg.bt, bs=cfg.bt, dtype=x.dtype)(x, dt, acs, Bm, Cm, states, D)
+    return y, states
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _ssd_core(x, dt, acs, Bm, Cm, D, init, cfg):
+    y, states = _forward(x, dt, acs, Bm, Cm, D, init, cfg)
+    return y, states[:, -1]
+
+
+def _core_fwd(x, dt, acs, Bm, Cm, D, init, cfg):
+    y, states = _forward(x, dt, acs, Bm, Cm, D, init, cfg)
+    return (y, states[:, -1]), (x, dt, acs, Bm, Cm, D, states)
+
+
+def _core_bwd(cfg, res, cts):
+    x, dt, acs, Bm, Cm, D, states = res
+    dy, dfinal = cts
+    dy = dy.astype(x.dtype)
+    Bsz, Lp, H, P = x.shape
+    G, N = Bm.shape[2:]
+    Q, C, R = cfg.chunk, Lp // cfg.chunk, H // G
+    acs_BxHxCxQ = acs.reshape(Bsz, H, C, Q)
+    # Adjoint of step 4, then of step 3: dstates[c+1] = gradient of the state leaving chunk c.
+    fine = _fine(x.dtype, cfg)
+    from_y = _chunk_outer(dy, Cm, jnp.exp(acs), cfg, fine)
+    dstates = _state_pass(from_y, jnp.exp(acs_BxHxCxQ[..., -1]), dfinal.astype(f32), cfg, True)
+
+    sp = _Specs(Q, P, N, H, R)
+    grid = (Bsz, C, H, Q // cfg.bt)
+    dx, ddt, dB_h, dD_rows = _call(
+        K.chunk_scan_bwd_dx_kernel, grid,
+        [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.rows_P, sp.state_end,
+         sp.heads],
+        [sp.rows_P, sp.chunk, sp.rows_N, sp.chunk],
+        [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(dt.shape, f32),
+         jax.ShapeDtypeStruct((Bsz, Lp, H, N), f32), jax.ShapeDtypeStruct(dt.shape, f32)],
+        cfg, q=Q, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype, fine=fine,
+    )(x, dt, acs, Bm, Cm, dy, dstates, D)
+    dC_h, da_rows = _call(
+        K.chunk_scan_bwd_dc_kernel, grid,
+        [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.rows_P, sp.state],
+        [sp.rows_N, sp.chunk],
+        [jax.ShapeDtypeStruct((Bsz, Lp, H, N), f32), jax.ShapeDtypeStruct(dt.shape, f32)],
+        cfg, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype, fine=fine)(x, dt, acs, Bm, Cm, dy, states)
+
+    # d acs: rows of Z minus its columns (= dt ddt), plus, at each chunk's last step, the
+    # state-passing term <dH_c, h_end_c> (h_end_c = exp(acs_last) h_c + S_c depends on it).
+    end_term_BxCxH = jnp.einsum("bchpn,bchpn->bch", dstates[:, 1:], states[:, 1:])
+    dacs = (da_rows - dt * ddt).reshape(Bsz, H, C, Q)
+    dacs = dacs.at[..., -1].add(end_term_BxCxH.transpose(0, 2, 1)).reshape(Bsz, H, Lp)
+    group_sum = lambda a, like: a.reshape(Bsz, Lp, G, R, N).sum(3).astype(like.dtype)
+    return (dx, ddt, dacs, group_sum(dB_h, Bm), group_sum(dC_h, Cm),
+            dD_rows.sum((0, 2)).astype(D.dtype), dstates[:, 0])
+
+
+_ssd_core.defvjp(_core_fwd, _core_bwd)
+
+
+def ssd_pallas(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
+               initial_state_BxHxPxN=None, chunk_size=64, interpret=None, block_t=128,
+               num_warps=8, fine="tf32"):
+    """The chunked SSD through Pallas kernels. Returns (y_BxLxHxP, final_state_BxHxPxN).
+
+    interpret=None picks interpret mode on CPU. On GPU, chunk_size, P and N must be powers of
+    two >= 16 (Triton tiles); L need not be a multiple of chunk_size.
+    """
+    Bsz, L, H, P = x_BxLxHxP.shape
+    G, N = B_BxLxGxN.shape[2:]
+    Q = chunk_size
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    cfg = _Cfg(chunk=Q, bt=min(block_t, Q), bp=P if interpret else 16, interpret=interpret,
+               num_warps=num_warps, fine=fine)
+    dt_BxLxH = jax.nn.softplus(dt_BxLxH.astype(f32) + dt_bias_H.astype(f32))
+    x, Bm, Cm = x_BxLxHxP, B_BxLxGxN, C_BxLxGxN
+    # Pad L to a multiple of Q with dt = 0: no decay and no input, so the padded steps leave
+    # the outputs before them and the final state unchanged (as in ssd_chunked).
+    pad = (-L) % Q
+    if pad:
+        padL = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        x, dt_BxLxH, Bm, Cm = padL(x), padL(dt_BxLxH), padL(Bm), padL(Cm)
+    Lp = L + pad
+    dt_BxHxL = dt_BxLxH.transpose(0, 2, 1)
+    acs_BxHxL = jnp.cumsum((dt_BxHxL * A_H.astype(f32)[:, None]).reshape(Bsz, H, Lp // Q, Q),
+                           axis=-1).reshape(Bsz, H, Lp)
+    if initial_state_BxHxPxN is None:
+        initial_state_BxHxPxN = jnp.zeros((Bsz, H, P, N), f32)
+    y, final = _ssd_core(x, dt_BxHxL, acs_BxHxL, Bm, Cm, D_H.astype(f32),
+                         initial_state_BxHxPxN.astype(f32), cfg)
+    return y[:, :L], final
