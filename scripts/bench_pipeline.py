@@ -26,6 +26,7 @@ def main():
     ap.add_argument("--small", action="store_true", help="tiny shapes for a CPU smoke test")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--out", default="")
+    ap.add_argument("--remat", default="full", help="per-layer remat policy for every layout")
     args = ap.parse_args()
     if args.small:
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
@@ -42,10 +43,10 @@ def main():
         train = TrainConfig(batch_size=16, seq_len=64, n_pairs=4, warmup_steps=0)
         ms = (2, 4)
     else:
-        model = ModelConfig(d_model=1024, n_layer=8, vocab_size=50280, headdim=64,
+        model = ModelConfig(d_model=1024, n_layer=8, vocab_size=32000, headdim=64,
                             d_state=128, chunk_size=256, n_experts=8, top_k=2, d_expert=1024,
                             dtype="bfloat16")
-        train = TrainConfig(batch_size=32, seq_len=2048, n_pairs=64, warmup_steps=0)
+        train = TrainConfig(batch_size=16, seq_len=2048, n_pairs=64, warmup_steps=0)
         ms = (2, 4, 8, 16)
     batch = {k: jax.numpy.asarray(v) for k, v in recall_batch(
         0, 0, train.batch_size, train.seq_len, model.vocab_size, train.n_pairs).items()}
@@ -54,7 +55,7 @@ def main():
         cfg = validate(Config(model=model, train=dataclasses.replace(train, steps=100),
                               parallel=ParallelConfig(pp=pp, microbatches=M,
                                                       pp_schedule=schedule, pp_comm=comm,
-                                                      pp_virtual=2)))
+                                                      pp_virtual=2, remat=args.remat)))
         run = build(cfg)
         state = run.state
         t0 = time.perf_counter()

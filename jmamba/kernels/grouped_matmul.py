@@ -71,8 +71,9 @@ def grouped_matmul(x_SxD, w_ExDxF, group_sizes_E, impl: str = "auto",
         raise ValueError(f"grouped_matmul: the Hopper kernel cannot take x {x_SxD.shape} "
                          f"{x_SxD.dtype}, w {w_ExDxF.shape} {w_ExDxF.dtype} here; "
                          "use impl='auto' or 'xla'")
-    return _gmm(x_SxD, w_ExDxF, group_sizes_E.astype(jnp.int32),
-                blocks if use_kernel else None)
+    if not use_kernel:  # plain autodiff of lax.ragged_dot: the reference path
+        return jax.lax.ragged_dot(x_SxD, w_ExDxF, group_sizes_E.astype(jnp.int32))
+    return _gmm(x_SxD, w_ExDxF, group_sizes_E.astype(jnp.int32), blocks)
 
 
 # blocks=None selects the XLA path; a Blocks value selects the kernels with those tiles.

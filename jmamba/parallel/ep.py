@@ -105,14 +105,16 @@ def plan_exchange(group_sizes_E, n_ranks: int, capacity: int, axis_name) -> Plan
 
 def _ragged_there(x_sorted_SxD, plan: Plan, capacity: int, owner_S, axis_name):
     del owner_S
-    out_CxD = jnp.zeros((capacity, x_sorted_SxD.shape[1]), x_sorted_SxD.dtype)
+    # zeros_like keeps the per-device (varying) type of shard_map values: the output buffer
+    # decides the result's type, and autodiff needs it to match the tokens'.
+    out_CxD = jnp.zeros_like(x_sorted_SxD, shape=(capacity, x_sorted_SxD.shape[1]))
     return ragged_all_to_all(x_sorted_SxD, out_CxD, plan.send_off_E, plan.send_keep_E,
                              plan.land_off_E, plan.recv_keep_RxX.reshape(-1),
                              axis_name=axis_name)
 
 
 def _ragged_back(y_buf_CxD, plan: Plan, owner_S, axis_name):
-    out_SxD = jnp.zeros((owner_S.shape[0], y_buf_CxD.shape[1]), y_buf_CxD.dtype)
+    out_SxD = jnp.zeros_like(y_buf_CxD, shape=(owner_S.shape[0], y_buf_CxD.shape[1]))
     return ragged_all_to_all(y_buf_CxD, out_SxD, plan.recv_off_RxX.reshape(-1),
                              plan.recv_keep_RxX.reshape(-1), plan.home_off_RxX.reshape(-1),
                              plan.send_keep_E, axis_name=axis_name)
