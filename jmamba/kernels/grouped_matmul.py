@@ -92,7 +92,24 @@ def _gmm_bwd(blocks, residuals, dy_SxF):
     dx_SxD = _grad_x(dy_SxF, w_ExDxF, group_sizes_E, blocks)
     dw_ExDxF = _grad_w(x_SxD, dy_SxF, group_sizes_E, blocks)
     # Integer group sizes get no cotangent.
-    return dx_SxD.astype(x_SxD.dtype), dw_ExDxF.astype(w_ExDxF.dtype), None
+    return (_like(dx_SxD.astype(x_SxD.dtype), x_SxD),
+            _like(dw_ExDxF.astype(w_ExDxF.dtype), w_ExDxF), None)
+
+
+def _like(ct, primal):
+    """Gives a cotangent the per-device (shard_map 'varying') type of its primal.
+
+    Pallas kernels return untyped (invariant) outputs; the values are per-device, so the
+    cast is only a type annotation. Axes where the cotangent varies but the primal does
+    not are summed, as autodiff does for an implicit broadcast.
+    """
+    want = jax.typeof(primal).manual_axis_type.varying
+    have = jax.typeof(ct).manual_axis_type.varying
+    if have - want:
+        ct = jax.lax.psum(ct, tuple(have - want))
+    if want - have:
+        ct = jax.lax.pcast(ct, tuple(want - have), to="varying")
+    return ct
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
