@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jmamba.config import ModelConfig
+from jmamba.kernels.grouped_matmul import grouped_matmul
 from jmamba.layers import uniform_init
 
 
@@ -46,11 +47,12 @@ def balance_losses(logits_BxLxE, experts_BxLxK):
 
 
 def swiglu_ragged(x_SxD, group_sizes_E, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, dtype,
-                  matmul=jax.lax.ragged_dot):
+                  matmul=grouped_matmul):
     """Expert MLPs on token copies sorted by expert: rows [sum(g[:e]), sum(g[:e+1])) go to e.
 
     Rows past sum(group_sizes) come out as zeros. `matmul(x_SxD, w_ExDxF, group_sizes_E)`
-    is the grouped matmul: `jax.lax.ragged_dot` or jmamba.kernels.grouped_matmul.
+    is the grouped matmul: by default jmamba.kernels.grouped_matmul, which is the Hopper
+    kernel where it applies and `jax.lax.ragged_dot` (the reference) everywhere else.
     """
     c = lambda a: a.astype(dtype)
     x = c(x_SxD)

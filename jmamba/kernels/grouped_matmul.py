@@ -37,7 +37,7 @@ class Blocks:
     block_n: int = 128
     block_k: int = 64
     max_concurrent_steps: int = 4
-    grid_block_n: int = 1
+    grid_block_n: int = 4  # best of the H200 sweep in docs/benchmarks.md (0.89 of dense)
 
 
 def _on_hopper() -> bool:
@@ -58,12 +58,24 @@ def kernel_usable(x_SxD, w_ExDxF, blocks: Blocks = Blocks()) -> bool:
     return _on_hopper() and aligned and half
 
 
+def default_blocks(x_SxD, w_ExDxF) -> Blocks:
+    """The measured-best tiles, with grid_block_n lowered until D and F align (4, 2, 1)."""
+    for grid in (4, 2, 1):
+        blocks = dataclasses.replace(Blocks(), grid_block_n=grid)
+        if kernel_usable(x_SxD, w_ExDxF, blocks):
+            return blocks
+    return Blocks()
+
+
 def grouped_matmul(x_SxD, w_ExDxF, group_sizes_E, impl: str = "auto",
-                   blocks: Blocks = Blocks()):
+                   blocks: Blocks | None = None):
     """x_SxD @ w_ExDxF[e] for each group's rows; same contract as `jax.lax.ragged_dot`.
 
     Differentiable in x and w through a custom VJP whose three products all use `impl`.
+    blocks=None picks `default_blocks`.
     """
+    if blocks is None:
+        blocks = default_blocks(x_SxD, w_ExDxF)
     if impl not in IMPLS:
         raise ValueError(f"grouped_matmul impl must be one of {IMPLS}, got {impl!r}")
     use_kernel = impl == "kernel" or (impl == "auto" and kernel_usable(x_SxD, w_ExDxF, blocks))
