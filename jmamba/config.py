@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 
 MLP_KINDS = ("moe", "dense", "none")
@@ -130,6 +131,14 @@ def _check(ok: bool, field_name: str, rule: str, value) -> None:
         raise ValueError(f"config field '{field_name}' = {value!r}: {rule}")
 
 
+def _check_choice(value, choices: tuple, field_name: str) -> None:
+    """Like _check for a field with fixed choices; the error names the closest one."""
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.3)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        _check(False, field_name, f"must be one of {choices}{hint}", value)
+
+
 def validate_model(m: ModelConfig) -> ModelConfig:
     for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple", "d_state",
                  "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
@@ -144,10 +153,10 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     _check(m.dt_init_floor > 0, "model.dt_init_floor", "must be > 0", m.dt_init_floor)
     lo, hi = m.A_init_range
     _check(0 < lo <= hi, "model.A_init_range", "need 0 < low <= high", m.A_init_range)
-    _check(m.ssm_impl in SSM_IMPLS, "model.ssm_impl", f"must be one of {SSM_IMPLS}", m.ssm_impl)
-    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", m.dtype)
+    _check_choice(m.ssm_impl, SSM_IMPLS, "model.ssm_impl")
+    _check_choice(m.dtype, DTYPES, "model.dtype")
     _check(m.rms_norm_eps > 0, "model.rms_norm_eps", "must be > 0", m.rms_norm_eps)
-    _check(m.mlp in MLP_KINDS, "model.mlp", f"must be one of {MLP_KINDS}", m.mlp)
+    _check_choice(m.mlp, MLP_KINDS, "model.mlp")
     if m.mlp == "dense":
         _check(m.d_intermediate > 0, "model.d_intermediate", "must be > 0 for mlp='dense'",
                m.d_intermediate)
@@ -194,12 +203,10 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Para
     _check(p.pp >= 1, "parallel.pp", "must be >= 1", p.pp)
     _check(p.ep >= 1, "parallel.ep", "must be >= 1", p.ep)
     _check(p.microbatches >= 1, "parallel.microbatches", "must be >= 1", p.microbatches)
-    _check(p.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
-           f"must be one of {PP_SCHEDULES}", p.pp_schedule)
-    _check(p.pp_comm in PP_COMMS, "parallel.pp_comm", f"must be one of {PP_COMMS}", p.pp_comm)
-    _check(p.remat in REMATS, "parallel.remat", f"must be one of {REMATS}", p.remat)
-    _check(p.ep_dispatch in EP_DISPATCH, "parallel.ep_dispatch",
-           f"must be one of {EP_DISPATCH}", p.ep_dispatch)
+    _check_choice(p.pp_schedule, PP_SCHEDULES, "parallel.pp_schedule")
+    _check_choice(p.pp_comm, PP_COMMS, "parallel.pp_comm")
+    _check_choice(p.remat, REMATS, "parallel.remat")
+    _check_choice(p.ep_dispatch, EP_DISPATCH, "parallel.ep_dispatch")
     _check(p.ep_capacity_factor > 0, "parallel.ep_capacity_factor", "must be > 0",
            p.ep_capacity_factor)
     if p.pp_schedule == "circular":
