@@ -83,8 +83,19 @@ class TrainConfig:
     # Embedded data: multi-query associative recall (see jmamba/data.py).
     task: str = "recall"
     n_pairs: int = 8
+    # --- issue 7: real data, watching a run, failure handling (jmamba/tokens.py, metrics.py,
+    # guard.py) ---
+    # Token files "path[:weight],path[:weight]" (see scripts/prepare_data.py); empty: the
+    # embedded recall task above.
+    data: str = ""
+    peak_tflops: float = 0.0  # per device, for MFU; 0 picks it by device kind (flops.py)
+    profile_steps: str = ""  # "10:13": a jax.profiler trace of steps 10-12 under log_dir
+    progress: str = "auto"  # "bar", "lines", or "auto": a bar when stdout is a terminal
+    skip_nonfinite: bool = False  # skip steps with a NaN/Inf loss or gradient, don't stop
+    # --- end issue 7 ---
 
 
+PROGRESS = ("auto", "bar", "lines")  # issue 7
 PP_SCHEDULES = ("gpipe", "circular")
 PP_COMMS = ("pair", "sum")
 REMATS = ("none", "full", "dots")
@@ -116,11 +127,24 @@ class ParallelConfig:
         return self.pp_virtual if self.pp_schedule == "circular" else 1
 
 
+# --- issue 7: many hosts (jmamba/distributed.py) ---
+@dataclass(frozen=True)
+class DistConfig:
+    """jax.distributed.initialize arguments; empty/-1 fall back to the environment (SLURM, or
+    JMAMBA_COORDINATOR / JMAMBA_NUM_PROCESSES / JMAMBA_PROCESS_ID); none set: one process."""
+
+    coordinator: str = ""  # "host:port" of process 0
+    num_processes: int = -1
+    process_id: int = -1
+# --- end issue 7 ---
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    dist: DistConfig = field(default_factory=DistConfig)  # issue 7
 
     def replace(self, **sections) -> "Config":
         return dataclasses.replace(self, **sections)
@@ -181,6 +205,17 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> TrainConfig:
     _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
     _check(t.grad_clip > 0, "train.grad_clip", "must be > 0", t.grad_clip)
     _check(t.task in ("recall",), "train.task", "must be 'recall'", t.task)
+    # --- issue 7 ---
+    _check_choice(t.progress, PROGRESS, "train.progress")
+    _check(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0: by device)",
+           t.peak_tflops)
+    from jmamba.metrics import parse_profile_steps
+    parse_profile_steps(t.profile_steps)
+    if t.data:
+        from jmamba.tokens import parse_data_spec
+        parse_data_spec(t.data)
+        return t  # the recall task's limits below do not apply to token files
+    # --- end issue 7 ---
     # The recall task needs room for the pairs and at least one query (see data.py).
     _check(t.n_pairs >= 1, "train.n_pairs", "must be >= 1", t.n_pairs)
     _check(t.seq_len >= 4 * t.n_pairs + 2, "train.seq_len",
