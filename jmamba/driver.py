@@ -25,9 +25,18 @@ def make_data(cfg: Config):
     m, t = cfg.model, cfg.train
     if t.data:
         from jmamba.tokens import TokenData
-        return TokenData(t.data, t.batch_size, t.seq_len, m.vocab_size, t.seed,
-                         jax.process_index(), jax.process_count())
+        # The step takes the batch replicated, so every process reads all rows for now;
+        # TokenData's process_index/count split them once the batch is sharded over 'ep'.
+        return TokenData(t.data, t.batch_size, t.seq_len, m.vocab_size, t.seed)
     return RecallData(t.seed, t.batch_size, t.seq_len, m.vocab_size, t.n_pairs)
+
+
+def to_device(batch, run):
+    """One process: plain arrays. Many: global arrays built from each process's copy."""
+    if jax.process_count() == 1:
+        return jax.tree.map(jnp.asarray, batch)
+    sharding = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
 
 
 def peak_tflops(cfg: Config) -> float | None:
@@ -71,7 +80,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     with StopSignals() as signals:
         try:
             for step in range(1, t.steps + 1):
-                batch = jax.tree.map(jnp.asarray, next(data))
+                batch = to_device(next(data), run)
                 with profiler.step(step):
                     state, metrics = run.step_fn(state, batch)
                 # Read step t's metrics only after step t+1 is dispatched, so the host never
