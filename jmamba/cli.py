@@ -121,6 +121,11 @@ def simulate_cpu_devices(n: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    simulate_cpu_devices(cfg.parallel.pp * cfg.parallel.ep)
+    # --- issue 7: many hosts; each process simulates only its share of CPU devices ---
+    from jmamba.distributed import initialize, settings
+    n_procs = (settings(cfg.dist) or {}).get("num_processes", 1)
+    simulate_cpu_devices(cfg.parallel.pp * cfg.parallel.ep // n_procs)
+    initialize(cfg.dist)
+    # --- end issue 7 ---
     from jmamba.driver import train  # imports jax only after the flags are checked
     train(cfg)

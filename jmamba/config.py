@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 
 MLP_KINDS = ("moe", "dense", "none")
@@ -82,8 +83,19 @@ class TrainConfig:
     # Embedded data: multi-query associative recall (see jmamba/data.py).
     task: str = "recall"
     n_pairs: int = 8
+    # --- issue 7: real data, watching a run, failure handling (jmamba/tokens.py, metrics.py,
+    # guard.py) ---
+    # Token files "path[:weight],path[:weight]" (see scripts/prepare_data.py); empty: the
+    # embedded recall task above.
+    data: str = ""
+    peak_tflops: float = 0.0  # per device, for MFU; 0 picks it by device kind (flops.py)
+    profile_steps: str = ""  # "10:13": a jax.profiler trace of steps 10-12 under log_dir
+    progress: str = "auto"  # "bar", "lines", or "auto": a bar when stdout is a terminal
+    skip_nonfinite: bool = False  # skip steps with a NaN/Inf loss or gradient, don't stop
+    # --- end issue 7 ---
 
 
+PROGRESS = ("auto", "bar", "lines")  # issue 7
 PP_SCHEDULES = ("gpipe", "circular")
 PP_COMMS = ("pair", "sum")
 REMATS = ("none", "full", "dots")
@@ -115,11 +127,24 @@ class ParallelConfig:
         return self.pp_virtual if self.pp_schedule == "circular" else 1
 
 
+# --- issue 7: many hosts (jmamba/distributed.py) ---
+@dataclass(frozen=True)
+class DistConfig:
+    """jax.distributed.initialize arguments; empty/-1 fall back to the environment (SLURM, or
+    JMAMBA_COORDINATOR / JMAMBA_NUM_PROCESSES / JMAMBA_PROCESS_ID); none set: one process."""
+
+    coordinator: str = ""  # "host:port" of process 0
+    num_processes: int = -1
+    process_id: int = -1
+# --- end issue 7 ---
+
+
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    dist: DistConfig = field(default_factory=DistConfig)  # issue 7
 
     def replace(self, **sections) -> "Config":
         return dataclasses.replace(self, **sections)
@@ -128,6 +153,14 @@ class Config:
 def _check(ok: bool, field_name: str, rule: str, value) -> None:
     if not ok:
         raise ValueError(f"config field '{field_name}' = {value!r}: {rule}")
+
+
+def _check_choice(value, choices: tuple, field_name: str) -> None:
+    """Like _check for a field with fixed choices; the error names the closest one."""
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.3)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        _check(False, field_name, f"must be one of {choices}{hint}", value)
 
 
 def validate_model(m: ModelConfig) -> ModelConfig:
@@ -144,10 +177,10 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     _check(m.dt_init_floor > 0, "model.dt_init_floor", "must be > 0", m.dt_init_floor)
     lo, hi = m.A_init_range
     _check(0 < lo <= hi, "model.A_init_range", "need 0 < low <= high", m.A_init_range)
-    _check(m.ssm_impl in SSM_IMPLS, "model.ssm_impl", f"must be one of {SSM_IMPLS}", m.ssm_impl)
-    _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}", m.dtype)
+    _check_choice(m.ssm_impl, SSM_IMPLS, "model.ssm_impl")
+    _check_choice(m.dtype, DTYPES, "model.dtype")
     _check(m.rms_norm_eps > 0, "model.rms_norm_eps", "must be > 0", m.rms_norm_eps)
-    _check(m.mlp in MLP_KINDS, "model.mlp", f"must be one of {MLP_KINDS}", m.mlp)
+    _check_choice(m.mlp, MLP_KINDS, "model.mlp")
     if m.mlp == "dense":
         _check(m.d_intermediate > 0, "model.d_intermediate", "must be > 0 for mlp='dense'",
                m.d_intermediate)
@@ -172,6 +205,17 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> TrainConfig:
     _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
     _check(t.grad_clip > 0, "train.grad_clip", "must be > 0", t.grad_clip)
     _check(t.task in ("recall",), "train.task", "must be 'recall'", t.task)
+    # --- issue 7 ---
+    _check_choice(t.progress, PROGRESS, "train.progress")
+    _check(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0: by device)",
+           t.peak_tflops)
+    from jmamba.metrics import parse_profile_steps
+    parse_profile_steps(t.profile_steps)
+    if t.data:
+        from jmamba.tokens import parse_data_spec
+        parse_data_spec(t.data)
+        return t  # the recall task's limits below do not apply to token files
+    # --- end issue 7 ---
     # The recall task needs room for the pairs and at least one query (see data.py).
     _check(t.n_pairs >= 1, "train.n_pairs", "must be >= 1", t.n_pairs)
     _check(t.seq_len >= 4 * t.n_pairs + 2, "train.seq_len",
@@ -194,12 +238,10 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Para
     _check(p.pp >= 1, "parallel.pp", "must be >= 1", p.pp)
     _check(p.ep >= 1, "parallel.ep", "must be >= 1", p.ep)
     _check(p.microbatches >= 1, "parallel.microbatches", "must be >= 1", p.microbatches)
-    _check(p.pp_schedule in PP_SCHEDULES, "parallel.pp_schedule",
-           f"must be one of {PP_SCHEDULES}", p.pp_schedule)
-    _check(p.pp_comm in PP_COMMS, "parallel.pp_comm", f"must be one of {PP_COMMS}", p.pp_comm)
-    _check(p.remat in REMATS, "parallel.remat", f"must be one of {REMATS}", p.remat)
-    _check(p.ep_dispatch in EP_DISPATCH, "parallel.ep_dispatch",
-           f"must be one of {EP_DISPATCH}", p.ep_dispatch)
+    _check_choice(p.pp_schedule, PP_SCHEDULES, "parallel.pp_schedule")
+    _check_choice(p.pp_comm, PP_COMMS, "parallel.pp_comm")
+    _check_choice(p.remat, REMATS, "parallel.remat")
+    _check_choice(p.ep_dispatch, EP_DISPATCH, "parallel.ep_dispatch")
     _check(p.ep_capacity_factor > 0, "parallel.ep_capacity_factor", "must be > 0",
            p.ep_capacity_factor)
     if p.pp_schedule == "circular":

@@ -43,6 +43,12 @@ class RecallData:
         self.args = (batch_size, seq_len, vocab_size, n_pairs)
         self.seed, self.step = seed, step
 
+    def state(self) -> dict:
+        return {"step": self.step}
+
+    def restore(self, state: dict) -> None:
+        self.step = int(state["step"])
+
     def __iter__(self):
         return self
 

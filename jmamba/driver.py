@@ -1,74 +1,130 @@
-"""The training loop around the pure step: data, jit with donation, logging to JSONL."""
+"""The training loop around the pure step: data, jit with donation, metrics, stopping."""
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 
+from jmamba import flops
 from jmamba.config import Config
 from jmamba.data import RecallData
+from jmamba.guard import Hooks, NonFiniteLoss, StopSignals, check_finite
+from jmamba.metrics import Profiler, RunLog, device_memory
 from jmamba.parallel.setup import build
-
-
-class MetricsLog:
-    """Appends one JSON object per logged step to <log_dir>/metrics.jsonl."""
-
-    def __init__(self, log_dir: str):
-        os.makedirs(log_dir, exist_ok=True)
-        self.path = os.path.join(log_dir, "metrics.jsonl")
-        self.file = open(self.path, "a")
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
 
 
 def count_params(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
 
-def train(cfg: Config) -> list[dict]:
-    """Runs cfg.train.steps steps; returns the logged records."""
+def make_data(cfg: Config):
+    """Token files when --data is given, else the embedded recall task; both are
+    deterministic iterators whose position is the step (state()/restore())."""
+    m, t = cfg.model, cfg.train
+    if t.data:
+        from jmamba.tokens import TokenData
+        # The step takes the batch replicated, so every process reads all rows for now;
+        # TokenData's process_index/count split them once the batch is sharded over 'ep'.
+        return TokenData(t.data, t.batch_size, t.seq_len, m.vocab_size, t.seed)
+    return RecallData(t.seed, t.batch_size, t.seq_len, m.vocab_size, t.n_pairs)
+
+
+def to_device(batch, run):
+    """One process: plain arrays. Many: global arrays built from each process's copy."""
+    if jax.process_count() == 1:
+        return jax.tree.map(jnp.asarray, batch)
+    sharding = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def peak_tflops(cfg: Config) -> float | None:
+    device = jax.devices()[0]
+    return cfg.train.peak_tflops or flops.peak_tflops(device.device_kind, device.platform)
+
+
+def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
+    """Runs cfg.train.steps steps; returns the logged records. Stops early (after a full
+    step, saving through hooks) on SIGINT/SIGTERM: SIGINT then raises SystemExit(130)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    data = RecallData(t.seed, t.batch_size, t.seq_len, m.vocab_size, t.n_pairs)
+    hooks = hooks or Hooks()
+    data = make_data(cfg)
     run = build(cfg)
     state = run.state
     n_params = count_params(run.canonical(state.params))
-    print(f"jmamba: {n_params / 1e6:.2f}M params, mesh pp={p.pp} x ep={p.ep} on "
-          f"{jax.default_backend()}, {p.microbatches} microbatch(es), {t.steps} steps of "
-          f"{t.batch_size}x{t.seq_len} tokens, logging to {t.log_dir}/metrics.jsonl", flush=True)
-    step_fn = run.step_fn
-    log = MetricsLog(t.log_dir)
+    main = jax.process_index() == 0
+    log = RunLog(t.log_dir, t.steps, t.progress, enabled=main)
+    log.note(f"jmamba: {n_params / 1e6:.2f}M params, mesh pp={p.pp} x ep={p.ep} on "
+             f"{jax.default_backend()}, {p.microbatches} microbatch(es), {t.steps} steps of "
+             f"{t.batch_size}x{t.seq_len} tokens, logging to {t.log_dir}")
+    peak = peak_tflops(cfg)
+    if peak is None:
+        log.note("jmamba: unknown peak FLOP/s for this device; pass --peak_tflops for MFU")
+    rate = RateMeter(t.batch_size * t.seq_len, flops.flops_per_token(m, t.seq_len), peak,
+                     jax.device_count())
+    profiler = Profiler(t.log_dir, t.profile_steps, enabled=main)
     records, pending = [], None
-    tokens_per_step = t.batch_size * t.seq_len
-    last_time, last_step = time.perf_counter(), 0
-    for step in range(1, t.steps + 1):
-        batch = jax.tree.map(jnp.asarray, next(data))
-        state, metrics = step_fn(state, batch)
-        # Read step t's metrics only after step t+1 is dispatched, so the host never stalls
-        # the device (nanodo's pattern).
-        if pending is not None:
-            records.append(_log(log, *pending, last_time, last_step, tokens_per_step))
-            last_time, last_step = time.perf_counter(), pending[0]
-            pending = None
+
+    def flush(pending):  # read a dispatched step's metrics (syncs on that step only)
+        step, metrics = pending
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if check_finite(step, values, t.skip_nonfinite):
+            log.note(f"jmamba: skipped step {step} (non-finite loss or gradient)")
         if step % t.log_every == 0 or step == t.steps:
-            pending = (step, metrics)
-    if pending is not None:
-        records.append(_log(log, *pending, last_time, last_step, tokens_per_step))
+            record = {"step": step, **values, **rate.lap(step), **device_memory()}
+            log.write(record)
+            records.append(record)
+            hooks.after_log(record)
+
+    with StopSignals() as signals:
+        try:
+            for step in range(1, t.steps + 1):
+                batch = to_device(next(data), run)
+                with profiler.step(step):
+                    state, metrics = run.step_fn(state, batch)
+                # Read step t's metrics only after step t+1 is dispatched, so the host never
+                # stalls the device (nanodo's pattern); a save waits for its own step.
+                if pending is not None:
+                    flush(pending)
+                pending = (step, metrics)
+                profiler.after(step, state)
+                log.step_done(step)
+                if hooks.wants_save(step) or signals.received is not None:
+                    flush(pending)
+                    pending = None
+                    if hooks.save is not None:
+                        hooks.save(step, state)
+                if signals.received is not None:
+                    log.note(f"jmamba: stopped cleanly after step {step} on signal "
+                             f"{signals.received}; exit code {signals.exit_code}")
+                    break
+            if pending is not None:
+                flush(pending)
+        except NonFiniteLoss as e:
+            log.close()
+            raise SystemExit(f"jmamba: {e}") from None
+        finally:
+            profiler.close()
+    log.close()
+    if signals.exit_code:
+        raise SystemExit(signals.exit_code)
     return records
 
 
-def _log(log, step, metrics, last_time, last_step, tokens_per_step) -> dict:
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    dt = time.perf_counter() - last_time
-    record = {"step": step, **values, "step_time_s": dt / (step - last_step),
-              "tokens_per_s": tokens_per_step * (step - last_step) / dt}
-    log.write(record)
-    print(f"step {step:5d}  loss {record['loss']:.4f}  acc {record['accuracy']:.3f}  "
-          f"grad_norm {record['grad_norm']:.3f}  lr {record['lr']:.2e}  "
-          f"{record['tokens_per_s']:.0f} tok/s", flush=True)
-    return record
+class RateMeter:
+    """tokens/s, step time and MFU between two logged steps (wall clock, host side)."""
+
+    def __init__(self, tokens_per_step, flops_per_token, peak_tflops, n_devices):
+        self.tokens, self.flops, self.peak, self.n = (tokens_per_step, flops_per_token,
+                                                      peak_tflops, n_devices)
+        self.time, self.step = time.perf_counter(), 0
+
+    def lap(self, step: int) -> dict:
+        now = time.perf_counter()
+        dt, n = now - self.time, step - self.step
+        self.time, self.step = now, step
+        out = {"step_time_s": dt / n, "tokens_per_s": self.tokens * n / dt}
+        if self.peak:
+            out["mfu"] = flops.mfu(out["tokens_per_s"], self.flops, self.peak, self.n)
+        return out

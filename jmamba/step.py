@@ -31,14 +31,16 @@ def sq_norm(tree):
 
 
 def make_train_step(loss_fn: Callable, optimizer, schedule, grad_clip: float,
-                    fix_grads: Callable = lambda g: g, grad_sq_norm: Callable = sq_norm
-                    ) -> Callable:
+                    fix_grads: Callable = lambda g: g, grad_sq_norm: Callable = sq_norm,
+                    skip_nonfinite: bool = False) -> Callable:
     """loss_fn(params, batch) -> (loss, metrics with 'expert_counts' [Y, E] and
     'dropped_tokens'); every other metric passes through.
 
     fix_grads and grad_sq_norm let a parallel layout make its gradients and their norm equal
     the single-device model's (e.g. a tied embedding held by two pipeline stages).
-    Clipping is optax.clip_by_global_norm's rule on that norm.
+    Clipping is optax.clip_by_global_norm's rule on that norm. With skip_nonfinite, a step
+    whose loss or gradient norm is NaN/Inf keeps the old parameters and optimizer state
+    (the step counter still advances) and reports skipped = 1.
     """
 
     def train_step(state: TrainState, batch):
@@ -49,6 +51,11 @@ def make_train_step(loss_fn: Callable, optimizer, schedule, grad_clip: float,
         grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        if skip_nonfinite:
+            ok = jnp.isfinite(loss) & jnp.isfinite(g_norm)
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+            parts["skipped"] = 1.0 - ok.astype(jnp.float32)
         counts = parts.pop("expert_counts")
         metrics = {"loss": loss, **parts, "grad_norm": g_norm,
                    "lr": schedule(state.step), "expert_load_max_over_mean": expert_load(counts)}

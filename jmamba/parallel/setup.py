@@ -56,7 +56,8 @@ def build(cfg, params=None) -> Training:
         params = model.init_params(m, jax.random.key(t.seed))
     if is_single_device(cfg):
         loss = functools.partial(model.loss_fn, cfg=m, remat=p.remat)
-        step = make_train_step(loss, optimizer, lr_schedule(t), t.grad_clip)
+        step = make_train_step(loss, optimizer, lr_schedule(t), t.grad_clip,
+                               skip_nonfinite=t.skip_nonfinite)
         return Training(jax.jit(step, donate_argnums=0), init_state(params, optimizer),
                         lambda x: x)
     layout = StageLayout.from_config(cfg)
@@ -68,7 +69,8 @@ def build(cfg, params=None) -> Training:
                            optimizer, lr_schedule(t),
                            t.grad_clip,
                            fix_grads=functools.partial(tie_gradients, layout=layout),
-                           grad_sq_norm=functools.partial(unique_sq_norm, layout=layout))
+                           grad_sq_norm=functools.partial(unique_sq_norm, layout=layout),
+                           skip_nonfinite=t.skip_nonfinite)
     replicated = NamedSharding(mesh, P())
     state_shape = jax.eval_shape(functools.partial(init_state, optimizer=optimizer),
                                  stage_params)

@@ -1,0 +1,162 @@
+"""Watching a run: metrics to JSONL and TensorBoard, a progress bar or log lines, device
+memory, and jax.profiler traces of chosen steps."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+
+# Keys every logged step carries (more may come from the step: ce, accuracy, aux_loss...).
+SHOWN = (("loss", "loss {:.4f}"), ("accuracy", "acc {:.3f}"), ("grad_norm", "gnorm {:.3f}"),
+         ("lr", "lr {:.2e}"), ("tokens_per_s", "{:.0f} tok/s"), ("mfu", "mfu {:.1%}"))
+
+
+def device_memory() -> dict[str, float]:
+    """Bytes in use and peak, summed over this process's devices, from memory_stats().
+
+    The CPU backend has no memory_stats (returns None), so on CPU the keys are left out
+    rather than reported as a misleading 0.
+    """
+    used = peak = 0
+    for d in jax.local_devices():
+        stats = d.memory_stats()
+        if not stats:
+            return {}
+        used += stats.get("bytes_in_use", 0)
+        peak += stats.get("peak_bytes_in_use", 0)
+    return {"memory_gb": used / 2**30, "peak_memory_gb": peak / 2**30}
+
+
+def _tensorboard(log_dir: str):
+    """A tensorboardX SummaryWriter, or None (with a note) when tensorboardX is missing."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        print("jmamba: tensorboardX not installed; metrics go to metrics.jsonl only",
+              file=sys.stderr)
+        return None
+    return SummaryWriter(log_dir, flush_secs=10)
+
+
+class RunLog:
+    """One record per logged step: appended to <log_dir>/metrics.jsonl, written as
+    TensorBoard scalars under <log_dir>, and shown as a progress bar (terminal) or a line."""
+
+    def __init__(self, log_dir: str, total_steps: int, progress: str = "auto",
+                 enabled: bool = True, stream=None):
+        self.stream = stream or sys.stdout
+        self.enabled = enabled  # only process 0 writes files and prints
+        self.total = total_steps
+        self.bar = progress == "bar" or (progress == "auto" and self.stream.isatty())
+        self.start_time, self.start_step = None, 0
+        self.last = {}
+        if enabled:
+            os.makedirs(log_dir, exist_ok=True)
+            self.file = open(os.path.join(log_dir, "metrics.jsonl"), "a")
+            self.tb = _tensorboard(log_dir)
+
+    def step_done(self, step: int) -> None:
+        """Called every step (no device sync): moves the bar and its ETA."""
+        if self.start_time is None:  # start the clock after the first (compiling) step
+            self.start_time, self.start_step = time.perf_counter(), step
+        if self.enabled and self.bar:
+            self._draw(step)
+
+    def eta_s(self, step: int) -> float:
+        if self.start_time is None or step <= self.start_step:
+            return math.nan
+        rate = (time.perf_counter() - self.start_time) / (step - self.start_step)
+        return rate * (self.total - step)
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.last = record
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+        if self.bar:
+            self._draw(record["step"])
+        else:
+            print(f"step {record['step']:6d}  " + self._summary(record), file=self.stream,
+                  flush=True)
+
+    def note(self, text: str) -> None:
+        """A message that must not be overwritten by the bar."""
+        if self.enabled:
+            print(("\n" if self.bar else "") + text, file=self.stream, flush=True)
+
+    def _summary(self, record: dict) -> str:
+        return "  ".join(fmt.format(record[k]) for k, fmt in SHOWN if k in record)
+
+    def _draw(self, step: int) -> None:
+        width = 24
+        filled = int(width * step / self.total)
+        eta = self.eta_s(step)
+        eta_text = "--:--" if math.isnan(eta) else time.strftime("%H:%M:%S", time.gmtime(eta))
+        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} "
+                          f"ETA {eta_text}  {self._summary(self.last)}\033[K")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar:
+            self.stream.write("\n")
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """'10:13' -> (10, 13): trace steps 10, 11, 12 (half-open, like a Python slice)."""
+    if not text:
+        return None
+    try:
+        start, stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        start = stop = -1
+    if not 1 <= start < stop:
+        raise ValueError(f"config field 'train.profile_steps' = {text!r}: expected "
+                         "'START:STOP' with 1 <= START < STOP, e.g. '10:13'")
+    return start, stop
+
+
+class Profiler:
+    """Traces steps [start, stop) with jax.profiler into <log_dir>/plugins/profile/<run>/
+    (open with TensorBoard's profile plugin or xprof); each step is a StepTraceAnnotation."""
+
+    def __init__(self, log_dir: str, steps: str, enabled: bool = True):
+        window = parse_profile_steps(steps) if enabled else None
+        self.start, self.stop = window or (0, 0)
+        self.log_dir, self.active = log_dir, False
+
+    def step(self, step: int):
+        """Context manager around one step: starts/stops the trace at the window's edges."""
+        if step == self.start:
+            jax.profiler.start_trace(self.log_dir)
+            self.active = True
+        if not self.active:
+            return contextlib.nullcontext()
+        return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+    def after(self, step: int, state) -> None:
+        """Ends the trace after the window's last step, once its work has finished."""
+        if self.active and step == self.stop - 1:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.active = False
+
+    def close(self) -> None:
+        if self.active:  # the run ended inside the window
+            jax.profiler.stop_trace()
+            self.active = False

@@ -1,0 +1,59 @@
+"""Many hosts: settings from flags or environment, and 2 processes x 4 CPU devices giving
+the losses of 1 process x 8 (jax's CPU collectives over gloo, on localhost)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from jmamba.config import DistConfig
+from jmamba.distributed import settings
+
+REPO = __file__.rsplit("/tests/", 1)[0]
+
+
+def test_settings_from_flags_env_and_slurm():
+    assert settings(DistConfig(), env={}) is None
+    flags = DistConfig(coordinator="h:1234", num_processes=2, process_id=1)
+    assert settings(flags, env={}) == {"coordinator_address": "h:1234", "num_processes": 2,
+                                       "process_id": 1}
+    env = {"JMAMBA_COORDINATOR": "h:1", "JMAMBA_NUM_PROCESSES": "4", "JMAMBA_PROCESS_ID": "3"}
+    assert settings(DistConfig(process_id=0), env)["process_id"] == 0  # flags win
+    assert settings(DistConfig(), {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "8"}) == {}
+    assert settings(DistConfig(), {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None
+    with pytest.raises(ValueError, match="process_id"):
+        settings(DistConfig(coordinator="h:1", num_processes=2, process_id=2), {})
+    with pytest.raises(ValueError, match="coordinator"):
+        settings(DistConfig(num_processes=2), {})
+
+
+def losses(log_dir):
+    return [json.loads(l)["loss"] for l in open(os.path.join(log_dir, "metrics.jsonl"))]
+
+
+@pytest.mark.skipif(not os.environ.get("JMAMBA_MULTIPROCESS_TEST"), reason="~2 minutes on "
+                    "2 cores (3 processes compile at once); set JMAMBA_MULTIPROCESS_TEST=1")
+def test_two_processes_match_one(tmp_path):
+    args = ["--pp", "2", "--ep", "4", "--microbatches", "2", "--steps", "2", "--log_every",
+            "1", "--warmup_steps", "0", "--batch_size", "8", "--d_model", "16",
+            "--n_layer", "2", "--headdim", "8", "--d_state", "8", "--d_expert", "16"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+           "XLA_FLAGS": ""}  # the conftest's 8 devices must not leak into the children
+    run = lambda extra, log: subprocess.Popen(
+        [sys.executable, "train.py", *args, "--log_dir", str(tmp_path / log), *extra],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    dist = ["--coordinator", f"localhost:{port}", "--num_processes", "2"]
+    procs = [run(dist + ["--process_id", str(i)], f"p{i}") for i in (0, 1)]
+    procs.append(run([], "single"))
+    for p in procs:
+        out, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, out[-2000:]
+    # gloo's all-reduce may add in another order than one process does: fp32 rounding only
+    assert losses(tmp_path / "p0") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    assert not os.path.exists(tmp_path / "p1" / "metrics.jsonl")  # only process 0 writes

@@ -1,0 +1,103 @@
+"""Watching a run: metrics.jsonl keys, TensorBoard events, a profiler trace, the progress
+bar, NaN handling and clean stops on signals. One tiny model, few steps."""
+
+import dataclasses
+import glob
+import io
+import json
+import math
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jmamba.config import Config, ModelConfig, TrainConfig, validate
+from jmamba.driver import train
+from jmamba.guard import Hooks, StopSignals
+from jmamba.metrics import RunLog, parse_profile_steps
+from jmamba.step import init_state, make_train_step
+
+TINY = ModelConfig(d_model=16, n_layer=2, headdim=8, d_state=8, chunk_size=16, d_expert=16)
+
+
+def tiny(tmp_path, **train_fields):
+    fields = dict(steps=6, warmup_steps=1, batch_size=4, seq_len=40, log_every=2,
+                  log_dir=str(tmp_path), progress="lines")
+    return validate(Config(model=TINY, train=dataclasses.replace(
+        TrainConfig(), **{**fields, **train_fields})))
+
+
+def test_run_writes_metrics_tensorboard_and_trace(tmp_path):
+    records = train(tiny(tmp_path, profile_steps="3:5"))
+    lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in lines] == [2, 4, 6] == [r["step"] for r in records]
+    for key in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu", "step_time_s",
+                "expert_load_max_over_mean", "dropped_tokens"):
+        assert key in lines[-1] and math.isfinite(lines[-1][key]), key
+    assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+    assert glob.glob(str(tmp_path / "plugins/profile/*/*.xplane.pb"))
+
+
+def test_progress_bar_on_a_terminal(tmp_path):
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    out = Tty()
+    log = RunLog(str(tmp_path), total_steps=10, stream=out)
+    for step in range(1, 5):
+        log.step_done(step)
+    log.write({"step": 4, "loss": 1.5})
+    log.close()
+    text = out.getvalue()
+    assert "\r[#########" in text and "4/10" in text and "ETA" in text and "loss 1.5" in text
+
+
+def test_profile_steps_parse():
+    assert parse_profile_steps("10:13") == (10, 13) and parse_profile_steps("") is None
+    for bad in ("13:10", "a:b", "0:3", "5"):
+        with pytest.raises(ValueError, match="train.profile_steps"):
+            parse_profile_steps(bad)
+
+
+def test_nan_loss_stops_naming_the_step(tmp_path):
+    # lr = 1e30 blows the parameters up within a couple of steps.
+    with pytest.raises(SystemExit, match="non-finite loss at step [0-9]+"):
+        train(tiny(tmp_path, lr=1e30, grad_clip=1e30, steps=4))
+
+
+def test_skip_nonfinite_keeps_the_old_state():
+    def loss_fn(w, batch):
+        loss = jnp.sum(w * batch)
+        return loss, {"expert_counts": jnp.ones((1, 2)), "dropped_tokens": jnp.zeros(())}
+    opt = optax.sgd(0.1)
+    step = jax.jit(make_train_step(loss_fn, opt, lambda s: 0.1, 1.0, skip_nonfinite=True))
+    state = init_state(jnp.ones(3), opt)
+    state, m = step(state, jnp.ones(3))
+    assert m["skipped"] == 0 and not np.allclose(state.params, 1.0)
+    good = state.params
+    state, m = step(state, jnp.array([1.0, jnp.nan, 1.0]))
+    assert m["skipped"] == 1 and int(state.step) == 2
+    np.testing.assert_array_equal(state.params, good)
+
+
+def test_sigterm_finishes_the_step_saves_and_stops(tmp_path):
+    saved = []
+    hooks = Hooks(save=lambda step, state: saved.append(step),
+                  after_log=lambda record: os.kill(os.getpid(), signal.SIGTERM))
+    records = train(tiny(tmp_path), hooks)  # SIGTERM: a normal return, exit code 0
+    assert records[-1]["step"] == 2
+    assert saved == [3]  # the step after the logged one (its metrics are read one late)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_sigint_sets_exit_code_130_and_a_second_one_interrupts():
+    with StopSignals() as s:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert s.received == signal.SIGINT and s.exit_code == 130
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
