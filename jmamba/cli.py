@@ -123,4 +123,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     simulate_cpu_devices(cfg.parallel.pp * cfg.parallel.ep)
     from jmamba.driver import train  # imports jax only after the flags are checked
-    train(cfg)
+    from jmamba.checkpoint import CheckpointError
+    try:
+        train(cfg)
+    except CheckpointError as e:  # a checkpoint that cannot be used: say why, no traceback
+        raise SystemExit(f"error: {e}") from None

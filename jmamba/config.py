@@ -82,6 +82,12 @@ class TrainConfig:
     # Embedded data: multi-query associative recall (see jmamba/data.py).
     task: str = "recall"
     n_pairs: int = 8
+    # Checkpoints (jmamba/checkpoint.py); empty ckpt_dir: none. A run started on a directory
+    # that holds checkpoints resumes from `resume`: "latest" or a step number.
+    ckpt_dir: str = ""
+    ckpt_every: int = 100
+    keep: int = 3
+    resume: str = "latest"
 
 
 PP_SCHEDULES = ("gpipe", "circular")
@@ -172,6 +178,10 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> TrainConfig:
     _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
     _check(t.grad_clip > 0, "train.grad_clip", "must be > 0", t.grad_clip)
     _check(t.task in ("recall",), "train.task", "must be 'recall'", t.task)
+    _check(t.ckpt_every > 0, "train.ckpt_every", "must be a positive integer", t.ckpt_every)
+    _check(t.keep >= 1, "train.keep", "must be >= 1 (checkpoints to keep)", t.keep)
+    _check(t.resume == "latest" or t.resume.isdigit(), "train.resume",
+           "must be 'latest' or a step number", t.resume)
     # The recall task needs room for the pairs and at least one query (see data.py).
     _check(t.n_pairs >= 1, "train.n_pairs", "must be >= 1", t.n_pairs)
     _check(t.seq_len >= 4 * t.n_pairs + 2, "train.seq_len",

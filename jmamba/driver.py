@@ -9,6 +9,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jmamba.checkpoint import Checkpoints
 from jmamba.config import Config
 from jmamba.data import RecallData
 from jmamba.parallel.setup import build
@@ -34,9 +35,14 @@ def count_params(params) -> int:
 def train(cfg: Config) -> list[dict]:
     """Runs cfg.train.steps steps; returns the logged records."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    data = RecallData(t.seed, t.batch_size, t.seq_len, m.vocab_size, t.n_pairs)
     run = build(cfg)
     state = run.state
+    # Checkpoints (jmamba/checkpoint.py): resume if ckpt_dir holds any, save every N steps.
+    ckpt = Checkpoints(cfg, run) if t.ckpt_dir else None
+    start = 0
+    if ckpt is not None:
+        state, start = ckpt.resume(state)
+    data = RecallData(t.seed, t.batch_size, t.seq_len, m.vocab_size, t.n_pairs, step=start)
     n_params = count_params(run.canonical(state.params))
     print(f"jmamba: {n_params / 1e6:.2f}M params, mesh pp={p.pp} x ep={p.ep} on "
           f"{jax.default_backend()}, {p.microbatches} microbatch(es), {t.steps} steps of "
@@ -45,10 +51,12 @@ def train(cfg: Config) -> list[dict]:
     log = MetricsLog(t.log_dir)
     records, pending = [], None
     tokens_per_step = t.batch_size * t.seq_len
-    last_time, last_step = time.perf_counter(), 0
-    for step in range(1, t.steps + 1):
+    last_time, last_step = time.perf_counter(), start
+    for step in range(start + 1, t.steps + 1):
         batch = jax.tree.map(jnp.asarray, next(data))
         state, metrics = step_fn(state, batch)
+        if ckpt is not None:
+            ckpt.maybe_save(step, state, last=step == t.steps)
         # Read step t's metrics only after step t+1 is dispatched, so the host never stalls
         # the device (nanodo's pattern).
         if pending is not None:
@@ -59,6 +67,8 @@ def train(cfg: Config) -> list[dict]:
             pending = (step, metrics)
     if pending is not None:
         records.append(_log(log, *pending, last_time, last_step, tokens_per_step))
+    if ckpt is not None:
+        ckpt.close()  # waits for the asynchronous saves
     return records
 
 
