@@ -27,7 +27,8 @@ def mamba_ssm_state_dict(cfg: ModelConfig, seed=0) -> dict[str, np.ndarray]:
     shapes = {"backbone.embedding.weight": (V, D), "backbone.norm_f.weight": (D,)}
     for i in range(cfg.n_layer):
         p = f"backbone.layers.{i}."
-        shapes.update({p + "norm.weight": (D,), p + "mixer.in_proj.weight": (2 * I + 2 * G * N + H, D),
+        shapes.update({p + "norm.weight": (D,),
+                       p + "mixer.in_proj.weight": (2 * I + 2 * G * N + H, D),
                        p + "mixer.conv1d.weight": (X, 1, K), p + "mixer.conv1d.bias": (X,),
                        p + "mixer.dt_bias": (H,), p + "mixer.A_log": (H,), p + "mixer.D": (H,),
                        p + "mixer.norm.weight": (I,), p + "mixer.out_proj.weight": (D, I),
@@ -54,8 +55,9 @@ def test_values_land_in_place(imported):
     np.testing.assert_array_equal(params["norm_f"]["scale"], sd["backbone.norm_f.weight"])
     for i in range(DENSE.n_layer):
         t = lambda name: sd[f"backbone.layers.{i}.{name}"]
-        np.testing.assert_array_equal(L["mixer"]["in_proj"]["kernel"][i], t("mixer.in_proj.weight").T)
-        np.testing.assert_array_equal(L["mixer"]["out_proj"]["kernel"][i], t("mixer.out_proj.weight").T)
+        for proj in ("in_proj", "out_proj"):
+            np.testing.assert_array_equal(L["mixer"][proj]["kernel"][i],
+                                          t(f"mixer.{proj}.weight").T)
         w = t("mixer.conv1d.weight")
         for k in range(DENSE.d_conv):
             np.testing.assert_array_equal(L["mixer"]["conv1d_kernel"][i][k], w[:, 0, k])
@@ -80,7 +82,8 @@ def test_conv_matches_torch_conv1d_semantics(imported):
     mixer = Mamba2Mixer(DENSE, nnx.Rngs(0))
     mixer.conv1d_kernel[...] = params["layers"]["mixer"]["conv1d_kernel"][0]
     mixer.conv1d_bias[...] = params["layers"]["mixer"]["conv1d_bias"][0]
-    w_Cx1xK, b_C = sd["backbone.layers.0.mixer.conv1d.weight"], sd["backbone.layers.0.mixer.conv1d.bias"]
+    w_Cx1xK = sd["backbone.layers.0.mixer.conv1d.weight"]
+    b_C = sd["backbone.layers.0.mixer.conv1d.bias"]
     C, _, K = w_Cx1xK.shape
     x_BxLxC = np.random.default_rng(1).standard_normal((2, 7, C)).astype(np.float32)
     padded = np.pad(x_BxLxC, [(0, 0), (K - 1, K - 1), (0, 0)])
