@@ -137,9 +137,11 @@ def _short(e: Exception) -> str:
 
 
 def open_manager(directory: str, keep: int = 1, read_only: bool = False):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, read_only=read_only,
-                                           create=not read_only,
-                                           cleanup_tmp_directories=not read_only)
+    if read_only:  # (these settings are what Orbax would force, less its warnings)
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                               save_interval_steps=0)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
     return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                  item_names=("state", "meta"))
 
