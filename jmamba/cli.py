@@ -128,4 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     initialize(cfg.dist)
     # --- end issue 7 ---
     from jmamba.driver import train  # imports jax only after the flags are checked
-    train(cfg)
+    from jmamba.checkpoint import CheckpointError
+    try:
+        train(cfg)
+    except CheckpointError as e:  # a checkpoint that cannot be used: say why, no traceback
+        raise SystemExit(f"error: {e}") from None

@@ -93,6 +93,12 @@ class TrainConfig:
     progress: str = "auto"  # "bar", "lines", or "auto": a bar when stdout is a terminal
     skip_nonfinite: bool = False  # skip steps with a NaN/Inf loss or gradient, don't stop
     # --- end issue 7 ---
+    # Checkpoints (jmamba/checkpoint.py); empty ckpt_dir: none. A run started on a directory
+    # that holds checkpoints resumes from `resume`: "latest" or a step number.
+    ckpt_dir: str = ""
+    ckpt_every: int = 100
+    keep: int = 3
+    resume: str = "latest"
 
 
 PROGRESS = ("auto", "bar", "lines")  # issue 7
@@ -205,6 +211,10 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> TrainConfig:
     _check(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
     _check(t.grad_clip > 0, "train.grad_clip", "must be > 0", t.grad_clip)
     _check(t.task in ("recall",), "train.task", "must be 'recall'", t.task)
+    _check(t.ckpt_every > 0, "train.ckpt_every", "must be a positive integer", t.ckpt_every)
+    _check(t.keep >= 1, "train.keep", "must be >= 1 (checkpoints to keep)", t.keep)
+    _check(t.resume == "latest" or t.resume.isdigit(), "train.resume",
+           "must be 'latest' or a step number", t.resume)
     # --- issue 7 ---
     _check_choice(t.progress, PROGRESS, "train.progress")
     _check(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0: by device)",

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from jmamba import flops
+from jmamba.checkpoint import Checkpoints
 from jmamba.config import Config
 from jmamba.data import RecallData
 from jmamba.guard import Hooks, NonFiniteLoss, StopSignals, check_finite
@@ -48,10 +49,20 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     """Runs cfg.train.steps steps; returns the logged records. Stops early (after a full
     step, saving through hooks) on SIGINT/SIGTERM: SIGINT then raises SystemExit(130)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
-    hooks = hooks or Hooks()
-    data = make_data(cfg)
     run = build(cfg)
     state = run.state
+    # Checkpoints (jmamba/checkpoint.py): resume if ckpt_dir holds any, save every N steps,
+    # at the end and on SIGINT/SIGTERM, through the driver's save hooks.
+    ckpt = Checkpoints(cfg, run) if t.ckpt_dir else None
+    start = 0
+    if ckpt is not None:
+        state, start = ckpt.resume(state)
+        hooks = Hooks(wants_save=lambda s: s % t.ckpt_every == 0 or s == t.steps,
+                      save=lambda s, st: ckpt.maybe_save(s, st, last=True),
+                      after_log=(hooks or Hooks()).after_log)
+    hooks = hooks or Hooks()
+    data = make_data(cfg)
+    data.restore({"step": start})  # batches are a pure function of (seed, step)
     n_params = count_params(run.canonical(state.params))
     main = jax.process_index() == 0
     log = RunLog(t.log_dir, t.steps, t.progress, enabled=main)
@@ -62,7 +73,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     if peak is None:
         log.note("jmamba: unknown peak FLOP/s for this device; pass --peak_tflops for MFU")
     rate = RateMeter(t.batch_size * t.seq_len, flops.flops_per_token(m, t.seq_len), peak,
-                     jax.device_count())
+                     jax.device_count(), start)
     profiler = Profiler(t.log_dir, t.profile_steps, enabled=main)
     records, pending = [], None
 
@@ -79,7 +90,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
 
     with StopSignals() as signals:
         try:
-            for step in range(1, t.steps + 1):
+            for step in range(start + 1, t.steps + 1):
                 batch = to_device(next(data), run)
                 with profiler.step(step):
                     state, metrics = run.step_fn(state, batch)
@@ -106,6 +117,8 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
             raise SystemExit(f"jmamba: {e}") from None
         finally:
             profiler.close()
+            if ckpt is not None:
+                ckpt.close()  # waits for the asynchronous saves
     log.close()
     if signals.exit_code:
         raise SystemExit(signals.exit_code)
@@ -115,10 +128,10 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
 class RateMeter:
     """tokens/s, step time and MFU between two logged steps (wall clock, host side)."""
 
-    def __init__(self, tokens_per_step, flops_per_token, peak_tflops, n_devices):
+    def __init__(self, tokens_per_step, flops_per_token, peak_tflops, n_devices, step=0):
         self.tokens, self.flops, self.peak, self.n = (tokens_per_step, flops_per_token,
                                                       peak_tflops, n_devices)
-        self.time, self.step = time.perf_counter(), 0
+        self.time, self.step = time.perf_counter(), step
 
     def lap(self, step: int) -> dict:
         now = time.perf_counter()

@@ -1,0 +1,296 @@
+"""Checkpoints with Orbax: the training state in the canonical (layout-independent) form,
+saved asynchronously with the run's metadata as JSON, restored into any (pp, ep) layout.
+
+<ckpt_dir>/<step>/ holds two Orbax items (see docs/checkpoints.md):
+    state/  {'step', 'params', 'opt_state'}: parameters and the AdamW moments mu, nu in the
+            canonical layout of model.py (row i of layers/<path> is global layer i, experts in
+            global order), whatever pipeline or expert layout wrote them.
+    meta/   JSON: format version, the whole config, data position, RNG seed, and each saved
+            array's shape, dtype and fingerprint (an exact checksum of its bits).
+Orbax writes a step into a temporary directory and renames it when complete, so a run killed
+mid-save leaves no step that a later run could pick up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
+
+from jmamba import model
+from jmamba.config import Config
+from jmamba.optim import make_optimizer
+from jmamba.parallel.layout import to_canonical, to_stage
+from jmamba.step import TrainState
+
+FORMAT = 1  # bump when the saved tree or the metadata change meaning
+
+# Config fields a resumed run may change: its layout, length and bookkeeping. Every other
+# field must equal the checkpoint's (the parameter shapes, data and optimizer depend on them).
+MAY_DIFFER = {"train.steps", "train.log_every", "train.log_dir", "train.ckpt_dir",
+              "train.ckpt_every", "train.keep", "train.resume", "model.ssm_impl", "model.dtype",
+              "model.chunk_size"}
+MAY_DIFFER_SECTIONS = {"parallel"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used. Raised before anything is loaded into the run."""
+
+
+# ----------------------------------------------------------------------------- config JSON
+
+def config_to_dict(cfg: Config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_from_dict(stored: dict) -> Config:
+    """The inverse of config_to_dict; fields the stored dict lacks keep their defaults."""
+    sections = {}
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        values = stored.get(section.name, {})
+        kw = {f.name: tuple(values[f.name]) if isinstance(values[f.name], list)
+              else values[f.name] for f in dataclasses.fields(cls) if f.name in values}
+        sections[section.name] = cls(**kw)
+    return Config(**sections)
+
+
+def config_mismatches(stored: dict, cfg: Config) -> list[str]:
+    """Fields that differ between the checkpoint's config and this run's, as messages."""
+    current, defaults = config_to_dict(cfg), config_to_dict(Config())
+    out = []
+    for section, fields in current.items():
+        if section in MAY_DIFFER_SECTIONS:
+            continue
+        for name, value in fields.items():
+            key = f"{section}.{name}"
+            if key in MAY_DIFFER:
+                continue
+            old = stored.get(section, {})
+            if name not in old:  # written before the field existed: it had the default
+                if value != defaults[section][name]:
+                    out.append(f"'{key}' = {value!r}, but the checkpoint predates the field "
+                               f"(default {defaults[section][name]!r})")
+            elif old[name] != value:
+                out.append(f"'{key}' = {value!r}, but the checkpoint was written with "
+                           f"{old[name]!r}")
+    return out
+
+
+# ----------------------------------------------------------------------------- saved tree
+
+def _is_params(x) -> bool:
+    """The root of a parameter tree (canonical or stage-stacked) inside an optimizer state."""
+    return isinstance(x, dict) and "layers" in x
+
+
+def map_state(convert, step, params, opt_state, optimizer) -> dict:
+    """Applies a whole-tree params conversion to params and every params-shaped copy in the
+    optimizer state (AdamW's mu and nu); counts pass through."""
+    return {"step": step, "params": convert(params),
+            "opt_state": optax.tree_map_params(optimizer, convert, opt_state,
+                                               is_leaf=_is_params)}
+
+
+def saved_shapes(cfg: Config) -> dict:
+    """ShapeDtypeStructs of the saved tree for this config (no arrays are made)."""
+    def init():
+        params = model.init_params(cfg.model, jax.random.key(0))
+        return {"step": jnp.zeros((), jnp.int32), "params": params,
+                "opt_state": make_optimizer(cfg.train).init(params)}
+    return jax.eval_shape(init)
+
+
+def fingerprint(x) -> jax.Array:
+    """An exact, position-sensitive uint32 checksum of an array's bits. Integer sums wrap
+    mod 2^32 in any order, so it is the same however the array is sharded."""
+    unsigned = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[jnp.dtype(x.dtype).itemsize]
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
+    weights = jnp.arange(bits.size, dtype=jnp.uint32) * 2 + 1
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
+
+
+def leaf_name(path) -> str:
+    """'opt_state/0/mu/layers/mixer/in_proj/kernel' for a jax key path."""
+    parts = (getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path)
+    return "/".join(str(p) for p in parts)
+
+
+def leaf_table(tree) -> dict:
+    return {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+_fingerprints = jax.jit(lambda tree: jax.tree.map(fingerprint, tree))
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _short(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def open_manager(directory: str, keep: int = 1, read_only: bool = False):
+    if read_only:  # (these settings are what Orbax would force, less its warnings)
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
+                                               save_interval_steps=0)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                 item_names=("state", "meta"))
+
+
+def read_checked(manager, step: int, cfg: Config | None, sharding) -> tuple[dict, dict]:
+    """Reads and checks one checkpoint: metadata, format, config (against cfg unless None),
+    every array's shape and fingerprint. Returns (saved tree, meta); raises CheckpointError."""
+    where = os.path.join(str(manager.directory), str(step))
+    try:
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {where}: its metadata cannot be read ({_short(e)}); "
+                              f"it is incomplete or damaged: resume from another step "
+                              f"(--resume) or remove it") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"checkpoint {where} has format {found!r}, but this code reads "
+                              f"format {FORMAT}: convert it with the code that wrote it")
+    if cfg is None:
+        cfg = config_from_dict(meta["config"])
+    bad = config_mismatches(meta["config"], cfg)
+    if bad:
+        raise CheckpointError(f"checkpoint {where} does not match this run's config: "
+                              + "; ".join(bad) + ". Set these fields as the checkpoint has "
+                              "them, or use another --ckpt_dir")
+    shapes = saved_shapes(cfg)
+    stored = meta["leaves"]
+    for name, want in leaf_table(shapes).items():
+        got = stored.get(name)
+        if got is None or (tuple(got["shape"]), got["dtype"]) != (want.shape, str(want.dtype)):
+            have = "absent" if got is None else f"{tuple(got['shape'])} {got['dtype']}"
+            raise CheckpointError(f"checkpoint {where}: array '{name}' is {have}, but this "
+                                  f"config needs {want.shape} {want.dtype}")
+    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                            shapes)
+    try:
+        saved = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {where}: its arrays cannot be read ({_short(e)}); "
+                              f"files are missing, truncated or corrupt: resume from another step "
+                              f"(--resume) or remove it") from e
+    prints = leaf_table(jax.device_get(_fingerprints(saved)))
+    for name, value in prints.items():
+        if int(value) != stored[name]["fingerprint"]:
+            raise CheckpointError(f"checkpoint {where}: array '{name}' does not match the "
+                                  f"fingerprint recorded when it was saved; the files are "
+                                  f"damaged: resume from another step or remove it")
+    return saved, meta
+
+
+def load(directory: str, step: int | None = None) -> tuple[dict, Config, dict]:
+    """(canonical saved tree as host numpy arrays, its Config, meta) from a checkpoint
+    directory, checked as for a resume. step None: the latest."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    manager = open_manager(directory, read_only=True)
+    steps = list(manager.all_steps())
+    if not steps or (step is not None and step not in steps):
+        raise CheckpointError(f"no checkpoint for step {step if step is not None else 'latest'}"
+                              f" in {directory}; it holds steps {steps}")
+    step = max(steps) if step is None else step
+    try:
+        saved, meta = read_checked(manager, step, None, SingleDeviceSharding(jax.devices()[0]))
+    finally:
+        manager.close()
+    return jax.device_get(saved), config_from_dict(meta["config"]), meta
+
+
+# ----------------------------------------------------------------------------- the run's side
+
+class Checkpoints:
+    """Saves every train.ckpt_every steps and at the end; resumes at the start of a run."""
+
+    def __init__(self, cfg: Config, run):
+        t = cfg.train
+        self.cfg, self.run, self.directory = cfg, run, t.ckpt_dir
+        self.optimizer = make_optimizer(t)
+        self.manager = open_manager(t.ckpt_dir, keep=t.keep)
+        # Fresh arrays (copies where the layout is canonical already): the step donates the
+        # live state while Orbax may still be writing these.
+        canonical = run.canonical if run.layout is not None else (
+            lambda p: jax.tree.map(jnp.copy, p))
+
+        def to_saved(state):
+            saved = map_state(canonical, jnp.copy(state.step), state.params, state.opt_state,
+                              self.optimizer)
+            return saved, jax.tree.map(fingerprint, saved)
+
+        self._to_saved = jax.jit(to_saved)
+
+    def sharding(self):
+        """Where restored canonical arrays land before they are laid out for the run."""
+        if self.run.mesh is None:
+            return jax.tree.leaves(self.run.state.params)[0].sharding
+        return NamedSharding(self.run.mesh, P())
+
+    def resume(self, state: TrainState) -> tuple[TrainState, int]:
+        """(state, data step) from the checkpoint train.resume names; (state, 0) if the
+        directory holds none."""
+        steps = list(self.manager.all_steps())
+        want = self.cfg.train.resume
+        if not steps:
+            if want != "latest":
+                raise CheckpointError(f"--resume {want}: {self.directory} holds no checkpoints")
+            return state, 0
+        step = max(steps) if want == "latest" else int(want)
+        if step not in steps:
+            raise CheckpointError(f"--resume {want}: no checkpoint for step {step} in "
+                                  f"{self.directory}; it holds steps {steps}")
+        if step < max(steps):
+            raise CheckpointError(f"--resume {want}: {self.directory} also holds later steps "
+                                  f"{[s for s in steps if s > step]}, which training on from "
+                                  f"step {step} would have to overwrite; move them away")
+        saved, meta = read_checked(self.manager, step, self.cfg, self.sharding())
+        layout = self.run.layout
+        to_run = (lambda p: to_stage(p, layout)) if layout is not None else (lambda p: p)
+        out_sh = jax.tree.map(lambda x: x.sharding, state)
+
+        def from_saved(saved):
+            s = map_state(to_run, saved["step"], saved["params"], saved["opt_state"],
+                          self.optimizer)
+            return TrainState(s["step"], s["params"], s["opt_state"])
+
+        state = jax.jit(from_saved, out_shardings=out_sh)(saved)
+        data_step = meta["data"]["step"]
+        print(f"jmamba: resuming from checkpoint {self.directory}/{step} (data position "
+              f"{data_step}, {self.cfg.train.steps - step} steps to go)", flush=True)
+        return state, data_step
+
+    def maybe_save(self, step: int, state: TrainState, last: bool = False) -> bool:
+        """Starts an asynchronous save at every ckpt_every-th step and at the last one."""
+        if not (last or step % self.cfg.train.ckpt_every == 0):
+            return False
+        saved, prints = self._to_saved(state)
+        prints = leaf_table(jax.device_get(prints))
+        t = self.cfg.train
+        leaves = {name: {"shape": list(x.shape), "dtype": str(x.dtype),
+                         "fingerprint": int(prints[name])}
+                  for name, x in leaf_table(saved).items()}
+        meta = {"format": FORMAT, "step": step, "config": config_to_dict(self.cfg),
+                # Batches are a pure function of (seed, step): the step is the data position.
+                "data": {"task": t.task, "seed": t.seed, "step": step},
+                "rng": {"init_seed": t.seed},
+                "leaves": leaves}
+        return self.manager.save(step, force=True, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(saved), meta=ocp.args.JsonSave(meta)))
+
+    def close(self) -> None:
+        """Waits for saves in flight; a run must not exit before they are on disk."""
+        self.manager.wait_until_finished()
+        self.manager.close()

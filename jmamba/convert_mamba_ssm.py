@@ -1,0 +1,232 @@
+"""Weights from and to the PyTorch stack: mamba_ssm's MambaLMHeadModel (Mamba2 layers, with
+or without the gated MLP) as safetensors <-> jmamba's canonical parameters.
+
+numpy only: the safetensors format (8-byte little-endian header length, a JSON header of
+{name: {dtype, shape, data_offsets}}, then the raw little-endian buffer) is read and written
+here. The name mapping is documented in docs/checkpoints.md.
+
+    python -m jmamba.convert_mamba_ssm export <ckpt_dir> <out.safetensors> [--step N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import jax
+import numpy as np
+
+from jmamba import model
+from jmamba.config import ModelConfig
+
+# safetensors dtype codes; BF16 has no numpy dtype and is widened to float32 on read.
+DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+          "I8": "i1", "U8": "u1", "BOOL": "?"}
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """{name: array} from a safetensors file; raises ValueError naming what is wrong."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError(f"{path}: not a safetensors file (under 8 bytes)")
+    n = int.from_bytes(data[:8], "little")
+    if 8 + n > len(data):
+        raise ValueError(f"{path}: header of {n} bytes runs past the end of the file "
+                         f"({len(data)} bytes): the file is truncated or not safetensors")
+    try:
+        header = json.loads(data[8:8 + n])
+    except ValueError as e:
+        raise ValueError(f"{path}: header is not JSON ({e})") from None
+    buffer = memoryview(data)[8 + n:]
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        code, shape, (start, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        if code != "BF16" and code not in DTYPES:
+            raise ValueError(f"{path}: tensor '{name}' has dtype {code}, which this reader does "
+                             f"not know (known: BF16, {', '.join(DTYPES)})")
+        dtype = np.dtype("<u2" if code == "BF16" else DTYPES[code])
+        if stop > len(buffer) or stop - start != math.prod(shape) * dtype.itemsize:
+            raise ValueError(f"{path}: tensor '{name}' ({code} {list(shape)}) needs bytes "
+                             f"[{start}, {stop}) of a {len(buffer)}-byte buffer: the file is "
+                             f"truncated or damaged")
+        x = np.frombuffer(buffer[start:stop], dtype).reshape(shape)
+        if code == "BF16":  # bf16 is the top half of a float32
+            x = (x.astype(np.uint32) << 16).view(np.float32)
+        out[name] = x
+    return out
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+    codes = {np.dtype(v): k for k, v in DTYPES.items()}
+    header, blobs, offset = {}, [], 0
+    for name in sorted(tensors):
+        x = np.ascontiguousarray(tensors[name])
+        x = x.astype(x.dtype.newbyteorder("<"))
+        header[name] = {"dtype": codes[x.dtype], "shape": list(x.shape),
+                        "data_offsets": [offset, offset + x.nbytes]}
+        blobs.append(x.tobytes())
+        offset += x.nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # pad so the buffer starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for blob in blobs:
+            f.write(blob)
+
+
+# How a jmamba array becomes the PyTorch one (and back). jmamba's Linear kernels are
+# [in, out], torch's weights [out, in]; jmamba's depthwise conv kernel is [K, C] with
+# out[t] = sum_k w[k] x[t - (K-1) + k], torch's Conv1d weight [C, 1, K] cross-correlates the
+# same way over a K-1 left padding, so w_jax[k, c] = w_torch[c, 0, k].
+TO_TORCH = {"same": lambda x: x, "linear": lambda x: x.T, "conv": lambda x: x.T[:, None, :]}
+FROM_TORCH = {"same": lambda w: w, "linear": lambda w: w.T, "conv": lambda w: w[:, 0, :].T}
+
+# Block parameters: (path under layers/, name under backbone.layers.{i}., kind, config hint).
+LAYER_NAMES = [
+    (("norm", "scale"), "norm.weight", "same", "d_model"),
+    (("mixer", "in_proj", "kernel"), "mixer.in_proj.weight", "linear",
+     "d_model, expand, d_state, ngroups, headdim"),
+    (("mixer", "in_proj", "bias"), "mixer.in_proj.bias", "same", "bias"),
+    (("mixer", "conv1d_kernel"), "mixer.conv1d.weight", "conv",
+     "d_conv, expand, d_state, ngroups"),
+    (("mixer", "conv1d_bias"), "mixer.conv1d.bias", "same",
+     "conv_bias, expand, d_state, ngroups"),
+    (("mixer", "dt_bias"), "mixer.dt_bias", "same", "expand, headdim"),
+    (("mixer", "A_log"), "mixer.A_log", "same", "expand, headdim"),
+    (("mixer", "D"), "mixer.D", "same", "expand, headdim"),
+    (("mixer", "norm", "scale"), "mixer.norm.weight", "same", "expand"),
+    (("mixer", "out_proj", "kernel"), "mixer.out_proj.weight", "linear", "d_model, expand"),
+    (("mixer", "out_proj", "bias"), "mixer.out_proj.bias", "same", "bias"),
+    (("norm2", "scale"), "norm2.weight", "same", "mlp"),
+    (("mlp", "fc1", "kernel"), "mlp.fc1.weight", "linear", "mlp, d_intermediate"),
+    (("mlp", "fc1", "bias"), "mlp.fc1.bias", "same", "bias"),
+    (("mlp", "fc2", "kernel"), "mlp.fc2.weight", "linear", "mlp, d_intermediate"),
+    (("mlp", "fc2", "bias"), "mlp.fc2.bias", "same", "bias"),
+    # jmamba's MoE has no mamba_ssm counterpart: torch's [out, in] convention, one tensor per
+    # expert in global order.
+    (("mlp", "router"), "mlp.router.weight", "linear", "mlp, n_experts"),
+    (("mlp", "w_gate"), "mlp.experts.{e}.w_gate.weight", "linear", "n_experts, d_expert"),
+    (("mlp", "w_up"), "mlp.experts.{e}.w_up.weight", "linear", "n_experts, d_expert"),
+    (("mlp", "w_down"), "mlp.experts.{e}.w_down.weight", "linear", "n_experts, d_expert"),
+]
+TOP_NAMES = [
+    (("embed", "embedding"), "backbone.embedding.weight", "same",
+     "vocab_size, pad_vocab_size_multiple, d_model"),
+    (("norm_f", "scale"), "backbone.norm_f.weight", "same", "d_model"),
+    (("lm_head", "kernel"), "lm_head.weight", "linear", "tie_embeddings"),
+]
+
+
+def _names(tree) -> dict[tuple, object]:
+    return {tuple(k.key for k in path): x
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _torch_items(leaves: dict, n_layer: int):
+    """(torch name, jmamba path, index into the jmamba array, kind, hint) for every tensor."""
+    rules = {path: (name, kind, hint) for path, name, kind, hint in TOP_NAMES}
+    rules.update({("layers",) + path: (name, kind, hint)
+                  for path, name, kind, hint in LAYER_NAMES})
+    for path, x in leaves.items():
+        if path not in rules:
+            raise ValueError(f"parameter '{'/'.join(path)}' has no mamba_ssm name; add it to "
+                             f"LAYER_NAMES in jmamba/convert_mamba_ssm.py")
+        name, kind, hint = rules[path]
+        if path[0] != "layers":
+            yield name, path, (), kind, hint
+            continue
+        for i in range(n_layer):
+            if "{e}" in name:
+                for e in range(x.shape[1]):
+                    yield (f"backbone.layers.{i}.{name.format(e=e)}", path, (i, e), kind, hint)
+            else:
+                yield f"backbone.layers.{i}.{name}", path, (i,), kind, hint
+
+
+def to_mamba_ssm(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
+    """Canonical jmamba params -> {mamba_ssm name: float32 array}. With tied embeddings,
+    lm_head.weight is written too (a copy), as mamba_ssm's state_dict lists it."""
+    leaves = {p: np.asarray(x) for p, x in _names(params).items()}
+    out = {name: np.ascontiguousarray(TO_TORCH[kind](leaves[path][index]))
+           for name, path, index, kind, _ in _torch_items(leaves, cfg.n_layer)}
+    if cfg.tie_embeddings:
+        out["lm_head.weight"] = out["backbone.embedding.weight"]
+    return out
+
+
+def from_mamba_ssm(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
+    """{mamba_ssm name: array} -> canonical jmamba params (float32) for `cfg`. Raises
+    ValueError naming missing, unused or misshapen tensors and the config fields to check."""
+    shapes = _names(jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0))))
+    leaves = {path: np.zeros(s.shape, np.float32) for path, s in shapes.items()}
+    used, missing = set(), []
+    for name, path, index, kind, hint in _torch_items(shapes, cfg.n_layer):
+        want = TO_TORCH[kind](np.broadcast_to(np.float32(0), shapes[path].shape[len(index):]))
+        if name not in tensors:
+            missing.append(name)
+            continue
+        w = tensors[name]
+        if tuple(w.shape) != want.shape:
+            raise ValueError(f"tensor '{name}' has shape {list(w.shape)}, but this config "
+                             f"needs {list(want.shape)}: check model.{hint}")
+        leaves[path][index] = FROM_TORCH[kind](np.asarray(w, np.float32))
+        used.add(name)
+    if missing:
+        raise ValueError(f"{len(missing)} tensor(s) this config needs are missing, e.g. "
+                         f"{missing[:3]}: check model.n_layer, mlp, bias, conv_bias, "
+                         f"tie_embeddings")
+    if cfg.tie_embeddings and "lm_head.weight" in tensors:
+        if not np.array_equal(tensors["lm_head.weight"], tensors["backbone.embedding.weight"]):
+            raise ValueError("lm_head.weight differs from backbone.embedding.weight: the "
+                             "model is untied; set model.tie_embeddings=False")
+        used.add("lm_head.weight")
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise ValueError(f"{len(unused)} tensor(s) this config does not use, e.g. "
+                         f"{unused[:3]}: check model.n_layer, mlp, n_experts, bias")
+    params: dict = {}
+    for path, x in leaves.items():
+        node = params
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = x
+    return params
+
+
+def import_safetensors(path: str, cfg: ModelConfig) -> dict:
+    """A mamba_ssm safetensors file -> canonical params (pass to parallel.setup.build)."""
+    return from_mamba_ssm(read_safetensors(path), cfg)
+
+
+def export_safetensors(params: dict, cfg: ModelConfig, path: str) -> None:
+    """Canonical params -> a safetensors file under mamba_ssm's names (inference or
+    fine-tuning elsewhere); the model config goes into the file's metadata."""
+    write_safetensors(path, to_mamba_ssm(params, cfg),
+                      {"format": "mamba_ssm", "jmamba_model_config": json.dumps(
+                          {k: getattr(cfg, k) for k in cfg.__dataclass_fields__})})
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m jmamba.convert_mamba_ssm")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="a checkpoint's parameters -> safetensors")
+    export.add_argument("ckpt_dir")
+    export.add_argument("out")
+    export.add_argument("--step", type=int, default=None, help="default: the latest")
+    args = parser.parse_args(argv)
+    from jmamba.checkpoint import load
+    saved, cfg, meta = load(args.ckpt_dir, args.step)
+    export_safetensors(saved["params"], cfg.model, args.out)
+    print(f"wrote {args.out}: parameters of {args.ckpt_dir} step {meta['step']}")
+
+
+if __name__ == "__main__":
+    main()
