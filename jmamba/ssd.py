@@ -35,7 +35,8 @@ def ssd_reference(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H
     B_BxLxHxN = jnp.repeat(B_BxLxGxN.astype(jnp.float32), R, axis=2)
     C_BxLxHxN = jnp.repeat(C_BxLxGxN.astype(jnp.float32), R, axis=2)
     if initial_state_BxHxPxN is None:
-        initial_state_BxHxPxN = jnp.zeros((Bsz, H, P, N), jnp.float32)
+        # zeros_like keeps x's per-device type under shard_map (a scan carry must match).
+        initial_state_BxHxPxN = jnp.zeros_like(x, shape=(Bsz, H, P, N))
 
     def step(state_BxHxPxN, inputs):
         x_BxHxP, dt_BxH, B_BxHxN, C_BxHxN = inputs
