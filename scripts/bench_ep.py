@@ -27,6 +27,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from timing import time_steps  # noqa: E402 (scripts/timing.py)
+
 # XLA op events (all-to-all.3, ragged-all-to-all) and NCCL kernel events can both appear in
 # a GPU trace; they describe the same time, so each kind is summed on its own.
 COMM_KINDS = {"xla_op": re.compile(r"all-to-all|all_to_all|alltoall", re.I),
@@ -83,24 +85,14 @@ def main():
                               parallel=ParallelConfig(ep=ep, ep_dispatch=dispatch,
                                                       remat="full")))
         run = build(cfg)
-        state = run.state
-        for _ in range(2):
-            state, metrics = run.step_fn(state, batch)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            state, metrics = run.step_fn(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t0)
-        row = {"ep": ep, "dispatch": dispatch, "step_ms": 1e3 * float(np.median(times)),
-               "tokens_per_s": train.batch_size * train.seq_len / float(np.median(times)),
+        metrics, step_s, _ = time_steps(run, batch, args.steps)
+        row = {"ep": ep, "dispatch": dispatch, "step_ms": 1e3 * step_s,
+               "tokens_per_s": train.batch_size * train.seq_len / step_s,
                "dropped": int(metrics["dropped_tokens"]), "loss": float(metrics["loss"])}
         if profile:
             d = tempfile.mkdtemp()
             with jax.profiler.trace(d, create_perfetto_trace=True):
-                state, metrics = run.step_fn(state, batch)
-                jax.block_until_ready(metrics)
+                jax.block_until_ready(run.step_fn(run.state, batch))
             row["comm_share"], row["comm_top"] = comm_share(d, row["step_ms"] / 1e3, ep)
         print(json.dumps(row), flush=True)
         return row

@@ -16,9 +16,10 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from timing import time_steps  # noqa: E402 (scripts/timing.py)
 
 
 def main():
@@ -31,7 +32,6 @@ def main():
     if args.small:
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     import jax
-    import numpy as np
     from jmamba.config import Config, ModelConfig, ParallelConfig, TrainConfig, validate
     from jmamba.data import recall_batch
     from jmamba.parallel.pipeline import bubble_fraction, transfer_bytes
@@ -57,23 +57,12 @@ def main():
                                                       pp_schedule=schedule, pp_comm=comm,
                                                       pp_virtual=2, remat=args.remat)))
         run = build(cfg)
-        state = run.state
-        t0 = time.perf_counter()
-        for _ in range(2):  # compile + warm-up
-            state, metrics = run.step_fn(state, batch)
-        jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - t0
-        times = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            state, metrics = run.step_fn(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t0)
+        metrics, step_s, compile_s = time_steps(run, batch, args.steps)
         v = 2 if schedule == "circular" else 1
         return {"pp": pp, "M": M, "schedule": schedule, "comm": comm,
-                "step_s": float(np.median(times)), "compile_s": compile_s,
+                "step_s": step_s, "compile_s": compile_s,
                 "loss": float(metrics["loss"]),
-                "tokens_per_s": train.batch_size * train.seq_len / float(np.median(times)),
+                "tokens_per_s": train.batch_size * train.seq_len / step_s,
                 "bubble_theory": bubble_fraction(pp, v, M),
                 "transfer_MB": transfer_bytes(cfg, train.batch_size // M, train.seq_len) / 1e6}
 

@@ -16,6 +16,7 @@ Loss normalisation matches the single-device model exactly: every stage accumula
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -163,5 +164,4 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
 @functools.lru_cache(maxsize=None)
 def _tied(model_cfg):
     """The head reads its output table from io/table, laid out [V, D] like an embedding."""
-    import dataclasses
     return dataclasses.replace(model_cfg, tie_embeddings=True)
