@@ -31,12 +31,14 @@ from jmamba.step import TrainState
 
 FORMAT = 1  # bump when the saved tree or the metadata change meaning
 
-# Config fields a resumed run may change: its layout, length and bookkeeping. Every other
-# field must equal the checkpoint's (the parameter shapes, data and optimizer depend on them).
+# Config fields a resumed run may change: its layout, hosts, length and bookkeeping. Every
+# other field must equal the checkpoint's (the parameter shapes, data and optimizer depend on
+# them).
 MAY_DIFFER = {"train.steps", "train.log_every", "train.log_dir", "train.ckpt_dir",
-              "train.ckpt_every", "train.keep", "train.resume", "model.ssm_impl", "model.dtype",
+              "train.ckpt_every", "train.keep", "train.resume", "train.profile_steps",
+              "train.progress", "train.peak_tflops", "model.ssm_impl", "model.dtype",
               "model.chunk_size"}
-MAY_DIFFER_SECTIONS = {"parallel"}
+MAY_DIFFER_SECTIONS = {"parallel", "dist"}
 
 
 class CheckpointError(ValueError):

@@ -72,8 +72,9 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     peak = peak_tflops(cfg)
     if peak is None:
         log.note("jmamba: unknown peak FLOP/s for this device; pass --peak_tflops for MFU")
+    # MFU counts the devices of the mesh, not every visible one (a 1-GPU run on a 4-GPU host).
     rate = RateMeter(t.batch_size * t.seq_len, flops.flops_per_token(m, t.seq_len), peak,
-                     jax.device_count(), start)
+                     p.pp * p.ep, start)
     profiler = Profiler(t.log_dir, t.profile_steps, enabled=main)
     records, pending = [], None
 

@@ -18,19 +18,22 @@ SHOWN = (("loss", "loss {:.4f}"), ("accuracy", "acc {:.3f}"), ("grad_norm", "gno
 
 
 def device_memory() -> dict[str, float]:
-    """Bytes in use and peak, summed over this process's devices, from memory_stats().
+    """Bytes in use and peak, summed over this process's devices, from memory_stats(), and
+    the largest single device's peak (what must fit on one GPU).
 
     The CPU backend has no memory_stats (returns None), so on CPU the keys are left out
     rather than reported as a misleading 0.
     """
-    used = peak = 0
+    used = peak = device_peak = 0
     for d in jax.local_devices():
         stats = d.memory_stats()
         if not stats:
             return {}
         used += stats.get("bytes_in_use", 0)
         peak += stats.get("peak_bytes_in_use", 0)
-    return {"memory_gb": used / 2**30, "peak_memory_gb": peak / 2**30}
+        device_peak = max(device_peak, stats.get("peak_bytes_in_use", 0))
+    return {"memory_gb": used / 2**30, "peak_memory_gb": peak / 2**30,
+            "device_peak_memory_gb": device_peak / 2**30}
 
 
 def _tensorboard(log_dir: str):
@@ -132,8 +135,9 @@ def parse_profile_steps(text: str) -> tuple[int, int] | None:
 
 
 class Profiler:
-    """Traces steps [start, stop) with jax.profiler into <log_dir>/plugins/profile/<run>/
-    (open with TensorBoard's profile plugin or xprof); each step is a StepTraceAnnotation."""
+    """Traces steps [start, stop) with jax.profiler into <log_dir>/plugins/profile/<run>/:
+    an .xplane.pb (TensorBoard's profile plugin, XProf) and a perfetto_trace.json.gz
+    (ui.perfetto.dev); each step is a StepTraceAnnotation."""
 
     def __init__(self, log_dir: str, steps: str, enabled: bool = True):
         window = parse_profile_steps(steps) if enabled else None
@@ -143,7 +147,7 @@ class Profiler:
     def step(self, step: int):
         """Context manager around one step: starts/stops the trace at the window's edges."""
         if step == self.start:
-            jax.profiler.start_trace(self.log_dir)
+            jax.profiler.start_trace(self.log_dir, create_perfetto_trace=True)
             self.active = True
         if not self.active:
             return contextlib.nullcontext()

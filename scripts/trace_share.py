@@ -1,0 +1,75 @@
+"""Device time by kind of collective in a jax.profiler perfetto trace (perfetto_trace.json.gz).
+
+GPU traces hold one process per device with several lines: CUDA streams (the kernels as they
+ran) and derived lines ("XLA Ops", "XLA Modules", ...) that repeat the same time. Only
+stream lines are summed, so nothing counts twice. A kernel is classed by its name and its
+`hlo_op` argument: expert all-to-all (XLA all-to-all or ragged-all-to-all), pipeline
+transfer (collective-permute), other NCCL work (all-reduce of gradients, ...).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import os
+import re
+
+KINDS = (("all_to_all", re.compile(r"all-to-all|all_to_all|alltoall", re.I)),
+         ("permute", re.compile(r"collective-permute|ppermute", re.I)),
+         ("other_comm", re.compile(r"nccl|all-reduce|all-gather|reduce-scatter", re.I)))
+
+
+def find_trace(log_dir: str) -> str | None:
+    files = sorted(glob.glob(os.path.join(log_dir, "**", "*.trace.json.gz"), recursive=True)
+                   + glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"),
+                               recursive=True), key=os.path.getmtime)
+    return files[-1] if files else None
+
+
+def classify(event: dict) -> str | None:
+    args = event.get("args") or {}
+    text = " ".join(str(x) for x in (event.get("name", ""), args.get("hlo_op", ""),
+                                     args.get("long_name", "")))
+    for kind, pattern in KINDS:
+        if pattern.search(text):
+            return kind
+    return None
+
+
+def device_shares(path: str, window_s: float) -> dict:
+    """Per-kind device seconds, averaged over devices, as a share of `window_s` (the traced
+    steps' wall time). Also the busiest kernel names, to check the classification by eye."""
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
+    procs, threads = {}, {}
+    for ev in events:
+        if ev.get("ph") == "M" and ev.get("name") == "process_name":
+            procs[ev["pid"]] = ev["args"].get("name", "")
+        if ev.get("ph") == "M" and ev.get("name") == "thread_name":
+            threads[(ev["pid"], ev.get("tid"))] = ev["args"].get("name", "")
+    devices = {pid for pid, name in procs.items() if re.search(r"GPU|device", name, re.I)}
+    per_device: dict[int, dict[str, float]] = {}
+    top: dict[str, float] = {}
+    for ev in events:
+        if ev.get("ph") != "X" or ev.get("pid") not in devices:
+            continue
+        line = threads.get((ev["pid"], ev.get("tid")), "")
+        if not re.match(r"stream", line, re.I):
+            continue
+        dur = ev.get("dur", 0.0) / 1e6
+        kind = classify(ev) or "compute"
+        d = per_device.setdefault(ev["pid"], {})
+        d[kind] = d.get(kind, 0.0) + dur
+        key = f"{kind}: {(ev.get('args') or {}).get('hlo_op', '') or ev.get('name', '')}"[:70]
+        top[key] = top.get(key, 0.0) + dur
+    n = max(len(per_device), 1)
+    kinds = {k for d in per_device.values() for k in d}
+    share = {k: sum(d.get(k, 0.0) for d in per_device.values()) / n / window_s
+             for k in sorted(kinds)}
+    busiest = sorted(top.items(), key=lambda kv: -kv[1])[:12]
+    lines = sorted({name for (pid, _), name in threads.items() if pid in devices})[:12]
+    return {"devices": len(per_device), "share": share, "processes": sorted(procs.values()),
+            "device_lines": lines,
+            "top_ms_all_devices": [(k, round(1e3 * v, 2)) for k, v in busiest]}
