@@ -121,7 +121,7 @@ def main():
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--seq_len", type=int, default=2048)
     ap.add_argument("--microbatches", type=int, default=8)
-    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--steps", type=int, default=30, help="steps of each short run")
     ap.add_argument("--long", type=int, default=200, help="steps of the 2x2 run")
     ap.add_argument("--small", action="store_true", help="tiny model on simulated CPUs")
