@@ -10,6 +10,7 @@ metrics.jsonl and profiler trace and prints one table. Runs (names are pp x ep):
   1x2_m       pp=1, ep=2 with the same M as 2x2: the bubble's baseline,
               bubble = 1 - (t(1x2_m) / 2) / t(2x2)
   2x2_dense   (2,2) with the padded dense exchange, profiled (all-to-all share)
+  2x2_ragged  the same with ragged_all_to_all (only with --only)
   2x2         (2,2), --long steps, profiled, checkpoint at the last step
   restore_*   the 2x2 checkpoint restored at (2,2), (4,1), (1,4): one more step each; the
               next-step losses must agree
@@ -52,6 +53,7 @@ def plan(args):
         "1x2": (1, 2, 1, [], S),
         "1x2_m": (1, 2, M, [], S),
         "2x2_dense": (2, 2, M, ["--ep_dispatch", "dense", "--profile_steps", prof], S),
+        "2x2_ragged": (2, 2, M, ["--ep_dispatch", "ragged", "--profile_steps", prof], S),
         "2x2": (2, 2, M, ["--profile_steps", long_prof, "--ckpt_every", str(L)], L),
         "restore_2x2": (2, 2, M, resume, L + 1),
         "restore_4x1": (4, 1, M, resume, L + 1),
