@@ -79,12 +79,13 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     records, pending = [], None
 
     def flush(pending):  # read a dispatched step's metrics (syncs on that step only)
-        step, metrics = pending
+        step, metrics, dispatched_at = pending
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         if check_finite(step, values, t.skip_nonfinite):
             log.note(f"jmamba: skipped step {step} (non-finite loss or gradient)")
         if step % t.log_every == 0 or step == t.steps:
-            record = {"step": step, **values, **rate.lap(step), **device_memory()}
+            record = {"step": step, **values, **rate.lap(step, dispatched_at),
+                      **device_memory()}
             log.write(record)
             records.append(record)
             hooks.after_log(record)
@@ -95,11 +96,16 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
                 batch = to_device(next(data), run)
                 with profiler.step(step):
                     state, metrics = run.step_fn(state, batch)
+                dispatched_at = time.perf_counter()
                 # Read step t's metrics only after step t+1 is dispatched, so the host never
                 # stalls the device (nanodo's pattern); a save waits for its own step.
                 if pending is not None:
                     flush(pending)
-                pending = (step, metrics)
+                # Steps are timed between dispatch returns: the host is never more than one
+                # step ahead (each flush waits for its step), so their spacing is the step
+                # time whether dispatch returns at once or only when the device is done
+                # (timing at flush would give the last step ~0 s in the second case).
+                pending = (step, metrics, dispatched_at)
                 profiler.after(step, state)
                 log.step_done(step)
                 if hooks.wants_save(step) or signals.received is not None:
@@ -134,8 +140,8 @@ class RateMeter:
                                                       peak_tflops, n_devices)
         self.time, self.step = time.perf_counter(), step
 
-    def lap(self, step: int) -> dict:
-        now = time.perf_counter()
+    def lap(self, step: int, now: float | None = None) -> dict:
+        now = time.perf_counter() if now is None else now
         dt, n = now - self.time, step - self.step
         self.time, self.step = now, step
         out = {"step_time_s": dt / n, "tokens_per_s": self.tokens * n / dt}

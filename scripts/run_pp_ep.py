@@ -130,6 +130,7 @@ def main():
     args = ap.parse_args()
     if args.small:
         args.steps, args.long, args.microbatches = min(args.steps, 8), min(args.long, 12), 4
+    args.warmup = min(args.warmup, args.steps)  # train.py requires warmup_steps <= steps
     os.makedirs(args.out, exist_ok=True)
     work = args.work or os.path.join("/tmp", f"jmamba_pp_ep_{os.getpid()}")
     os.makedirs(work, exist_ok=True)

@@ -191,8 +191,8 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
         raise ValueError(f"capacity_factor must be > 0 or None, got {capacity_factor!r}")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = "ragged" if jax.default_backend() == "gpu" else "dense"
+    if impl == "auto":  # dense measured faster on H200s at ep=2 (docs/benchmarks.md)
+        impl = "dense"
     there, back = EXCHANGES[impl]
     X = n_experts // ep
 
