@@ -36,7 +36,7 @@ FORMAT = 1  # bump when the saved tree or the metadata change meaning
 # them).
 MAY_DIFFER = {"train.steps", "train.log_every", "train.log_dir", "train.ckpt_dir",
               "train.ckpt_every", "train.keep", "train.resume", "train.profile_steps",
-              "train.progress", "train.peak_tflops", "model.ssm_impl", "model.dtype",
+              "train.progress", "train.peak_tflops", "train.loader", "model.ssm_impl", "model.dtype",
               "model.chunk_size"}
 MAY_DIFFER_SECTIONS = {"parallel", "dist"}
 

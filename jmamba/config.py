@@ -91,6 +91,9 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per device, for MFU; 0 picks it by device kind (flops.py)
     profile_steps: str = ""  # "10:13": a jax.profiler trace of steps 10-12 under log_dir
     progress: str = "auto"  # "bar", "lines", or "auto": a bar when stdout is a terminal
+    # How token files are read: "grain" (jmamba/grain_data.py), "numpy" (its twin,
+    # jmamba/tokens.py; same batches), or "auto": grain when it is installed.
+    loader: str = "auto"
     skip_nonfinite: bool = False  # skip steps with a NaN/Inf loss or gradient, don't stop
     # --- end issue 7 ---
     # Checkpoints (jmamba/checkpoint.py); empty ckpt_dir: none. A run started on a directory
@@ -102,6 +105,7 @@ class TrainConfig:
 
 
 PROGRESS = ("auto", "bar", "lines")  # issue 7
+LOADERS = ("auto", "grain", "numpy")  # issue 7
 PP_SCHEDULES = ("gpipe", "circular")
 PP_COMMS = ("pair", "sum")
 REMATS = ("none", "full", "dots")
@@ -218,6 +222,7 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> TrainConfig:
            "must be 'latest' or a step number", t.resume)
     # --- issue 7 ---
     _check_choice(t.progress, PROGRESS, "train.progress")
+    _check_choice(t.loader, LOADERS, "train.loader")
     _check(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0 (0: by device)",
            t.peak_tflops)
     from jmamba.metrics import parse_profile_steps

@@ -25,11 +25,30 @@ def make_data(cfg: Config):
     deterministic iterators whose position is the step (state()/restore())."""
     m, t = cfg.model, cfg.train
     if t.data:
-        from jmamba.tokens import TokenData
         # The step takes the batch replicated, so every process reads all rows for now;
-        # TokenData's process_index/count split them once the batch is sharded over 'ep'.
+        # the loaders' process_index/count split them once the batch is sharded over 'ep'.
+        if use_grain(t.loader):
+            from jmamba.grain_data import GrainTokenData
+            return GrainTokenData(t.data, t.batch_size, t.seq_len, m.vocab_size, t.seed,
+                                  n_steps=t.steps)
+        from jmamba.tokens import TokenData
         return TokenData(t.data, t.batch_size, t.seq_len, m.vocab_size, t.seed)
     return RecallData(t.seed, t.batch_size, t.seq_len, m.vocab_size, t.n_pairs)
+
+
+def use_grain(loader: str) -> bool:
+    """grain for loader 'grain' (an error names the fix if it is missing) or 'auto' when it
+    is installed; the numpy twin otherwise (same batches)."""
+    if loader == "numpy":
+        return False
+    try:
+        import grain  # noqa: F401
+    except ImportError:
+        if loader == "grain":
+            raise SystemExit("error: --loader grain, but grain is not installed: "
+                             "pip install grain, or pass --loader numpy (same batches)")
+        return False
+    return True
 
 
 def to_device(batch, run):
@@ -66,9 +85,11 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     n_params = count_params(run.canonical(state.params))
     main = jax.process_index() == 0
     log = RunLog(t.log_dir, t.steps, t.progress, enabled=main)
+    source = (f"token files via {'grain' if type(data).__name__.startswith('Grain') else 'numpy'}"
+              if t.data else "the embedded recall task")
     log.note(f"jmamba: {n_params / 1e6:.2f}M params, mesh pp={p.pp} x ep={p.ep} on "
              f"{jax.default_backend()}, {p.microbatches} microbatch(es), {t.steps} steps of "
-             f"{t.batch_size}x{t.seq_len} tokens, logging to {t.log_dir}")
+             f"{t.batch_size}x{t.seq_len} tokens of {source}, logging to {t.log_dir}")
     peak = peak_tflops(cfg)
     if peak is None:
         log.note("jmamba: unknown peak FLOP/s for this device; pass --peak_tflops for MFU")

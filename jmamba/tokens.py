@@ -13,8 +13,9 @@ k-th sample of dataset d is known in O(1). Global sample g = step * batch_size +
 process p of P reads rows [p B/P, (p+1) B/P). A batch is therefore a pure function of
 (seed, step): the iterator's whole position is the step (state()/restore()).
 
-grain was considered and not used: it needs compiled wheels that the GPU machines cannot
-install, and this reader is ~150 lines of numpy with the same determinism guarantees.
+This module defines the data and reads it with numpy; jmamba/grain_data.py loads the same
+batches through grain (`--loader grain`, the default when grain is installed), with this
+reader as its twin and the fallback where grain cannot be installed.
 """
 
 from __future__ import annotations
