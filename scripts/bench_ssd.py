@@ -7,6 +7,7 @@ bytes moved / 4.8 TB/s and FLOPs / 790 TFLOP/s (H200 HBM; measured bf16 matmul r
 
 import functools
 import statistics
+import sys
 import time
 
 import jax
@@ -72,11 +73,12 @@ def stages(shape, Q, kw):
     cfg = S._Cfg(chunk=Q, bt=kw["block_t"], bp=16, interpret=jax.default_backend() == "cpu",
                  num_warps=kw["num_warps"], fine=kw["fine"])
     dt3 = jax.nn.softplus(dt.astype(jnp.float32)).transpose(0, 2, 1)
-    acs = jnp.cumsum((dt3 * A[:, None]).reshape(Bsz, H, L // Q, Q), -1).reshape(Bsz, H, L)
+    a = dt3 * A[:, None]
+    acs = S._chunk_cumsum(a, Q)
     init = jnp.zeros((Bsz, H, P, N), jnp.float32)
     s_c = S._chunk_outer(x, Bm, dt3, cfg, S._fine(x.dtype, cfg))
     e = jnp.exp(acs.reshape(Bsz, H, L // Q, Q)[..., -1])
-    core = (x, dt3, acs, Bm, Cm, D, init)
+    core = (x, dt3, a, Bm, Cm, D, init)
     (y, fin), vjp = jax.vjp(lambda *a: S._ssd_core(*a, cfg), *core)
     parts = {
         "chunk states": (jax.jit(lambda *a: S._chunk_outer(*a, cfg, S._fine(x.dtype, cfg))),
@@ -91,13 +93,15 @@ def stages(shape, Q, kw):
 
 
 def main():
+    quick = "--quick" in sys.argv  # the best-known setting at the shape of record only
     Q = 256
     print(jax.devices()[0].device_kind, flush=True)
     record = (4, 4096, 32, 64, 1, 128)
     print("tuning at the shape of record (block_t, num_warps): fwd ms, fwd+bwd ms", flush=True)
     best, best_t = {}, float("inf")
-    for bt, nw, fine in [(128, 8, "tf32"), (64, 4, "tf32"), (128, 4, "tf32"),
-                         (128, 8, "bf16"), (128, 8, "tf32x3")]:
+    tunings = [(128, 8, "tf32"), (64, 4, "tf32"), (128, 4, "tf32"), (128, 8, "bf16"),
+               (128, 8, "tf32x3")]
+    for bt, nw, fine in tunings[:1] if quick else tunings:
         kw = dict(block_t=bt, num_warps=nw, fine=fine)
         f, b = row(record, Q, "kernel", **kw)
         print(f"  {kw}: {f:.3f} {b:.3f}", flush=True)
@@ -105,8 +109,8 @@ def main():
             best, best_t = kw, f + b
     stages(record, Q, best)
     print(f"using {best}\n", flush=True)
-    shapes = [record] + [(4, L, 32, 64, 1, 128) for L in (2048, 8192, 16384)] + \
-             [(4, 4096, H, 64, 1, 128) for H in (64, 128)]
+    shapes = [record] + ([] if quick else [(4, L, 32, 64, 1, 128) for L in (2048, 8192, 16384)]
+                         + [(4, 4096, H, 64, 1, 128) for H in (64, 128)])
     print("| B | L | H | P | N | G | kernel fwd ms | XLA fwd ms | floor fwd ms "
           "| kernel fwd+bwd ms | XLA fwd+bwd ms | floor fwd+bwd ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -51,7 +51,7 @@ def test_outputs_equal_twins(shape):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[2]])
+@pytest.mark.parametrize("shape", SHAPES)
 def test_gradients_equal_twins(shape):
     Bsz, L, H, P, G, N, chunk, bt = shape
     args = random_inputs(jax.random.key(L + 1), Bsz, L, H, P, G, N)

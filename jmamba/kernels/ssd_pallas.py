@@ -2,14 +2,15 @@
 
 Same signature and semantics as `jmamba.ssd.ssd_chunked`, which is its twin. The four steps
 of the Mamba-2 chunked algorithm (paper, section 6) map to pallas_calls:
-  0. dt = softplus(dt + dt_bias) and the within-chunk cumsum of dt * A: plain XLA (tiny).
+  0. dt = softplus(dt + dt_bias), a = dt * A and its within-chunk cumsum: plain XLA (tiny).
   2. chunk states                       -> chunk_outer_kernel       grid (B, C, H)
   3. state passing across chunks        -> state_pass_kernel        grid (B, H, P/bp)
   1+4. intra-chunk and state outputs    -> chunk_scan_fwd_kernel    grid (B, C, H, Q/bt)
 The backward (a jax.custom_vjp) runs the same shapes in reverse: the adjoint of step 4
 (chunk_outer on dy and C), the reverse state pass, then one kernel for the gradients each
-input block owns (dx, ddt, dB) and one for those each output block owns (dC, d acs).
-Gradients through softplus, the cumsum and padding are left to JAX autodiff.
+input block owns (dx, ddt, dB) and one for those each output block owns (dC, decay terms).
+The gradient of each step's log decay a is assembled from sums that do not cancel (see
+_decay_grad); those through softplus, a = dt A and padding are left to JAX autodiff.
 """
 
 from __future__ import annotations
@@ -89,10 +90,16 @@ def _state_pass(s_BxCxHxPxN, e_BxHxC, init_BxHxPxN, cfg, reverse):
                  n_chunks=C, reverse=reverse)(s_BxCxHxPxN, e_BxHxC, init_BxHxPxN)
 
 
-def _forward(x, dt, acs, Bm, Cm, D, init, cfg):
+def _chunk_cumsum(a_BxHxL, Q):
+    Bsz, H, Lp = a_BxHxL.shape
+    return jnp.cumsum(a_BxHxL.reshape(Bsz, H, Lp // Q, Q), axis=-1).reshape(Bsz, H, Lp)
+
+
+def _forward(x, dt, a, Bm, Cm, D, init, cfg):
     Bsz, Lp, H, P = x.shape
     G, N = Bm.shape[2:]
     Q, C = cfg.chunk, Lp // cfg.chunk
+    acs = _chunk_cumsum(a, Q)
     acs_BxHxCxQ = acs.reshape(Bsz, H, C, Q)
     to_end = jnp.exp(acs_BxHxCxQ[..., -1:] - acs_BxHxCxQ).reshape(Bsz, H, Lp)
     chunk_states = _chunk_outer(x, Bm, dt * to_end, cfg, _fine(x.dtype, cfg))
@@ -102,18 +109,42 @@ def _forward(x, dt, acs, Bm, Cm, D, init, cfg):
               [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.state, sp.heads],
               sp.rows_P, jax.ShapeDtypeStruct(x.shape, x.dtype), cfg,
               bt=cfg.bt, bs=cfg.bt, dtype=x.dtype)(x, dt, acs, Bm, Cm, states, D)
-    return y, states
+    return y, states, acs
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _ssd_core(x, dt, acs, Bm, Cm, D, init, cfg):
-    y, states = _forward(x, dt, acs, Bm, Cm, D, init, cfg)
+def _ssd_core(x, dt, a, Bm, Cm, D, init, cfg):
+    y, states, _ = _forward(x, dt, a, Bm, Cm, D, init, cfg)
     return y, states[:, -1]
 
 
-def _core_fwd(x, dt, acs, Bm, Cm, D, init, cfg):
-    y, states = _forward(x, dt, acs, Bm, Cm, D, init, cfg)
+def _core_fwd(x, dt, a, Bm, Cm, D, init, cfg):
+    y, states, acs = _forward(x, dt, a, Bm, Cm, D, init, cfg)
     return (y, states[:, -1]), (x, dt, acs, Bm, Cm, D, states)
+
+
+def _decay_grad(rect, off, dst, acs, dstates, states, Q):
+    """Gradient of each step's log decay a_k (acs = within-chunk cumsum of a), (B, H, L).
+
+    a_k scales every path that crosses step k, so its gradient is a sum over those paths:
+      within the chunk:   rect_k = sum_{t >= k > s} Z[t,s]                (dc kernel)
+      state -> outputs:   sum_{t >= k} off_t      (off_t = dy_t . y_off_t, dc kernel)
+      inputs -> state:    sum_{s < k} dst_s       (dst_s = <dS, s's term>, dx kernel)
+      state -> state:     exp(acs_last) <dH_{c+1}, h_c>
+    Each is a plain sum; none is a difference of two large sums (rows minus columns), whose
+    rounding error would swamp a small result in bf16.
+    """
+    Bsz, H, Lp = acs.shape
+    C = Lp // Q
+    chunks = lambda v: v.reshape(Bsz, H, C, Q)
+    off_c, dst_c = chunks(off), chunks(dst)
+    from_state = jnp.flip(jnp.cumsum(jnp.flip(off_c, -1), -1), -1)
+    into_state = jnp.concatenate([jnp.zeros_like(dst_c[..., :1]),
+                                  jnp.cumsum(dst_c, -1)[..., :-1]], -1)
+    carry_BxCxH = jnp.einsum("bchpn,bchpn->bch", dstates[:, 1:], states[:, :-1])
+    carry_BxHxC = carry_BxCxH.transpose(0, 2, 1) * jnp.exp(chunks(acs)[..., -1])
+    da = chunks(rect) + from_state + into_state + carry_BxHxC[..., None]
+    return da.reshape(Bsz, H, Lp)
 
 
 def _core_bwd(cfg, res, cts):
@@ -131,29 +162,30 @@ def _core_bwd(cfg, res, cts):
 
     sp = _Specs(Q, P, N, H, R)
     grid = (Bsz, C, H, Q // cfg.bt)
-    dx, ddt, dB_h, dD_rows = _call(
+    dx, ddt, dB_h, dD_rows, dst = _call(
         K.chunk_scan_bwd_dx_kernel, grid,
         [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.rows_P, sp.state_end,
          sp.heads],
-        [sp.rows_P, sp.chunk, sp.rows_N, sp.chunk],
+        [sp.rows_P, sp.chunk, sp.rows_N, sp.chunk, sp.chunk],
         [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(dt.shape, f32),
-         jax.ShapeDtypeStruct((Bsz, Lp, H, N), f32), jax.ShapeDtypeStruct(dt.shape, f32)],
+         jax.ShapeDtypeStruct((Bsz, Lp, H, N), f32), jax.ShapeDtypeStruct(dt.shape, f32),
+         jax.ShapeDtypeStruct(dt.shape, f32)],
         cfg, q=Q, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype, fine=fine,
     )(x, dt, acs, Bm, Cm, dy, dstates, D)
-    dC_h, da_rows = _call(
+    nT = Q // cfg.bt
+    rect_spec = pl.BlockSpec((None, None, None, Q), lambda b, c, h, tb: (b, tb, h, c))
+    dC_h, off, rect_parts = _call(
         K.chunk_scan_bwd_dc_kernel, grid,
         [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.rows_P, sp.state],
-        [sp.rows_N, sp.chunk],
-        [jax.ShapeDtypeStruct((Bsz, Lp, H, N), f32), jax.ShapeDtypeStruct(dt.shape, f32)],
-        cfg, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype, fine=fine)(x, dt, acs, Bm, Cm, dy, states)
+        [sp.rows_N, sp.chunk, rect_spec],
+        [jax.ShapeDtypeStruct((Bsz, Lp, H, N), f32), jax.ShapeDtypeStruct(dt.shape, f32),
+         jax.ShapeDtypeStruct((Bsz, nT, H, Lp), f32)],
+        cfg, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype, fine=fine,
+        rect=f32 if x.dtype == f32 else "tf32")(x, dt, acs, Bm, Cm, dy, states)
 
-    # d acs: rows of Z minus its columns (= dt ddt), plus, at each chunk's last step, the
-    # state-passing term <dH_c, h_end_c> (h_end_c = exp(acs_last) h_c + S_c depends on it).
-    end_term_BxCxH = jnp.einsum("bchpn,bchpn->bch", dstates[:, 1:], states[:, 1:])
-    dacs = (da_rows - dt * ddt).reshape(Bsz, H, C, Q)
-    dacs = dacs.at[..., -1].add(end_term_BxCxH.transpose(0, 2, 1)).reshape(Bsz, H, Lp)
+    da = _decay_grad(rect_parts.sum(1), off, dst, acs, dstates, states, Q)
     group_sum = lambda a, like: a.reshape(Bsz, Lp, G, R, N).sum(3).astype(like.dtype)
-    return (dx, ddt, dacs, group_sum(dB_h, Bm), group_sum(dC_h, Cm),
+    return (dx, ddt, da, group_sum(dB_h, Bm), group_sum(dC_h, Cm),
             dD_rows.sum((0, 2)).astype(D.dtype), dstates[:, 0])
 
 
@@ -185,10 +217,9 @@ def ssd_pallas(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
         x, dt_BxLxH, Bm, Cm = padL(x), padL(dt_BxLxH), padL(Bm), padL(Cm)
     Lp = L + pad
     dt_BxHxL = dt_BxLxH.transpose(0, 2, 1)
-    acs_BxHxL = jnp.cumsum((dt_BxHxL * A_H.astype(f32)[:, None]).reshape(Bsz, H, Lp // Q, Q),
-                           axis=-1).reshape(Bsz, H, Lp)
+    a_BxHxL = dt_BxHxL * A_H.astype(f32)[:, None]  # log decay of each step
     if initial_state_BxHxPxN is None:
         initial_state_BxHxPxN = jnp.zeros((Bsz, H, P, N), f32)
-    y, final = _ssd_core(x, dt_BxHxL, acs_BxHxL, Bm, Cm, D_H.astype(f32),
+    y, final = _ssd_core(x, dt_BxHxL, a_BxHxL, Bm, Cm, D_H.astype(f32),
                          initial_state_BxHxPxN.astype(f32), cfg)
     return y[:, :L], final

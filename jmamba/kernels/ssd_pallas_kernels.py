@@ -104,12 +104,14 @@ def chunk_scan_fwd_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, st_ref, d_ref, y
 
 
 def chunk_scan_bwd_dx_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, dy_ref, ds_ref, d_ref,
-                             dx_ref, ddt_ref, db_ref, ddd_ref, *, q, bt, bs, dtype, fine):
+                             dx_ref, ddt_ref, db_ref, ddd_ref, dst_ref, *, q, bt, bs, dtype,
+                             fine):
     """Gradients owned by one block of bs inputs s: dx, ddt (through X = dt x), dB, D terms.
 
     dX_s = sum_{t>=s} (C_t.B_s) L[t,s] dy_t + exp(acs_last - acs_s) dS B_s      (X = dt x)
     dB_s = sum_{t>=s} (dy_t.x_s) L[t,s] dt_s C_t + exp(acs_last - acs_s) dt_s dS^T x_s
-    where dS is the gradient of the state leaving the chunk.
+    where dS is the gradient of the state leaving the chunk. dst_s = <dS, s's term of the
+    chunk state> (its own output: the decay gradient sums it over s < k, see the dc kernel).
     """
     h, s0 = pl.program_id(2), pl.program_id(3) * bs
     ss = pl.ds(s0, bs)
@@ -118,6 +120,7 @@ def chunk_scan_bwd_dx_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, dy_ref, ds_re
     dS_PxN = ds_ref[...]
     dX_SxP = _mm(b_s, dS_PxN, fine, trans_b=True) * to_end_S[:, None]
     dB_SxN = _mm(x_s, dS_PxN, dtype) * (to_end_S * dt_s)[:, None]
+    dst_ref[ss] = jnp.sum(dX_SxP * x_s.astype(f32), axis=1) * dt_s
 
     def body(i, carry):
         dX_SxP, dB_SxN = carry
@@ -140,29 +143,51 @@ def chunk_scan_bwd_dx_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, dy_ref, ds_re
 
 
 def chunk_scan_bwd_dc_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, dy_ref, st_ref,
-                             dc_ref, da_ref, *, bt, bs, dtype, fine):
-    """Gradients owned by one block of bt outputs t: dC and the row part of d(acs).
+                             dc_ref, off_ref, rect_ref, *, bt, bs, dtype, fine, rect):
+    """Gradients owned by one block of bt outputs t: dC and two parts of the decay gradient.
 
     dC_t = exp(acs_t) h0^T dy_t + sum_{s<=t} (dy_t.x_s) L[t,s] dt_s B_s
-    d(acs)_t gets dy_t . y_t without D (the rows of Z = (dy x^T) o (C B^T) o L dt); the
-    column part, -dt_s ddt_s, and the chunk-end part are added by the caller.
+    off_t = dy_t . (the state's output at t), whose gradient w.r.t. acs_t it is.
+    rect_k = sum over t >= k > s of Z[t,s], Z = (dy x^T) o (C B^T) o L dt: the gradient of the
+    within-chunk outputs w.r.t. the step's log decay a_k (acs_t - acs_s = a_{s+1}+...+a_t),
+    this t-block's share (the caller sums the t-blocks). Summing Z over that rectangle
+    directly, rather than taking rows of Z minus columns of a separately rounded Z and then a
+    reverse cumsum, avoids the cancellation that cost the bf16 path its dA precision.
     """
     t0 = pl.program_id(3) * bt
     ts = pl.ds(t0, bt)
     c_t, dy_t, acs_t = c_ref[ts, :], dy_ref[ts, :], acs_ref[ts]
     dC_TxN = _mm(dy_t, st_ref[...], fine) * jnp.exp(acs_t)[:, None]
-    da_T = jnp.sum(dC_TxN * c_t.astype(f32), axis=1)  # dy_t . y_off_t
+    off_ref[ts] = jnp.sum(dC_TxN * c_t.astype(f32), axis=1)  # dy_t . y_off_t
+    rect_ref[...] = jnp.zeros(rect_ref.shape, f32)
+    t_idx = t0 + lax.broadcasted_iota(jnp.int32, (bt,), 0)
+    strictly_before = (lax.broadcasted_iota(jnp.int32, (bs, bs), 0)
+                       < lax.broadcasted_iota(jnp.int32, (bs, bs), 1)).astype(f32)
 
-    def body(j, carry):
-        dC_TxN, da_T = carry
+    def body(j, dC_TxN):
         s0 = j * bs
         ss = pl.ds(s0, bs)
         b_s = b_ref[ss, :]
         cb_TxS = _mm(c_t, b_s, dtype, trans_b=True)
         dyx_TxS = _mm(dy_t, x_ref[ss, :], dtype, trans_b=True)
         w_TxS = dyx_TxS * _decay(acs_t, acs_ref[ss], t0, s0) * dt_ref[ss][None, :]
-        return dC_TxN + _mm(w_TxS, b_s, dtype), da_T + jnp.sum(w_TxS * cb_TxS, axis=1)
+        z_TxS = w_TxS * cb_TxS
+        # k inside this s-block: sum over s < k of the tile's row t, for rows t >= k.
+        k_idx = s0 + lax.broadcasted_iota(jnp.int32, (bs,), 0)
+        r_TxK = _mm(z_TxS, strictly_before, rect)
+        rect_ref[ss] += jnp.sum(jnp.where(t_idx[:, None] >= k_idx[None, :], r_TxK, 0.0), 0)
+        # k in later blocks (up to this t-block): every s of the tile is before k.
+        row_T = jnp.sum(z_TxS, axis=1)
 
-    dC_TxN, da_T = lax.fori_loop(0, (t0 + bt) // bs, body, (dC_TxN, da_T))
+        def later(kb, _):
+            kk = pl.ds(kb * bs, bs)
+            k_idx = kb * bs + lax.broadcasted_iota(jnp.int32, (bs,), 0)
+            rect_ref[kk] += jnp.sum(jnp.where(t_idx[:, None] >= k_idx[None, :],
+                                              row_T[:, None], 0.0), 0)
+            return _
+
+        lax.fori_loop(j + 1, (t0 + bt) // bs, later, 0)
+        return dC_TxN + _mm(w_TxS, b_s, dtype)
+
+    dC_TxN = lax.fori_loop(0, (t0 + bt) // bs, body, dC_TxN)
     dc_ref[ts, :] = dC_TxN
-    da_ref[ts] = da_T
