@@ -71,7 +71,7 @@ def stages(shape, Q, kw):
     x, dt, A, Bm, Cm, D, dt_bias = make_inputs(*shape, with_state=False)[:7]
     Bsz, L, H, P, G, N = shape
     cfg = S._Cfg(chunk=Q, bt=kw["block_t"], bp=16, interpret=jax.default_backend() == "cpu",
-                 num_warps=kw["num_warps"], fine=kw["fine"])
+                 num_warps=kw["num_warps"], fine=kw["fine"], rect=kw["rect"])
     dt3 = jax.nn.softplus(dt.astype(jnp.float32)).transpose(0, 2, 1)
     a = dt3 * A[:, None]
     acs = S._chunk_cumsum(a, Q)
@@ -99,10 +99,10 @@ def main():
     record = (4, 4096, 32, 64, 1, 128)
     print("tuning at the shape of record (block_t, num_warps): fwd ms, fwd+bwd ms", flush=True)
     best, best_t = {}, float("inf")
-    tunings = [(128, 8, "tf32"), (64, 4, "tf32"), (128, 4, "tf32"), (128, 8, "bf16"),
-               (128, 8, "tf32x3")]
-    for bt, nw, fine in tunings[:1] if quick else tunings:
-        kw = dict(block_t=bt, num_warps=nw, fine=fine)
+    tunings = [(128, 8, "tf32", "tf32"), (128, 8, "tf32", "bf16"), (64, 4, "tf32", "tf32"),
+               (64, 4, "tf32", "bf16"), (128, 8, "bf16", "bf16"), (128, 4, "tf32", "tf32")]
+    for bt, nw, fine, rect in tunings[:4] if quick else tunings:
+        kw = dict(block_t=bt, num_warps=nw, fine=fine, rect=rect)
         f, b = row(record, Q, "kernel", **kw)
         print(f"  {kw}: {f:.3f} {b:.3f}", flush=True)
         if f + b < best_t and fine == "tf32":  # tf32 is the precision the check holds to

@@ -75,11 +75,12 @@ def check(shape, chunk, tol=1e-2, with_reference=False, **kernel_kw):
 def main():
     print(jax.devices(), flush=True)
     ok = check((4, 4096, 32, 64, 1, 128), 256)
-    for fine in ("tf32x3", "bf16"):  # other precisions of the state paths, for the record
+    for kw in ({"rect": "bf16"}, {"block_t": 64, "num_warps": 4},
+               {"fine": "bf16", "rect": "bf16"}):  # other settings, for the record
         try:
-            check((4, 4096, 32, 64, 1, 128), 256, fine=fine)
+            check((4, 4096, 32, 64, 1, 128), 256, **kw)
         except Exception as e:  # noqa: BLE001
-            print(f"fine={fine} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            print(f"{kw} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
     ok &= check((1, 1000, 8, 64, 2, 64), 256, with_reference=True)  # L % chunk != 0, G > 1
     ok &= check((2, 512, 4, 32, 4, 16), 64, with_reference=True)
     print("ALL OK" if ok else "FAILED", flush=True)

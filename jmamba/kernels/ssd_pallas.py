@@ -35,6 +35,7 @@ class _Cfg(NamedTuple):
     interpret: bool
     num_warps: int
     fine: str  # matmul precision of the state paths for bf16 inputs: bf16, tf32, tf32x3
+    rect: str = "tf32"  # the decay gradient's one matmul for bf16 inputs: tf32 or bf16
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, **kw):
@@ -181,7 +182,8 @@ def _core_bwd(cfg, res, cts):
         [jax.ShapeDtypeStruct((Bsz, Lp, H, N), f32), jax.ShapeDtypeStruct(dt.shape, f32),
          jax.ShapeDtypeStruct((Bsz, nT, H, Lp), f32)],
         cfg, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype, fine=fine,
-        rect=f32 if x.dtype == f32 else "tf32")(x, dt, acs, Bm, Cm, dy, states)
+        rect=f32 if x.dtype == f32 else (x.dtype if cfg.rect == "bf16" else cfg.rect),
+    )(x, dt, acs, Bm, Cm, dy, states)
 
     da = _decay_grad(rect_parts.sum(1), off, dst, acs, dstates, states, Q)
     group_sum = lambda a, like: a.reshape(Bsz, Lp, G, R, N).sum(3).astype(like.dtype)
@@ -194,7 +196,7 @@ _ssd_core.defvjp(_core_fwd, _core_bwd)
 
 def ssd_pallas(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
                initial_state_BxHxPxN=None, chunk_size=64, interpret=None, block_t=128,
-               num_warps=8, fine="tf32"):
+               num_warps=8, fine="tf32", rect="tf32"):
     """The chunked SSD through Pallas kernels. Returns (y_BxLxHxP, final_state_BxHxPxN).
 
     interpret=None picks interpret mode on CPU. On GPU, chunk_size, P and N must be powers of
@@ -206,7 +208,7 @@ def ssd_pallas(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     cfg = _Cfg(chunk=Q, bt=min(block_t, Q), bp=P if interpret else 16, interpret=interpret,
-               num_warps=num_warps, fine=fine)
+               num_warps=num_warps, fine=fine, rect=rect)
     dt_BxLxH = jax.nn.softplus(dt_BxLxH.astype(f32) + dt_bias_H.astype(f32))
     x, Bm, Cm = x_BxLxHxP, B_BxLxGxN, C_BxLxGxN
     # Pad L to a multiple of Q with dt = 0: no decay and no input, so the padded steps leave

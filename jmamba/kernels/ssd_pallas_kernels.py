@@ -152,42 +152,54 @@ def chunk_scan_bwd_dc_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, dy_ref, st_re
     within-chunk outputs w.r.t. the step's log decay a_k (acs_t - acs_s = a_{s+1}+...+a_t),
     this t-block's share (the caller sums the t-blocks). Summing Z over that rectangle
     directly, rather than taking rows of Z minus columns of a separately rounded Z and then a
-    reverse cumsum, avoids the cancellation that cost the bf16 path its dA precision.
+    reverse cumsum, avoids the cancellation that cost the bf16 path its dA precision. Only
+    the diagonal tile needs a matmul (by a strictly-upper 0/1 matrix, in `rect` precision);
+    tiles before it reduce to column and row sums. Assumes bs == bt.
     """
-    t0 = pl.program_id(3) * bt
+    tb = pl.program_id(3)
+    t0 = tb * bt
     ts = pl.ds(t0, bt)
     c_t, dy_t, acs_t = c_ref[ts, :], dy_ref[ts, :], acs_ref[ts]
     dC_TxN = _mm(dy_t, st_ref[...], fine) * jnp.exp(acs_t)[:, None]
     off_ref[ts] = jnp.sum(dC_TxN * c_t.astype(f32), axis=1)  # dy_t . y_off_t
     rect_ref[...] = jnp.zeros(rect_ref.shape, f32)
-    t_idx = t0 + lax.broadcasted_iota(jnp.int32, (bt,), 0)
+    # Positions within a block: t (rows of this t-block) and k (a block of decay steps).
+    t_in = lax.broadcasted_iota(jnp.int32, (bt, bs), 0)
+    k_in = lax.broadcasted_iota(jnp.int32, (bt, bs), 1)
     strictly_before = (lax.broadcasted_iota(jnp.int32, (bs, bs), 0)
                        < lax.broadcasted_iota(jnp.int32, (bs, bs), 1)).astype(f32)
 
-    def body(j, dC_TxN):
+    def tile(j):
         s0 = j * bs
         ss = pl.ds(s0, bs)
         b_s = b_ref[ss, :]
         cb_TxS = _mm(c_t, b_s, dtype, trans_b=True)
         dyx_TxS = _mm(dy_t, x_ref[ss, :], dtype, trans_b=True)
         w_TxS = dyx_TxS * _decay(acs_t, acs_ref[ss], t0, s0) * dt_ref[ss][None, :]
-        z_TxS = w_TxS * cb_TxS
-        # k inside this s-block: sum over s < k of the tile's row t, for rows t >= k.
-        k_idx = s0 + lax.broadcasted_iota(jnp.int32, (bs,), 0)
-        r_TxK = _mm(z_TxS, strictly_before, rect)
-        rect_ref[ss] += jnp.sum(jnp.where(t_idx[:, None] >= k_idx[None, :], r_TxK, 0.0), 0)
-        # k in later blocks (up to this t-block): every s of the tile is before k.
-        row_T = jnp.sum(z_TxS, axis=1)
+        return ss, b_s, w_TxS, w_TxS * cb_TxS
 
-        def later(kb, _):
+    def off_diagonal(j, dC_TxN):
+        """An s-block before the t-block: every t is after every k of the s-block."""
+        ss, b_s, w_TxS, z_TxS = tile(j)
+        col_S = jnp.sum(z_TxS, axis=0)
+        # k in the s-block: the columns s < k (an exclusive cumsum of the column sums).
+        rect_ref[ss] += jnp.sum(col_S[:, None] * strictly_before, axis=0)
+        # k in the blocks between: the whole tile; k in the t-block: the rows t >= k.
+        total = jnp.sum(col_S)
+
+        def between(kb, carry):
             kk = pl.ds(kb * bs, bs)
-            k_idx = kb * bs + lax.broadcasted_iota(jnp.int32, (bs,), 0)
-            rect_ref[kk] += jnp.sum(jnp.where(t_idx[:, None] >= k_idx[None, :],
-                                              row_T[:, None], 0.0), 0)
-            return _
+            rect_ref[kk] += total
+            return carry
 
-        lax.fori_loop(j + 1, (t0 + bt) // bs, later, 0)
+        lax.fori_loop(j + 1, tb, between, 0)
+        row_T = jnp.sum(z_TxS, axis=1)
+        rect_ref[ts] += jnp.sum(jnp.where(t_in >= k_in, row_T[:, None], 0.0), axis=0)
         return dC_TxN + _mm(w_TxS, b_s, dtype)
 
-    dC_TxN = lax.fori_loop(0, (t0 + bt) // bs, body, dC_TxN)
-    dc_ref[ts, :] = dC_TxN
+    dC_TxN = lax.fori_loop(0, tb, off_diagonal, dC_TxN)
+    # The diagonal tile: k, t and s share the block; rows t >= k, columns s < k.
+    ss, b_s, w_TxS, z_TxS = tile(tb)
+    r_TxK = _mm(z_TxS, strictly_before, rect)
+    rect_ref[ts] += jnp.sum(jnp.where(t_in >= k_in, r_TxK, 0.0), axis=0)
+    dc_ref[ts, :] = dC_TxN + _mm(w_TxS, b_s, dtype)
