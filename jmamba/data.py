@@ -39,9 +39,11 @@ def recall_batch(seed: int, step: int, batch_size: int, seq_len: int, vocab_size
 class RecallData:
     """Deterministic iterator over recall batches; `step` is its whole position."""
 
-    def __init__(self, seed, batch_size, seq_len, vocab_size, n_pairs, step=0):
+    def __init__(self, seed, batch_size, seq_len, vocab_size, n_pairs, step=0, rows=None):
+        """rows: the global rows to return (a process's share); all by default."""
         self.args = (batch_size, seq_len, vocab_size, n_pairs)
         self.seed, self.step = seed, step
+        self.rows = None if rows is None or len(rows) == batch_size else np.asarray(rows)
 
     def state(self) -> dict:
         return {"step": self.step}
@@ -53,6 +55,8 @@ class RecallData:
         return self
 
     def __next__(self):
-        batch = recall_batch(self.seed, self.step, *self.args)
+        batch = recall_batch(self.seed, self.step, *self.args)  # cheap: made whole, then cut
         self.step += 1
+        if self.rows is not None:
+            batch = {k: v[self.rows] for k, v in batch.items()}
         return batch

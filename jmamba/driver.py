@@ -13,27 +13,26 @@ from jmamba.config import Config
 from jmamba.data import RecallData
 from jmamba.guard import Hooks, NonFiniteLoss, StopSignals, check_finite
 from jmamba.metrics import Profiler, RunLog, device_memory
-from jmamba.parallel.setup import build
+from jmamba.parallel.setup import build, process_rows
 
 
 def count_params(params) -> int:
     return sum(x.size for x in jax.tree.leaves(params))
 
 
-def make_data(cfg: Config):
+def make_data(cfg: Config, rows=None):
     """Token files when --data is given, else the embedded recall task; both are
-    deterministic iterators whose position is the step (state()/restore())."""
+    deterministic iterators whose position is the step (state()/restore()). `rows`: the
+    global batch rows this process's devices hold (process_rows), the only ones it reads."""
     m, t = cfg.model, cfg.train
     if t.data:
-        # The step takes the batch replicated, so every process reads all rows for now;
-        # the loaders' process_index/count split them once the batch is sharded over 'ep'.
         if use_grain(t.loader):
             from jmamba.grain_data import GrainTokenData
             return GrainTokenData(t.data, t.batch_size, t.seq_len, m.vocab_size, t.seed,
-                                  n_steps=t.steps)
+                                  n_steps=t.steps, rows=rows)
         from jmamba.tokens import TokenData
-        return TokenData(t.data, t.batch_size, t.seq_len, m.vocab_size, t.seed)
-    return RecallData(t.seed, t.batch_size, t.seq_len, m.vocab_size, t.n_pairs)
+        return TokenData(t.data, t.batch_size, t.seq_len, m.vocab_size, t.seed, rows=rows)
+    return RecallData(t.seed, t.batch_size, t.seq_len, m.vocab_size, t.n_pairs, rows=rows)
 
 
 def use_grain(loader: str) -> bool:
@@ -51,12 +50,20 @@ def use_grain(loader: str) -> bool:
     return True
 
 
-def to_device(batch, run):
-    """One process: plain arrays. Many: global arrays built from each process's copy."""
-    if jax.process_count() == 1:
+def to_device(batch, run, rows, batch_size):
+    """The step's global batch from this process's rows (`rows`, in the loader's order):
+    one device gets plain arrays; a mesh gets arrays split over 'ep', each device given
+    its own rows (from this process's copy, which holds no others)."""
+    if run.batch_sharding is None:
         return jax.tree.map(jnp.asarray, batch)
-    sharding = jax.sharding.NamedSharding(run.mesh, jax.sharding.PartitionSpec())
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+    where = {g: i for i, g in enumerate(rows)}
+
+    def place(x):
+        shape = (batch_size,) + x.shape[1:]
+        local = lambda index: x[[where[g] for g in range(*index[0].indices(shape[0]))]]
+        return jax.make_array_from_callback(shape, run.batch_sharding, local)
+
+    return jax.tree.map(place, batch)
 
 
 def peak_tflops(cfg: Config) -> float | None:
@@ -80,7 +87,8 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
                       save=lambda s, st: ckpt.maybe_save(s, st, last=True),
                       after_log=(hooks or Hooks()).after_log)
     hooks = hooks or Hooks()
-    data = make_data(cfg)
+    rows = process_rows(run.batch_sharding, t.batch_size)
+    data = make_data(cfg, rows)
     data.restore({"step": start})  # batches are a pure function of (seed, step)
     n_params = count_params(run.canonical(state.params))
     main = jax.process_index() == 0
@@ -114,7 +122,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     with StopSignals() as signals:
         try:
             for step in range(start + 1, t.steps + 1):
-                batch = to_device(next(data), run)
+                batch = to_device(next(data), run, rows, t.batch_size)
                 with profiler.step(step):
                     state, metrics = run.step_fn(state, batch)
                 dispatched_at = time.perf_counter()

@@ -41,11 +41,11 @@ class GrainTokenData:
 
     def __init__(self, spec: str, batch_size: int, seq_len: int, vocab_size: int, seed: int,
                  n_steps: int, process_index: int = 0, process_count: int = 1,
-                 step: int = 0, threads: int = 8, prefetch: int = 64):
+                 step: int = 0, threads: int = 8, prefetch: int = 64, rows=None):
         import grain  # optional: train.loader=auto falls back to TokenData without it
 
         self.reader = TokenData(spec, batch_size, seq_len, vocab_size, seed, process_index,
-                                process_count)
+                                process_count, rows=rows)
         rows = len(self.reader.rows)
         self.dataset = grain.MapDataset.source(_ProcessSamples(self.reader, n_steps + 1)).batch(
             rows, drop_remainder=True, batch_fn=self._collate)

@@ -9,8 +9,9 @@ starting at window_j * seq_len, so windows cross document boundaries (a document
 shorter than seq_len needs no special case; a file shorter than one window is an error).
 Windows are visited in a fresh random order each epoch. Mixing is exact and stateless:
 weights become integer slot counts in a cycle of MIX_SLOTS samples, spread evenly, so the
-k-th sample of dataset d is known in O(1). Global sample g = step * batch_size + row, and
-process p of P reads rows [p B/P, (p+1) B/P). A batch is therefore a pure function of
+k-th sample of dataset d is known in O(1). Global sample g = step * batch_size + row; a
+process reads only the rows its devices hold (the driver passes them; by default process p
+of P reads rows [p B/P, (p+1) B/P)). A batch is therefore a pure function of
 (seed, step): the iterator's whole position is the step (state()/restore()).
 
 This module defines the data and reads it with numpy; jmamba/grain_data.py loads the same
@@ -102,7 +103,10 @@ class TokenData:
     """Iterator over {'inputs', 'targets', 'mask'} batches of this process's rows."""
 
     def __init__(self, spec: str, batch_size: int, seq_len: int, vocab_size: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, step: int = 0):
+                 process_index: int = 0, process_count: int = 1, step: int = 0,
+                 rows=None):
+        """rows: the global batch rows to read (the driver passes those its devices hold);
+        by default process p of P reads the p-th contiguous block of B/P rows."""
         if batch_size % process_count:
             raise ValueError(f"train.batch_size {batch_size} must split evenly over "
                              f"{process_count} processes")
@@ -115,8 +119,12 @@ class TokenData:
                                       np.cumsum(onehot, axis=0)])
         self.batch_size, self.seq_len, self.vocab, self.seed = (batch_size, seq_len,
                                                                vocab_size, seed)
-        rows = batch_size // process_count
-        self.rows = range(process_index * rows, (process_index + 1) * rows)
+        if rows is None:
+            n = batch_size // process_count
+            rows = range(process_index * n, (process_index + 1) * n)
+        if not rows or not all(0 <= r < batch_size for r in rows):
+            raise ValueError(f"rows must be a non-empty subset of range({batch_size})")
+        self.rows = tuple(rows)
         self.step = step
 
     def state(self) -> dict:

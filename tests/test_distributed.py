@@ -35,24 +35,33 @@ def losses(log_dir):
 
 
 def test_two_processes_match_one(tmp_path):
-    """~1 minute on 2 cores: three train.py processes compile at once."""
-    args = ["--pp", "2", "--ep", "4", "--microbatches", "2", "--steps", "2", "--log_every",
-            "1", "--warmup_steps", "0", "--batch_size", "8", "--d_model", "16",
-            "--n_layer", "2", "--headdim", "8", "--d_state", "8", "--d_expert", "16"]
+    """~1.5 minutes on 2 cores: five train.py processes compile at once.
+
+    pp=2 x ep=4 puts a pipeline stage on each process (each reads the whole batch);
+    pp=1 x ep=8 splits the batch rows across the processes (each reads only its half).
+    With no token dropped (capacity factor 8) both layouts give the same losses."""
+    args = ["--steps", "2", "--log_every", "1", "--warmup_steps", "0", "--batch_size", "8",
+            "--d_model", "16", "--n_layer", "2", "--headdim", "8", "--d_state", "8",
+            "--d_expert", "16", "--n_experts", "8", "--ep_capacity_factor", "8"]
+    pipeline = ["--pp", "2", "--ep", "4", "--microbatches", "2"]
+    experts = ["--pp", "1", "--ep", "8"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
            "XLA_FLAGS": ""}  # the conftest's 8 devices must not leak into the children
     run = lambda extra, log: subprocess.Popen(
         [sys.executable, "train.py", *args, "--log_dir", str(tmp_path / log), *extra],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    dist = ["--coordinator", f"localhost:{port}", "--num_processes", "2"]
-    procs = [run(dist + ["--process_id", str(i)], f"p{i}") for i in (0, 1)]
-    procs.append(run([], "single"))
+    procs = [run(pipeline, "single")]
+    for name, layout in (("pipe", pipeline), ("ep", experts)):
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            port = s.getsockname()[1]
+        dist = ["--coordinator", f"localhost:{port}", "--num_processes", "2"]
+        procs += [run(layout + dist + ["--process_id", str(i)], f"{name}{i}") for i in (0, 1)]
     for p in procs:
-        out, _ = p.communicate(timeout=300)
+        out, _ = p.communicate(timeout=400)
         assert p.returncode == 0, out[-2000:]
     # gloo's all-reduce may add in another order than one process does: fp32 rounding only
-    assert losses(tmp_path / "p0") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
-    assert not os.path.exists(tmp_path / "p1" / "metrics.jsonl")  # only process 0 writes
+    single = losses(tmp_path / "single")
+    assert losses(tmp_path / "pipe0") == pytest.approx(single, rel=1e-5)
+    assert losses(tmp_path / "ep0") == pytest.approx(single, rel=1e-5)
+    assert not os.path.exists(tmp_path / "pipe1" / "metrics.jsonl")  # only process 0 writes

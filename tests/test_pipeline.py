@@ -147,19 +147,25 @@ def test_more_stages_than_devices_rejected():
         make_mesh(4, 4)
 
 
-def run_train(*flags, tmp):
+def start_train(*flags, tmp):
     cmd = [sys.executable, "train.py", "--steps", "20", "--log_every", "1", "--warmup_steps",
            "2", "--d_model", "16", "--headdim", "8", "--d_state", "8", "--chunk_size", "8",
            "--d_expert", "16", "--batch_size", "8", "--seq_len", "40", "--n_pairs", "4",
            "--log_dir", str(tmp), *flags]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                       cwd=__file__.rsplit("/tests/", 1)[0])
-    assert r.returncode == 0, r.stderr
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=__file__.rsplit("/tests/", 1)[0])
+
+
+def losses(proc, tmp):
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-2000:]
     return [json.loads(line)["loss"] for line in open(tmp / "metrics.jsonl")]
 
 
 def test_train_py_pp2_logs_the_same_losses_as_pp1(tmp_path):
-    pp2 = run_train("--pp", "2", "--microbatches", "4", tmp=tmp_path / "pp2")
-    pp1 = run_train("--pp", "1", tmp=tmp_path / "pp1")
+    """The two runs go at once (one per core)."""
+    runs = {pp: start_train("--pp", pp, "--microbatches", "4" if pp == "2" else "1",
+                            tmp=tmp_path / pp) for pp in ("2", "1")}
+    pp2, pp1 = (losses(runs[pp], tmp_path / pp) for pp in ("2", "1"))
     assert len(pp1) == len(pp2) == 20
     np.testing.assert_allclose(pp2, pp1, rtol=1e-5)

@@ -80,3 +80,25 @@ def test_bad_ep_layouts_rejected():
                         parallel=ParallelConfig(ep=4)))
     with pytest.raises(ValueError, match="parallel.ep_dispatch"):
         validate(Config(model=MODEL, parallel=ParallelConfig(ep_dispatch="fast")))
+
+
+def test_each_process_reads_only_its_devices_rows():
+    """The batch is split over 'ep': a process holding ep ranks {0, 1} of 4 needs rows 0-7
+    of 16; one holding a whole pipeline stage needs every row; and the microbatch split
+    keeps each ep rank inside its own rows (no data moves between devices)."""
+    from jax.sharding import NamedSharding
+    from jmamba.parallel.mesh import spec
+    from jmamba.parallel.pipeline import microbatch
+    from jmamba.parallel.setup import process_rows
+
+    mesh = make_mesh(2, 4)
+    sharding = NamedSharding(mesh, spec("batch"))
+    assert process_rows(sharding, 16) == tuple(range(16))
+    assert process_rows(sharding, 16, mesh.devices[:, :2].ravel()) == tuple(range(8))
+    assert process_rows(sharding, 16, mesh.devices[:, 3]) == tuple(range(12, 16))
+    assert process_rows(sharding, 16, mesh.devices[1]) == tuple(range(16))
+    assert process_rows(None, 4) == (0, 1, 2, 3)
+    rows_MxB = np.asarray(microbatch({"x": jnp.arange(16)}, 2, ep=4)["x"])
+    assert sorted(rows_MxB.ravel()) == list(range(16))
+    for e in range(4):
+        assert set(rows_MxB[:, 2 * e:2 * e + 2].ravel()) == set(range(4 * e, 4 * e + 4))

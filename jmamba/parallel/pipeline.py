@@ -66,9 +66,16 @@ def transfer_bytes(cfg, microbatch_rows: int, seq_len: int) -> int:
     return n * (r_bytes if cfg.parallel.pp_comm == "sum" else h_bytes + r_bytes)
 
 
-def microbatch(batch: dict, M: int) -> dict:
-    """[B, L] -> [M, B/M, L]: microbatch m holds rows m*B/M ... (m+1)*B/M - 1."""
-    return jax.tree.map(lambda a: a.reshape((M, a.shape[0] // M) + a.shape[1:]), batch)
+def microbatch(batch: dict, M: int, ep: int = 1) -> dict:
+    """[B, L] -> [M, B/M, L], where ep rank e holds global rows [e B/ep, (e+1) B/ep) (the
+    step's batch sharding, so each process reads only its devices' rows): microbatch m's
+    e-th part is rows e B/ep + m B/(M ep) ... + B/(M ep) - 1 of that slice. A local
+    reshape on every device, no communication."""
+    def split(a):
+        B = a.shape[0]
+        a = a.reshape((ep, M, B // (M * ep)) + a.shape[1:])
+        return jnp.swapaxes(a, 0, 1).reshape((M, B // M) + a.shape[3:])
+    return jax.tree.map(split, batch)
 
 
 def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
@@ -148,7 +155,7 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
     batch_spec = spec(*BATCH_AXES)
 
     def loss_fn(stage_params, batch):
-        mbs = microbatch(batch, M)
+        mbs = microbatch(batch, M, p.ep)
         param_specs = stage_param_specs(stage_params)
         fn = jax.shard_map(
             per_device, mesh=mesh,

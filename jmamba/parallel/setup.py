@@ -21,7 +21,7 @@ from jmamba.optim import lr_schedule, make_optimizer
 from jmamba.parallel.ep import make_ep_experts_fn
 from jmamba.parallel.layout import (StageLayout, tie_gradients, to_canonical, to_stage,
                                     unique_sq_norm)
-from jmamba.parallel.mesh import make_mesh, shardings, stage_param_specs
+from jmamba.parallel.mesh import make_mesh, shardings, spec, stage_param_specs
 from jmamba.parallel.pipeline import make_pipeline_loss
 from jmamba.step import TrainState, init_state, make_train_step
 
@@ -33,6 +33,7 @@ class Training:
     canonical: Callable  # stage-layout params -> canonical params (identity on one device)
     mesh: Any = None
     layout: StageLayout | None = None
+    batch_sharding: Any = None  # the [B, ...] batch split over 'ep' (None: one device)
 
 
 def experts_fn_for(cfg):
@@ -80,10 +81,24 @@ def build(cfg, params=None) -> Training:
                               transform_non_params=lambda _: replicated))
     state = jax.jit(functools.partial(init_state, optimizer=optimizer),
                     out_shardings=state_sh)(stage_params)
-    step_fn = jax.jit(step, in_shardings=(state_sh, replicated),
+    batch_sh = NamedSharding(mesh, spec("batch"))
+    step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, replicated), donate_argnums=0)
     return Training(step_fn, state, functools.partial(to_canonical, layout=layout), mesh,
-                    layout)
+                    layout, batch_sh)
+
+
+def process_rows(batch_sharding, batch_size: int, devices=None) -> tuple[int, ...]:
+    """The global batch rows that this process's devices (or `devices`) hold: the only
+    rows its data loader needs to read."""
+    if batch_sharding is None:
+        return tuple(range(batch_size))
+    devices = set(devices if devices is not None else batch_sharding.addressable_devices)
+    rows = set()
+    for device, index in batch_sharding.devices_indices_map((batch_size,)).items():
+        if device in devices:
+            rows.update(range(*index[0].indices(batch_size)))
+    return tuple(sorted(rows))
 
 
 def param_bytes_per_device(params) -> dict[int, dict[str, int]]:
