@@ -36,6 +36,7 @@ class _Cfg(NamedTuple):
     num_warps: int
     fine: str  # matmul precision of the state paths for bf16 inputs: bf16, tf32, tf32x3
     rect: str = "tf32"  # the decay gradient's one matmul for bf16 inputs: tf32 or bf16
+    bk: int = 64  # input rows per loop step in the chunk-states kernel
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, **kw):
@@ -76,7 +77,7 @@ def _chunk_outer(u, v, w, cfg, dtype):
     return _call(K.chunk_outer_kernel, (Bsz, Lp // cfg.chunk, H),
                  [sp.rows_P, sp.group_N, sp.chunk], sp.state,
                  jax.ShapeDtypeStruct((Bsz, Lp // cfg.chunk, H, P, N), f32), cfg,
-                 bk=min(64, cfg.chunk), dtype=dtype)(u, v, w)
+                 bk=min(cfg.bk, cfg.chunk), dtype=dtype)(u, v, w)
 
 
 def _state_pass(s_BxCxHxPxN, e_BxHxC, init_BxHxPxN, cfg, reverse):

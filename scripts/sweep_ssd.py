@@ -1,0 +1,88 @@
+"""Tunes the Pallas SSD kernel's launches one at a time at the shape of record, on a GPU.
+
+Run from the repo root: PYTHONPATH=. python3 scripts/sweep_ssd.py
+Prints, per pallas_call, the time of each setting (median of sync'd calls, and of calls
+dispatched 20 at a time, which hides the host round trip), then whole forward and
+forward+backward times for candidate defaults. Results go in docs/benchmarks.md.
+"""
+
+import functools
+import itertools
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from jmamba.kernels import ssd_pallas as S
+from scripts.bench_ssd import fns, timeit
+from scripts.check_ssd_gpu import make_inputs
+
+SHAPE, Q = (4, 4096, 32, 64, 1, 128), 256
+
+
+def timeit_batched(f, args, n=20, repeats=5):
+    """Median over `repeats` of (time of n back-to-back calls, one sync) / n, in ms."""
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        outs = [f(*args) for _ in range(n)]
+        jax.block_until_ready(outs)
+        times.append((time.perf_counter() - t) / n)
+    return statistics.median(times) * 1e3
+
+
+def both_times(f, args):
+    try:
+        return f"{timeit(f, args):.3f} / {timeit_batched(f, args):.3f}"
+    except Exception as e:  # noqa: BLE001  (a setting that does not compile)
+        return f"failed: {type(e).__name__}: {str(e)[:120]}"
+
+
+def cfg(**kw):
+    base = dict(chunk=Q, bt=128, bp=16, interpret=False, num_warps=8, fine="tf32",
+                rect="bf16", bk=64)
+    return S._Cfg(**{**base, **kw})
+
+
+def main():
+    print(jax.devices()[0].device_kind, "(ms: sync'd / batched)", flush=True)
+    x, dt, A, Bm, Cm, D, dt_bias = make_inputs(*SHAPE, with_state=False)[:7]
+    Bsz, L, H, P, G, N = SHAPE
+    dt3 = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias).transpose(0, 2, 1)
+    a = dt3 * A[:, None]
+    acs = S._chunk_cumsum(a, Q)
+    init = jnp.zeros((Bsz, H, P, N), jnp.float32)
+
+    print("chunk states (chunk_outer):", flush=True)
+    for bk, nw, fine in itertools.product((32, 64, 128), (4, 8), ("tf32", "bf16")):
+        c = cfg(bk=bk, num_warps=nw)
+        f = jax.jit(lambda u, v, w, c=c, fine=fine: S._chunk_outer(
+            u, v, w, c, S._fine(u.dtype, c._replace(fine=fine))))
+        print(f"  bk={bk} warps={nw} fine={fine}: {both_times(f, (x, Bm, dt3))}", flush=True)
+
+    s_c = S._chunk_outer(x, Bm, dt3, cfg(), jnp.bfloat16)
+    e = jnp.exp(acs.reshape(Bsz, H, L // Q, Q)[..., -1])
+    print("state pass:", flush=True)
+    for bp, nw in itertools.product((8, 16, 32, 64), (1, 2, 4)):
+        c = cfg(bp=bp, num_warps=nw)
+        f = jax.jit(lambda s, e, i, c=c: S._state_pass(s, e, i, c, False))
+        print(f"  bp={bp} warps={nw}: {both_times(f, (s_c, e, init))}", flush=True)
+
+    print("whole forward / forward+backward (ssd_pallas):", flush=True)
+    args = (x, dt, A, Bm, Cm, D, dt_bias)
+    for bt, nw, fine, rect in [(128, 8, "tf32", "bf16"), (64, 4, "tf32", "bf16"),
+                               (64, 4, "bf16", "bf16"), (128, 8, "bf16", "bf16"),
+                               (128, 4, "bf16", "bf16"), (64, 8, "bf16", "bf16")]:
+        kw = dict(block_t=bt, num_warps=nw, fine=fine, rect=rect)
+        fwd, both = fns("kernel", Q, **kw)
+        print(f"  {kw}: fwd {both_times(fwd, args)}  fwd+bwd {both_times(both, args)}",
+              flush=True)
+    fwd, both = fns("chunked", Q)
+    print(f"  XLA ssd_chunked: fwd {both_times(fwd, args)}  fwd+bwd {both_times(both, args)}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
