@@ -7,7 +7,7 @@ import difflib
 from dataclasses import dataclass, field
 
 MLP_KINDS = ("moe", "dense", "none")
-SSM_IMPLS = ("chunked", "reference", "kernel")
+SSM_IMPLS = ("auto", "chunked", "reference", "kernel")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -32,7 +32,7 @@ class ModelConfig:
     A_init_range: tuple[float, float] = (1.0, 16.0)
     conv_bias: bool = True
     bias: bool = False
-    ssm_impl: str = "chunked"
+    ssm_impl: str = "auto"  # the Pallas kernel on GPU (where its tiles fit), chunked on CPU
     # Block and LM.
     rms_norm_eps: float = 1e-5
     residual_in_fp32: bool = True

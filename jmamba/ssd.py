@@ -119,11 +119,26 @@ def ssd_chunked(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
     return y.astype(x_BxLxHxP.dtype), final_BxGxRxPxN.reshape(Bsz, H, P, N)
 
 
+def kernel_fits(P: int, N: int, chunk_size: int) -> bool:
+    """Whether the Pallas kernel compiles for these sizes on GPU: Triton tiles need powers
+    of two >= 16 (any size runs in interpret mode on CPU)."""
+    return all(n >= 16 and n & (n - 1) == 0 for n in (P, N, chunk_size))
+
+
+def resolve_impl(impl: str, P: int, N: int, chunk_size: int) -> str:
+    """'auto': the Pallas kernel on GPU where its tiles fit, else the chunked XLA path."""
+    if impl != "auto":
+        return impl
+    on_gpu = jax.default_backend() == "gpu"
+    return "kernel" if on_gpu and kernel_fits(P, N, chunk_size) else "chunked"
+
+
 def ssd(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
-        initial_state_BxHxPxN=None, *, chunk_size=64, impl="chunked"):
-    """The one entry point the mixer calls; `impl` picks reference, chunked or kernel."""
+        initial_state_BxHxPxN=None, *, chunk_size=64, impl="auto"):
+    """The one entry point the mixer calls; `impl` picks reference, chunked, kernel or auto."""
     args = (x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
             initial_state_BxHxPxN)
+    impl = resolve_impl(impl, x_BxLxHxP.shape[-1], B_BxLxGxN.shape[-1], chunk_size)
     if impl == "reference":
         return ssd_reference(*args)
     if impl == "chunked":
@@ -131,4 +146,5 @@ def ssd(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
     if impl == "kernel":
         from jmamba.kernels.ssd_pallas import ssd_pallas  # Pallas only when asked for
         return ssd_pallas(*args, chunk_size=chunk_size)
-    raise ValueError(f"unknown ssm_impl {impl!r}; use 'reference', 'chunked' or 'kernel'")
+    raise ValueError(f"unknown ssm_impl {impl!r}; use 'auto', 'reference', 'chunked' or "
+                     "'kernel'")

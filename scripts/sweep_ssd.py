@@ -1,14 +1,15 @@
 """Tunes the Pallas SSD kernel's launches one at a time at the shape of record, on a GPU.
 
-Run from the repo root: PYTHONPATH=. python3 scripts/sweep_ssd.py
+Run from the repo root: PYTHONPATH=. python3 scripts/sweep_ssd.py [outer pass stages whole]
+(the sections to run; all by default).
 Prints, per pallas_call, the time of each setting (median of sync'd calls, and of calls
 dispatched 20 at a time, which hides the host round trip), then whole forward and
 forward+backward times for candidate defaults. Results go in docs/benchmarks.md.
 """
 
-import functools
 import itertools
 import statistics
+import sys
 import time
 
 import jax
@@ -55,8 +56,10 @@ def main():
     acs = S._chunk_cumsum(a, Q)
     init = jnp.zeros((Bsz, H, P, N), jnp.float32)
 
-    print("chunk states (chunk_outer):", flush=True)
-    for bk, nw, fine in itertools.product((32, 64, 128), (4, 8), ("tf32", "bf16")):
+    sections = sys.argv[1:] or ["outer", "pass", "stages", "whole"]
+    print("chunk states (chunk_outer):" if "outer" in sections else "", flush=True)
+    outer = itertools.product((64, 128), (2, 4), ("bf16",)) if "outer" in sections else ()
+    for bk, nw, fine in outer:
         c = cfg(bk=bk, num_warps=nw)
         f = jax.jit(lambda u, v, w, c=c, fine=fine: S._chunk_outer(
             u, v, w, c, S._fine(u.dtype, c._replace(fine=fine))))
@@ -64,21 +67,37 @@ def main():
 
     s_c = S._chunk_outer(x, Bm, dt3, cfg(), jnp.bfloat16)
     e = jnp.exp(acs.reshape(Bsz, H, L // Q, Q)[..., -1])
-    print("state pass:", flush=True)
-    for bp, nw in itertools.product((8, 16, 32, 64), (1, 2, 4)):
+    print("state pass:" if "pass" in sections else "", flush=True)
+    for bp, nw in itertools.product((8, 16, 32), (1, 4)) if "pass" in sections else ():
         c = cfg(bp=bp, num_warps=nw)
         f = jax.jit(lambda s, e, i, c=c: S._state_pass(s, e, i, c, False))
         print(f"  bp={bp} warps={nw}: {both_times(f, (s_c, e, init))}", flush=True)
 
+    print("forward launches, one at a time (block_t 64, 4 warps, fine bf16):", flush=True)
+    for stages in (1, 2, 3, 4) if "stages" in sections else ():
+        c = cfg(bt=64, num_warps=4, fine="bf16", num_stages=stages)
+        states = S._state_pass(S._chunk_outer(x, Bm, dt3, c, jnp.bfloat16), e, init, c, False)
+        parts = {
+            "chunk states": (lambda u, v, w: S._chunk_outer(u, v, w, c, jnp.bfloat16),
+                             (x, Bm, dt3)),
+            "state pass": (lambda s, e, i: S._state_pass(s, e, i, c, False), (s_c, e, init)),
+            "chunk scan": (lambda *a: S._chunk_scan(*a, c), (x, dt3, acs, Bm, Cm, states, D)),
+            "core forward": (lambda *a: S._forward(*a, c),
+                             (x, dt3, a, Bm, Cm, D, init)),
+        }
+        for name, (f, a_) in parts.items():
+            print(f"  stages={stages} {name}: {both_times(jax.jit(f), a_)}", flush=True)
+
     print("whole forward / forward+backward (ssd_pallas):", flush=True)
     args = (x, dt, A, Bm, Cm, D, dt_bias)
-    for bt, nw, fine, rect in [(128, 8, "tf32", "bf16"), (64, 4, "tf32", "bf16"),
-                               (64, 4, "bf16", "bf16"), (128, 8, "bf16", "bf16"),
-                               (128, 4, "bf16", "bf16"), (64, 8, "bf16", "bf16")]:
-        kw = dict(block_t=bt, num_warps=nw, fine=fine, rect=rect)
+    grid = [(64, 4, 2), (64, 4, 3), (128, 8, 2), (64, 4, 2)]  # the first again: run drift
+    for bt, nw, stages in grid if "whole" in sections else ():
+        kw = dict(block_t=bt, num_warps=nw, fine="bf16", rect="bf16", num_stages=stages)
         fwd, both = fns("kernel", Q, **kw)
         print(f"  {kw}: fwd {both_times(fwd, args)}  fwd+bwd {both_times(both, args)}",
               flush=True)
+    if "whole" not in sections:
+        return
     fwd, both = fns("chunked", Q)
     print(f"  XLA ssd_chunked: fwd {both_times(fwd, args)}  fwd+bwd {both_times(both, args)}",
           flush=True)

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from jmamba.kernels.ssd_pallas import ssd_pallas
-from jmamba.ssd import ssd, ssd_chunked, ssd_reference
+from jmamba.ssd import kernel_fits, resolve_impl, ssd, ssd_chunked, ssd_reference
 from tests.test_ssd import random_inputs
 
 NAMES = ["x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state"]
 
 
-def kernel(chunk, block_t):
-    return jax.jit(functools.partial(ssd_pallas, chunk_size=chunk, block_t=block_t))
+def kernel(chunk, block_t, **kw):
+    return jax.jit(functools.partial(ssd_pallas, chunk_size=chunk, block_t=block_t, **kw))
 
 
 def grads(fn, args, w_y, w_s):
@@ -106,3 +106,13 @@ def test_bf16_inputs_close_to_fp32():
     assert y.dtype == jnp.bfloat16 and s.dtype == jnp.float32
     rel = lambda a, b: float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
     assert rel(y, y32) < 2e-2 and rel(s, s32) < 2e-2
+
+
+def test_auto_picks_chunked_on_cpu_and_the_kernel_names_sizes_it_cannot_tile():
+    assert resolve_impl("auto", 64, 128, 256) == "chunked"  # this suite runs on CPU
+    assert resolve_impl("kernel", 64, 128, 256) == "kernel"
+    assert kernel_fits(64, 128, 256) and not kernel_fits(64, 100, 256)
+    assert not kernel_fits(8, 128, 256)
+    args = random_inputs(jax.random.key(15), 1, 32, 2, 8, 1, 8)
+    with pytest.raises(ValueError, match="powers of two.*ssm_impl=auto"):
+        ssd_pallas(*args, chunk_size=16, interpret=False)  # GPU tiling, checked before lowering

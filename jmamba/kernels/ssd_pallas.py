@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jmamba.kernels import ssd_pallas_kernels as K
+from jmamba.ssd import kernel_fits
 
 f32 = jnp.float32
 
@@ -37,6 +38,7 @@ class _Cfg(NamedTuple):
     fine: str  # matmul precision of the state paths for bf16 inputs: bf16, tf32, tf32x3
     rect: str = "tf32"  # the decay gradient's one matmul for bf16 inputs: tf32 or bf16
     bk: int = 64  # input rows per loop step in the chunk-states kernel
+    num_stages: int = 2  # Triton software-pipelining depth of the kernels' loops
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, **kw):
@@ -44,7 +46,7 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, **kw):
     if not cfg.interpret:
         from jax.experimental.pallas import triton as pltriton
         params["compiler_params"] = pltriton.CompilerParams(num_warps=cfg.num_warps,
-                                                            num_stages=2)
+                                                            num_stages=cfg.num_stages)
     return pl.pallas_call(functools.partial(kernel, **kw), grid=grid, in_specs=in_specs,
                           out_specs=out_specs, out_shape=out_shape,
                           interpret=cfg.interpret, **params)
@@ -106,12 +108,22 @@ def _forward(x, dt, a, Bm, Cm, D, init, cfg):
     to_end = jnp.exp(acs_BxHxCxQ[..., -1:] - acs_BxHxCxQ).reshape(Bsz, H, Lp)
     chunk_states = _chunk_outer(x, Bm, dt * to_end, cfg, _fine(x.dtype, cfg))
     states = _state_pass(chunk_states, jnp.exp(acs_BxHxCxQ[..., -1]), init, cfg, False)
+    return _chunk_scan(x, dt, acs, Bm, Cm, states, D, cfg), states, acs
+
+
+def _chunk_scan(x, dt, acs, Bm, Cm, states, D, cfg):
+    """Steps 1 and 4: the outputs, from the inputs and the state entering each chunk.
+
+    Every head makes its own C B^T tiles. Making them once per group in XLA and reading them
+    from the heads was no faster (H100: 0.470 against 0.438 ms forward, docs/benchmarks.md)."""
+    Bsz, Lp, H, P = x.shape
+    G, N = Bm.shape[2:]
+    Q = cfg.chunk
     sp = _Specs(Q, P, N, H, H // G)
-    y = _call(K.chunk_scan_fwd_kernel, (Bsz, C, H, Q // cfg.bt),
-              [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.state, sp.heads],
-              sp.rows_P, jax.ShapeDtypeStruct(x.shape, x.dtype), cfg,
-              bt=cfg.bt, bs=cfg.bt, dtype=x.dtype)(x, dt, acs, Bm, Cm, states, D)
-    return y, states, acs
+    return _call(K.chunk_scan_fwd_kernel, (Bsz, Lp // Q, H, Q // cfg.bt),
+                 [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.state, sp.heads],
+                 sp.rows_P, jax.ShapeDtypeStruct(x.shape, x.dtype), cfg,
+                 bt=cfg.bt, bs=cfg.bt, dtype=x.dtype)(x, dt, acs, Bm, Cm, states, D)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
@@ -170,7 +182,7 @@ def _core_bwd(cfg, res, cts):
          sp.heads],
         [sp.rows_P, sp.chunk, sp.rows_N, sp.chunk, sp.chunk],
         [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(dt.shape, f32),
-         jax.ShapeDtypeStruct((Bsz, Lp, H, N), f32), jax.ShapeDtypeStruct(dt.shape, f32),
+         jax.ShapeDtypeStruct((Bsz, Lp, H, N), x.dtype), jax.ShapeDtypeStruct(dt.shape, f32),
          jax.ShapeDtypeStruct(dt.shape, f32)],
         cfg, q=Q, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype, fine=fine,
     )(x, dt, acs, Bm, Cm, dy, dstates, D)
@@ -180,14 +192,17 @@ def _core_bwd(cfg, res, cts):
         K.chunk_scan_bwd_dc_kernel, grid,
         [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.rows_P, sp.state],
         [sp.rows_N, sp.chunk, rect_spec],
-        [jax.ShapeDtypeStruct((Bsz, Lp, H, N), f32), jax.ShapeDtypeStruct(dt.shape, f32),
+        [jax.ShapeDtypeStruct((Bsz, Lp, H, N), x.dtype), jax.ShapeDtypeStruct(dt.shape, f32),
          jax.ShapeDtypeStruct((Bsz, nT, H, Lp), f32)],
         cfg, bt=cfg.bt, bs=cfg.bt, dtype=x.dtype, fine=fine,
         rect=f32 if x.dtype == f32 else (x.dtype if cfg.rect == "bf16" else cfg.rect),
     )(x, dt, acs, Bm, Cm, dy, states)
 
     da = _decay_grad(rect_parts.sum(1), off, dst, acs, dstates, states, Q)
-    group_sum = lambda a, like: a.reshape(Bsz, Lp, G, R, N).sum(3).astype(like.dtype)
+    # dB and dC come per head, in the input dtype (bf16 halves the 2 x B L H N of traffic;
+    # the sum over a group's heads is fp32 and is rounded to the input dtype anyway).
+    group_sum = lambda a, like: a.reshape(Bsz, Lp, G, R, N).astype(f32).sum(3).astype(
+        like.dtype)
     return (dx, ddt, da, group_sum(dB_h, Bm), group_sum(dC_h, Cm),
             dD_rows.sum((0, 2)).astype(D.dtype), dstates[:, 0])
 
@@ -196,20 +211,26 @@ _ssd_core.defvjp(_core_fwd, _core_bwd)
 
 
 def ssd_pallas(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
-               initial_state_BxHxPxN=None, chunk_size=64, interpret=None, block_t=128,
-               num_warps=8, fine="tf32", rect="tf32"):
+               initial_state_BxHxPxN=None, chunk_size=64, interpret=None, block_t=64,
+               num_warps=4, fine="bf16", rect="bf16", num_stages=2):
     """The chunked SSD through Pallas kernels. Returns (y_BxLxHxP, final_state_BxHxPxN).
 
     interpret=None picks interpret mode on CPU. On GPU, chunk_size, P and N must be powers of
-    two >= 16 (Triton tiles); L need not be a multiple of chunk_size.
+    two >= 16 (Triton tiles); L need not be a multiple of chunk_size. The launch settings'
+    defaults are the fastest that pass scripts/check_ssd_gpu.py (docs/benchmarks.md).
     """
     Bsz, L, H, P = x_BxLxHxP.shape
     G, N = B_BxLxGxN.shape[2:]
     Q = chunk_size
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
+    if not interpret and not kernel_fits(P, N, Q):
+        raise ValueError(
+            f"the Pallas SSD kernel needs headdim, d_state and chunk_size to be powers of two "
+            f">= 16 on GPU, got {P}, {N}, {Q}: change them, or use model.ssm_impl=auto "
+            f"(falls back to chunked) or chunked")
     cfg = _Cfg(chunk=Q, bt=min(block_t, Q), bp=P if interpret else 16, interpret=interpret,
-               num_warps=num_warps, fine=fine, rect=rect)
+               num_warps=num_warps, fine=fine, rect=rect, num_stages=num_stages)
     dt_BxLxH = jax.nn.softplus(dt_BxLxH.astype(f32) + dt_bias_H.astype(f32))
     x, Bm, Cm = x_BxLxHxP, B_BxLxGxN, C_BxLxGxN
     # Pad L to a multiple of Q with dt = 0: no decay and no input, so the padded steps leave

@@ -138,7 +138,7 @@ def chunk_scan_bwd_dx_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, dy_ref, ds_re
     x32_s, dy32_s = x_s.astype(f32), dy_ref[ss, :].astype(f32)
     dx_ref[ss, :] = (dX_SxP * dt_s[:, None] + d_ref[h] * dy32_s).astype(dx_ref.dtype)
     ddt_ref[ss] = jnp.sum(dX_SxP * x32_s, axis=1)
-    db_ref[ss, :] = dB_SxN
+    db_ref[ss, :] = dB_SxN.astype(db_ref.dtype)
     ddd_ref[ss] = jnp.sum(dy32_s * x32_s, axis=1)  # per-row parts of dD
 
 
@@ -202,4 +202,4 @@ def chunk_scan_bwd_dc_kernel(x_ref, dt_ref, acs_ref, b_ref, c_ref, dy_ref, st_re
     ss, b_s, w_TxS, z_TxS = tile(tb)
     r_TxK = _mm(z_TxS, strictly_before, rect)
     rect_ref[ts] += jnp.sum(jnp.where(t_in >= k_in, r_TxK, 0.0), axis=0)
-    dc_ref[ts, :] = dC_TxN + _mm(w_TxS, b_s, dtype)
+    dc_ref[ts, :] = (dC_TxN + _mm(w_TxS, b_s, dtype)).astype(dc_ref.dtype)
