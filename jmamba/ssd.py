@@ -125,12 +125,23 @@ def kernel_fits(P: int, N: int, chunk_size: int) -> bool:
     return all(n >= 16 and n & (n - 1) == 0 for n in (P, N, chunk_size))
 
 
+def triton_lowering_available() -> bool:
+    """The kernel's GPU backend, Pallas' Triton lowering, is deprecated since jax 0.11.0;
+    once a jax release drops it, 'auto' falls back to the chunked path instead of failing."""
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_impl(impl: str, P: int, N: int, chunk_size: int) -> str:
     """'auto': the Pallas kernel on GPU where its tiles fit, else the chunked XLA path."""
     if impl != "auto":
         return impl
     on_gpu = jax.default_backend() == "gpu"
-    return "kernel" if on_gpu and kernel_fits(P, N, chunk_size) else "chunked"
+    fits = kernel_fits(P, N, chunk_size) and triton_lowering_available()
+    return "kernel" if on_gpu and fits else "chunked"
 
 
 def ssd(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
