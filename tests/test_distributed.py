@@ -39,8 +39,9 @@ def test_two_processes_match_one(tmp_path):
 
     pp=2 x ep=4 puts a pipeline stage on each process (each reads the whole batch);
     pp=1 x ep=8 splits the batch rows across the processes (each reads only its half).
-    With no token dropped (capacity factor 8) both layouts give the same losses."""
-    args = ["--steps", "2", "--log_every", "1", "--warmup_steps", "0", "--batch_size", "8",
+    With no token dropped (capacity factor 8) both layouts give the same losses, so the
+    pp=1 pair also checks train.py's pp=2 run against pp=1 over several optimizer steps."""
+    args = ["--steps", "3", "--log_every", "1", "--warmup_steps", "0", "--batch_size", "8",
             "--d_model", "16", "--n_layer", "2", "--headdim", "8", "--d_state", "8",
             "--d_expert", "16", "--n_experts", "8", "--ep_capacity_factor", "8"]
     pipeline = ["--pp", "2", "--ep", "4", "--microbatches", "2"]
