@@ -21,7 +21,6 @@ from jmamba.ssd import ssd_chunked
 from scripts.check_ssd_gpu import make_inputs
 
 
-
 def timeit(f, args, warmup=3, repeats=20):
     """Median of sync'd calls, ms."""
     for _ in range(warmup):
@@ -95,8 +94,7 @@ def stages(shape, Q):
     from jmamba.kernels import ssd_pallas as S
     x, dt, A, Bm, Cm, D, dt_bias = make_inputs(*shape, with_state=False)[:7]
     Bsz, L, H, P, G, N = shape
-    cfg = S._Cfg(chunk=Q, bt=64, bp=16, interpret=False, num_warps=4, fine="bf16",
-                 rect="bf16")  # ssd_pallas's defaults
+    cfg = S.launch_cfg(Q, P, interpret=False)  # ssd_pallas's defaults
     dt3 = jax.nn.softplus(dt.astype(jnp.float32) + dt_bias).transpose(0, 2, 1)
     a = dt3 * A[:, None]
     acs = S._chunk_cumsum(a, Q)

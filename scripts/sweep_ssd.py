@@ -8,30 +8,16 @@ forward+backward times for candidate defaults. Results go in docs/benchmarks.md.
 """
 
 import itertools
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 from jmamba.kernels import ssd_pallas as S
-from scripts.bench_ssd import fns, timeit
+from scripts.bench_ssd import fns, timeit, timeit_batched
 from scripts.check_ssd_gpu import make_inputs
 
 SHAPE, Q = (4, 4096, 32, 64, 1, 128), 256
-
-
-def timeit_batched(f, args, n=20, repeats=5):
-    """Median over `repeats` of (time of n back-to-back calls, one sync) / n, in ms."""
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        outs = [f(*args) for _ in range(n)]
-        jax.block_until_ready(outs)
-        times.append((time.perf_counter() - t) / n)
-    return statistics.median(times) * 1e3
 
 
 def both_times(f, args):
@@ -41,10 +27,10 @@ def both_times(f, args):
         return f"failed: {type(e).__name__}: {str(e)[:120]}"
 
 
-def cfg(**kw):
-    base = dict(chunk=Q, bt=128, bp=16, interpret=False, num_warps=8, fine="tf32",
-                rect="bf16", bk=64)
-    return S._Cfg(**{**base, **kw})
+def cfg(bt=64, bp=16, **kw):
+    """ssd_pallas's launch settings with some changed (bt, bp: block_t and the state pass's
+    head-dim block)."""
+    return S.launch_cfg(Q, SHAPE[3], interpret=False, block_t=bt, **kw)._replace(bp=bp)
 
 
 def main():

@@ -210,14 +210,22 @@ def _core_bwd(cfg, res, cts):
 _ssd_core.defvjp(_core_fwd, _core_bwd)
 
 
+def launch_cfg(chunk_size, P, interpret, block_t=64, num_warps=4, fine="bf16", rect="bf16",
+               num_stages=2, **kw):
+    """The launch settings; the defaults are the fastest that pass scripts/check_ssd_gpu.py
+    (docs/benchmarks.md). Scripts that time one launch alone build theirs here too."""
+    return _Cfg(chunk=chunk_size, bt=min(block_t, chunk_size), bp=P if interpret else 16,
+                interpret=interpret, num_warps=num_warps, fine=fine, rect=rect,
+                num_stages=num_stages, **kw)
+
+
 def ssd_pallas(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
-               initial_state_BxHxPxN=None, chunk_size=64, interpret=None, block_t=64,
-               num_warps=4, fine="bf16", rect="bf16", num_stages=2):
+               initial_state_BxHxPxN=None, chunk_size=64, interpret=None, **launch):
     """The chunked SSD through Pallas kernels. Returns (y_BxLxHxP, final_state_BxHxPxN).
 
     interpret=None picks interpret mode on CPU. On GPU, chunk_size, P and N must be powers of
-    two >= 16 (Triton tiles); L need not be a multiple of chunk_size. The launch settings'
-    defaults are the fastest that pass scripts/check_ssd_gpu.py (docs/benchmarks.md).
+    two >= 16 (Triton tiles); L need not be a multiple of chunk_size. `launch`: block_t,
+    num_warps, fine, rect, num_stages (see launch_cfg for their defaults).
     """
     Bsz, L, H, P = x_BxLxHxP.shape
     G, N = B_BxLxGxN.shape[2:]
@@ -229,8 +237,7 @@ def ssd_pallas(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
             f"the Pallas SSD kernel needs headdim, d_state and chunk_size to be powers of two "
             f">= 16 on GPU, got {P}, {N}, {Q}: change them, or use model.ssm_impl=auto "
             f"(falls back to chunked) or chunked")
-    cfg = _Cfg(chunk=Q, bt=min(block_t, Q), bp=P if interpret else 16, interpret=interpret,
-               num_warps=num_warps, fine=fine, rect=rect, num_stages=num_stages)
+    cfg = launch_cfg(Q, P, interpret, **launch)
     dt_BxLxH = jax.nn.softplus(dt_BxLxH.astype(f32) + dt_bias_H.astype(f32))
     x, Bm, Cm = x_BxLxHxP, B_BxLxGxN, C_BxLxGxN
     # Pad L to a multiple of Q with dt = 0: no decay and no input, so the padded steps leave
