@@ -7,7 +7,7 @@ Train on token files: `python train.py --config moe_1b --data path/to/tokens`.
 
 import dataclasses
 
-from jmamba.config import Config, ModelConfig, TrainConfig
+from jmamba.config import Config, ModelConfig, ParallelConfig, TrainConfig
 
 CONFIG = Config(
     model=dataclasses.replace(
@@ -17,4 +17,7 @@ CONFIG = Config(
     train=dataclasses.replace(
         TrainConfig(), steps=10_000, batch_size=8, seq_len=2048, lr=3e-4, warmup_steps=500,
         log_dir="runs/moe_1b"),
+    # Without remat the step does not fit one 80 GB H100 even at batch 8 (a single 49 GB
+    # buffer, docs/benchmarks.md); full remat fits at 18.8 GB.
+    parallel=ParallelConfig(remat="full"),
 )

@@ -1,4 +1,5 @@
-"""Checks the Pallas SSD kernel at full size on GPU: bf16 outputs and gradients vs fp32 twins.
+"""Checks the Pallas SSD kernel at full size on GPU: bf16 outputs and gradients vs fp32 twins,
+and fp32 (the default preset's dtype) vs the same twins at a tight tolerance.
 
 Run from the repo root: PYTHONPATH=. python3 scripts/check_ssd_gpu.py
 """
@@ -46,11 +47,11 @@ def rel(a, b):
     return float(jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-30))
 
 
-def check(shape, chunk, tol=1e-2, with_reference=False, **kernel_kw):
+def check(shape, chunk, tol=1e-2, with_reference=False, dtype=jnp.bfloat16, **kernel_kw):
     Bsz, L, H, P, G, N = shape
     # The twins get the same bf16 inputs: they compute in fp32 and round y to bf16 as the
     # kernel does, so dy is rounded alike and only the kernel's bf16 matmul operands differ.
-    args = make_inputs(*shape)
+    args = make_inputs(*shape, dtype=dtype)
     kern = jax.jit(functools.partial(ssd_pallas, chunk_size=chunk, **kernel_kw))
     with jax.default_matmul_precision("highest"):
         twins = {"chunked": functools.partial(ssd_chunked, chunk_size=chunk)}
@@ -67,7 +68,7 @@ def check(shape, chunk, tol=1e-2, with_reference=False, **kernel_kw):
         errs[f"d{name}"] = rel(a, b)
     finite = all(bool(jnp.all(jnp.isfinite(a))) for a in [y, s, *g])
     bad = {k: v for k, v in errs.items() if not v < tol}
-    print(f"shape (B,L,H,P,G,N)={shape} chunk={chunk} {kernel_kw}: finite={finite} "
+    print(f"{jnp.dtype(dtype).name} shape (B,L,H,P,G,N)={shape} chunk={chunk} {kernel_kw}: finite={finite} "
           + " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
     return finite and not bad
 
@@ -83,6 +84,11 @@ def main():
     ok &= check((1, 1000, 8, 64, 2, 64), 256, with_reference=True)  # L % chunk != 0, G > 1
     ok &= check((2, 512, 4, 32, 4, 16), 64, with_reference=True)
     ok &= check((1, 16384, 8, 64, 1, 128), 256)  # a long sequence
+    # fp32 end to end (matmuls at HIGHEST precision): the default preset trains this way.
+    ok &= check((2, 1000, 8, 64, 2, 128), 256, tol=1e-4, dtype=jnp.float32,
+                with_reference=True)
+    ok &= check((2, 512, 4, 16, 1, 16), 32, tol=1e-4, dtype=jnp.float32,
+                with_reference=True)  # the default preset's head, state and chunk sizes
     print("ALL OK" if ok else "FAILED", flush=True)
     return 0 if ok else 1
 

@@ -1,7 +1,5 @@
 """grouped_matmul's CPU path and custom VJP against jax.lax.ragged_dot and its autodiff."""
 
-import inspect
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -65,38 +63,11 @@ def test_kernel_impl_refused_where_it_cannot_run():
         grouped_matmul(x, w, jnp.asarray(GROUP_SIZES), impl="kernel")
 
 
-def fake_kernels(monkeypatch):
-    """Stand-ins for the Mosaic GPU kernels (which need a Hopper GPU) with their documented
-    contracts: same keyword signature, row blocks, and rows outside every group left
-    unwritten (filled with 7 here)."""
-    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
-    real_rd, real_trd = ragged_dot_mgpu.ragged_dot, transposed_ragged_dot_mgpu.transposed_ragged_dot
-
-    def ragged_dot(lhs, rhs, **kw):
-        inspect.signature(real_rd).bind(lhs, rhs, **kw)
-        assert lhs.shape[0] % kw["block_m"] == 0
-        rhs = jnp.swapaxes(rhs, 1, 2) if kw.get("transpose_rhs") else rhs
-        y = jax.lax.ragged_dot(lhs, rhs, kw["group_sizes"])
-        written = jnp.arange(lhs.shape[0])[:, None] < jnp.sum(kw["group_sizes"])
-        return jnp.where(written, y, 7.0).astype(lhs.dtype)
-
-    def transposed_ragged_dot(lhs, rhs, **kw):
-        inspect.signature(real_trd).bind(lhs, rhs, **kw)
-        assert lhs.shape[1] % kw["block_m"] == 0 and rhs.shape[1] % kw["block_n"] == 0
-        dims = jax.lax.RaggedDotDimensionNumbers((((0,), (0,)), ((), ())), [0], [])
-        return jax.lax.ragged_dot_general(lhs, rhs, kw["group_sizes"], dims)
-
-    monkeypatch.setattr(ragged_dot_mgpu, "ragged_dot", ragged_dot)
-    monkeypatch.setattr(transposed_ragged_dot_mgpu, "transposed_ragged_dot",
-                        transposed_ragged_dot)
-    monkeypatch.setattr(gm, "_on_hopper", lambda: True)
-
-
-def test_kernel_path_wiring_with_stand_in_kernels(monkeypatch):
-    fake_kernels(monkeypatch)
+def test_kernel_path_wiring_with_stand_in_kernels(mosaic_standin):
+    """The kernel path (padding, unwritten rows, custom VJP) on stand-in kernels
+    (tests/conftest.py), against lax.ragged_dot."""
     x, w, ct = (a.astype(jnp.bfloat16) for a in operands())  # S = 24: padded to 32 rows
     gs, blocks = jnp.asarray(GROUP_SIZES), gm.Blocks(16, 16, 16, 2, 1)
-    assert kernel_usable(x, w, blocks)
     run = lambda impl: jax.value_and_grad(lambda x, w: jnp.sum(
         (gm.grouped_matmul(x, w, gs, impl, blocks) * ct).astype(jnp.float32)), (0, 1))(x, w)
     y_k, y_x = gm.grouped_matmul(x, w, gs, "kernel", blocks), gm.grouped_matmul(x, w, gs, "xla")

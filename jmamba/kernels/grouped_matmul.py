@@ -16,6 +16,9 @@ Paths (picked at trace time, see `kernel_usable`):
   "kernel" raises. S is zero-padded up to a multiple of the row block (the padding rows
   belong to no group). The forward kernel leaves rows past sum(g) unwritten, so they are
   zeroed here to keep lax.ragged_dot's semantics.
+Under shard_map the kernels' outputs are typed as the same on every device although they
+are per device; both are re-typed here, and each cotangent takes its primal's type
+(jmamba/kernels/vma.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from jmamba.kernels.vma import cotangent_like, to_varying, varying_axes
 
 IMPLS = ("auto", "kernel", "xla")
 
@@ -104,24 +109,8 @@ def _gmm_bwd(blocks, residuals, dy_SxF):
     dx_SxD = _grad_x(dy_SxF, w_ExDxF, group_sizes_E, blocks)
     dw_ExDxF = _grad_w(x_SxD, dy_SxF, group_sizes_E, blocks)
     # Integer group sizes get no cotangent.
-    return (_like(dx_SxD.astype(x_SxD.dtype), x_SxD),
-            _like(dw_ExDxF.astype(w_ExDxF.dtype), w_ExDxF), None)
-
-
-def _like(ct, primal):
-    """Gives a cotangent the per-device (shard_map 'varying') type of its primal.
-
-    Pallas kernels return untyped (invariant) outputs; the values are per-device, so the
-    cast is only a type annotation. Axes where the cotangent varies but the primal does
-    not are summed, as autodiff does for an implicit broadcast.
-    """
-    want = jax.typeof(primal).manual_axis_type.varying
-    have = jax.typeof(ct).manual_axis_type.varying
-    if have - want:
-        ct = jax.lax.psum(ct, tuple(have - want))
-    if want - have:
-        ct = jax.lax.pcast(ct, tuple(want - have), to="varying")
-    return ct
+    return (cotangent_like(dx_SxD.astype(x_SxD.dtype), x_SxD),
+            cotangent_like(dw_ExDxF.astype(w_ExDxF.dtype), w_ExDxF), None)
 
 
 _gmm.defvjp(_gmm_fwd, _gmm_bwd)
@@ -151,10 +140,12 @@ def _grad_w(x_SxD, dy_SxF, group_sizes_E, blocks):
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as trd
     S = x_SxD.shape[0]
     pad = _pad_to(S, max(blocks.block_k, blocks.block_m))
-    return trd.transposed_ragged_dot(
+    dw_ExDxF = trd.transposed_ragged_dot(
         _pad_rows(x_SxD, pad), _pad_rows(dy_SxF, pad), group_sizes=group_sizes_E,
         block_m=blocks.block_m, block_n=blocks.block_n, block_k=blocks.block_k,
         max_concurrent_steps=blocks.max_concurrent_steps, grid_block_n=blocks.grid_block_n)
+    # Mosaic kernels return values typed as the same on every device (kernels/vma.py).
+    return to_varying(dw_ExDxF, varying_axes(x_SxD, dy_SxF, group_sizes_E))
 
 
 def _kernel_ragged_dot(lhs_SxK, rhs, group_sizes_E, blocks, transpose_rhs):
@@ -166,6 +157,8 @@ def _kernel_ragged_dot(lhs_SxK, rhs, group_sizes_E, blocks, transpose_rhs):
         block_m=blocks.block_m, block_n=blocks.block_n, block_k=blocks.block_k,
         max_concurrent_steps=blocks.max_concurrent_steps, grid_block_n=blocks.grid_block_n,
         transpose_rhs=transpose_rhs)[:S]
+    # Mosaic kernels return values typed as the same on every device (kernels/vma.py).
+    out = to_varying(out, varying_axes(lhs_SxK, rhs, group_sizes_E))
     # The kernel writes only rows that belong to a group; the rest is uninitialised memory.
     in_group_S = jnp.arange(S) < jnp.sum(group_sizes_E)
     return jnp.where(in_group_S[:, None], out, jnp.zeros((), out.dtype))

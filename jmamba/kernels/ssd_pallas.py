@@ -23,6 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jmamba.kernels import ssd_pallas_kernels as K
+from jmamba.kernels.vma import (cotangent_like, out_struct, to_varying, untyped,
+                                varying_axes)
 from jmamba.ssd import kernel_fits
 
 f32 = jnp.float32
@@ -42,14 +44,25 @@ class _Cfg(NamedTuple):
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, **kw):
+    """Returns fn(*args) running the kernel. Each output depends on every argument, so under
+    shard_map it varies over the mesh axes any argument varies over (see kernels/vma.py)."""
     params = {}
     if not cfg.interpret:
         from jax.experimental.pallas import triton as pltriton
         params["compiler_params"] = pltriton.CompilerParams(num_warps=cfg.num_warps,
                                                             num_stages=cfg.num_stages)
-    return pl.pallas_call(functools.partial(kernel, **kw), grid=grid, in_specs=in_specs,
-                          out_specs=out_specs, out_shape=out_shape,
-                          interpret=cfg.interpret, **params)
+
+    def run(*args):
+        axes = varying_axes(*args)
+        # CPU: interpret mode runs only on untyped copies (see vma.untyped); its outputs are
+        # then given the type the GPU path declares.
+        declared = frozenset() if cfg.interpret else axes
+        typed = jax.tree.map(lambda s: out_struct(s.shape, s.dtype, declared), out_shape)
+        outs = pl.pallas_call(functools.partial(kernel, **kw), grid=grid, in_specs=in_specs,
+                              out_specs=out_specs, out_shape=typed, interpret=cfg.interpret,
+                              **params)(*(untyped(a) if cfg.interpret else a for a in args))
+        return jax.tree.map(lambda o: to_varying(o, axes), outs)
+    return run
 
 
 class _Specs:
@@ -134,7 +147,7 @@ def _ssd_core(x, dt, a, Bm, Cm, D, init, cfg):
 
 def _core_fwd(x, dt, a, Bm, Cm, D, init, cfg):
     y, states, acs = _forward(x, dt, a, Bm, Cm, D, init, cfg)
-    return (y, states[:, -1]), (x, dt, acs, Bm, Cm, D, states)
+    return (y, states[:, -1]), (x, dt, acs, Bm, Cm, D, init, states)
 
 
 def _decay_grad(rect, off, dst, acs, dstates, states, Q):
@@ -162,7 +175,7 @@ def _decay_grad(rect, off, dst, acs, dstates, states, Q):
 
 
 def _core_bwd(cfg, res, cts):
-    x, dt, acs, Bm, Cm, D, states = res
+    x, dt, acs, Bm, Cm, D, init, states = res
     dy, dfinal = cts
     dy = dy.astype(x.dtype)
     Bsz, Lp, H, P = x.shape
@@ -203,8 +216,12 @@ def _core_bwd(cfg, res, cts):
     # the sum over a group's heads is fp32 and is rounded to the input dtype anyway).
     group_sum = lambda a, like: a.reshape(Bsz, Lp, G, R, N).astype(f32).sum(3).astype(
         like.dtype)
-    return (dx, ddt, da, group_sum(dB_h, Bm), group_sum(dC_h, Cm),
-            dD_rows.sum((0, 2)).astype(D.dtype), dstates[:, 0])
+    cts = (dx, ddt, da, group_sum(dB_h, Bm), group_sum(dC_h, Cm),
+           dD_rows.sum((0, 2)).astype(D.dtype), dstates[:, 0])
+    # D (a parameter) and the initial state may be the same on every device of an axis
+    # where the tokens differ: their cotangents are summed over it (kernels/vma.py).
+    return tuple(cotangent_like(ct, primal)
+                 for ct, primal in zip(cts, (x, dt, acs, Bm, Cm, D, init)))
 
 
 _ssd_core.defvjp(_core_fwd, _core_bwd)

@@ -1,0 +1,132 @@
+"""Every layout through train.py with the default flags, on the GPUs of one machine.
+
+Run it before resolving anything that touches jmamba/parallel, jmamba/kernels, the step or
+the driver. Each run is `python train.py --config <preset> --pp P --ep E --microbatches M`
+plus only --steps, --warmup_steps, --log_dir and logging flags: no --ssm_impl, no
+--ep_dispatch, no capacity factor, so what runs is what a user gets. The same layout with
+`--ssm_impl chunked` is the kernel's baseline. Layouts: (1,1), (1,1) with 4 microbatches,
+(2,1) and (1,2) on two GPUs; (2,2) too where four are visible.
+
+Prints one table: for each preset, layout and ssm path, the exit code, median step time,
+the fullest device's peak memory, dropped token copies, the largest relative loss difference
+from the one-GPU run of the same path (bf16 noise for bf16 presets), and kernel against
+chunked (the chunked step time over the kernel's).
+
+    python scripts/gpu_layouts.py --out $OUT                       # 2 or 4 GPUs
+    python scripts/gpu_layouts.py --out /tmp/x --presets cpu_demo --steps 4   # CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def layouts(n_gpus: int):
+    """(pp, ep, microbatches) in the order they run."""
+    out = [(1, 1, 1), (1, 1, 4), (2, 1, 4), (1, 2, 1)]
+    return out + [(2, 2, 4)] if n_gpus >= 4 else out
+
+
+def run_one(preset, pp, ep, M, impl, args, work):
+    name = f"{preset}_{pp}x{ep}_m{M}_{impl}"
+    log_dir = os.path.join(work, name)
+    flags = ["--config", preset, "--pp", str(pp), "--ep", str(ep), "--microbatches", str(M),
+             "--steps", str(args.steps), "--warmup_steps", str(args.warmup), "--log_every",
+             "1", "--progress", "lines", "--log_dir", log_dir]
+    if impl == "chunked":
+        flags += ["--ssm_impl", "chunked"]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], env=env,
+                          capture_output=True, text=True)
+    row = {"name": name, "preset": preset, "layout": (pp, ep, M), "impl": impl,
+           "rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+    path = os.path.join(log_dir, "metrics.jsonl")
+    recs = []
+    if os.path.exists(path):
+        with open(path) as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+    if proc.returncode or not recs:
+        row["tail"] = (proc.stdout + proc.stderr)[-2000:]
+        print(f"== {name}: rc={proc.returncode}\n{row['tail']}", flush=True)
+        return row
+    timed = [r["step_time_s"] for r in recs[3:]] or [recs[-1]["step_time_s"]]
+    row.update(step_ms=round(1e3 * statistics.median(timed), 1),
+               peak_gb=round(max(r.get("device_peak_memory_gb", 0.0) for r in recs), 2),
+               dropped=sum(r.get("dropped_tokens", 0) for r in recs),
+               losses={r["step"]: r["loss"] for r in recs})
+    print(f"== {name}: {row['step_ms']} ms, peak {row['peak_gb']} GB, "
+          f"loss {recs[-1]['loss']:.4f}", flush=True)
+    return row
+
+
+def table(rows):
+    by = {(r["preset"], r["layout"], r["impl"]): r for r in rows}
+    lines = ["| preset | pp,ep,M | ssm path | rc | step ms | peak GB (fullest GPU) | "
+             "dropped copies | max rel loss diff vs 1 GPU | kernel vs chunked |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = by.get((r["preset"], (1, 1, 1), r["impl"]), {}).get("losses", {})
+        diff = "-"
+        if ref and "losses" in r and r["layout"] != (1, 1, 1):
+            common = [s for s in r["losses"] if s in ref]
+            diff = f"{max(abs(r['losses'][s] - ref[s]) / abs(ref[s]) for s in common):.1e}"
+        speed = "-"
+        other = by.get((r["preset"], r["layout"], "chunked"))
+        if r["impl"] == "default" and other and "step_ms" in r and "step_ms" in other:
+            speed = f"{other['step_ms'] / r['step_ms']:.2f}x"
+        pp, ep, M = r["layout"]
+        lines.append(f"| {r['preset']} | {pp},{ep},{M} | {r['impl']} | {r['rc']} | "
+                     f"{r.get('step_ms', '-')} | {r.get('peak_gb', '-')} | "
+                     f"{r.get('dropped', '-')} | {diff} | {speed} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--presets", default="cpu_demo,moe_1b")
+    ap.add_argument("--chunked", default="cpu_demo:all,moe_1b:1x1",
+                    help="where to run the chunked baseline: preset:all or preset:PxE,...")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=4)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    work = os.path.join("/tmp", f"jmamba_layouts_{os.getpid()}")
+    # Asked in a child process: importing JAX here would hold GPU memory during the runs.
+    probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count(), "
+                            "jax.devices()[0].device_kind)"], capture_output=True, text=True)
+    n = int(probe.stdout.split()[0])
+    print(probe.stdout.strip(), flush=True)
+    where = {}
+    for item in args.chunked.split(","):
+        preset, _, which = item.partition(":")
+        where.setdefault(preset, set()).add(which)
+    rows = []
+    for preset in args.presets.split(","):
+        for pp, ep, M in layouts(n):
+            if pp * ep > n:
+                continue
+            rows.append(run_one(preset, pp, ep, M, "default", args, work))
+            want = where.get(preset, set())
+            if "all" in want or (f"{pp}x{ep}" in want and M == 1):
+                rows.append(run_one(preset, pp, ep, M, "chunked", args, work))
+            with open(os.path.join(args.out, "layouts.json"), "w") as f:
+                json.dump(rows, f, indent=1, default=str)
+    text = table(rows)
+    print("\n" + text, flush=True)
+    with open(os.path.join(args.out, "layouts.md"), "w") as f:
+        f.write(text + "\n")
+    return 0 if all(r["rc"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
