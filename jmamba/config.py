@@ -127,10 +127,13 @@ class ParallelConfig:
     pp_comm: str = "pair"  # send (hidden, residual) between stages, or their "sum"
     remat: str = "none"  # per-layer rematerialisation: none, full, or dots (save matmuls)
     # Expert parallelism: receive-buffer rows per ep rank = factor * tokens * top_k (>= 1
-    # never drops on balanced traffic); the exchange is ragged_all_to_all ("ragged", GPU only,
-    # sends only real rows) or a padded dense all_to_all ("dense", any backend); "auto" is
-    # dense, measured faster on H200s at ep=2 with (pp, ep) = (1, 2) and (2, 2).
+    # fits balanced traffic). Dropless (the default): copies that do not fit wait for the
+    # next exchange round, so every layout computes the one-device function; with
+    # ep_dropless false they are dropped and counted. The exchange is ragged_all_to_all
+    # ("ragged", GPU only, sends only real rows) or a padded dense all_to_all ("dense", any
+    # backend); "auto" is dense, measured faster on H200s at ep=2.
     ep_capacity_factor: float = 1.25
+    ep_dropless: bool = True
     ep_dispatch: str = "auto"
 
     @property

@@ -12,7 +12,8 @@ from jmamba.checkpoint import Checkpoints
 from jmamba.config import Config
 from jmamba.data import RecallData
 from jmamba.guard import Hooks, NonFiniteLoss, StopSignals, check_finite
-from jmamba.metrics import Profiler, RunLog, device_memory
+from jmamba.metrics import (Profiler, RunLog, compiled_memory, device_memory,
+                            write_memory_report)
 from jmamba.parallel.setup import build, process_rows
 
 
@@ -106,6 +107,13 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
                      p.pp * p.ep, start)
     profiler = Profiler(t.log_dir, t.profile_steps, enabled=main)
     records, pending = [], None
+    # Compile before the first step and say what it needs per device, so a layout that
+    # cannot fit is known before it runs out of memory. The loop runs this executable.
+    first = to_device(next(data), run, rows, t.batch_size)
+    step_fn = run.step_fn.lower(state, first).compile()
+    memory = compiled_memory(step_fn)
+    if memory and main:
+        log.note(write_memory_report(t.log_dir, memory))
 
     def flush(pending):  # read a dispatched step's metrics (syncs on that step only)
         step, metrics, dispatched_at = pending
@@ -122,9 +130,10 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     with StopSignals() as signals:
         try:
             for step in range(start + 1, t.steps + 1):
-                batch = to_device(next(data), run, rows, t.batch_size)
+                batch = first if step == start + 1 else to_device(next(data), run, rows,
+                                                                  t.batch_size)
                 with profiler.step(step):
-                    state, metrics = run.step_fn(state, batch)
+                    state, metrics = step_fn(state, batch)
                 dispatched_at = time.perf_counter()
                 # Read step t's metrics only after step t+1 is dispatched, so the host never
                 # stalls the device (nanodo's pattern); a save waits for its own step.

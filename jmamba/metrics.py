@@ -36,6 +36,35 @@ def device_memory() -> dict[str, float]:
             "device_peak_memory_gb": device_peak / 2**30}
 
 
+MEMORY_KEYS = ("argument_bytes", "output_bytes", "temp_bytes", "total_bytes")
+
+
+def compiled_memory(compiled) -> dict[str, int]:
+    """Per-device bytes of a compiled step from XLA's memory analysis (every device of an
+    SPMD mesh runs the same program, so this is the fullest device's): its arguments,
+    outputs and temporaries, and their total less the donated (aliased) bytes, which
+    outputs reuse. {} where the backend gives no analysis."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return {}
+    arg, out = stats.argument_size_in_bytes, stats.output_size_in_bytes
+    temp, alias = stats.temp_size_in_bytes, stats.alias_size_in_bytes
+    return {"argument_bytes": int(arg), "output_bytes": int(out), "temp_bytes": int(temp),
+            "total_bytes": int(arg + out + temp - alias)}
+
+
+def write_memory_report(log_dir: str, report: dict) -> str:
+    """<log_dir>/memory.json, and the line train.py prints before the first step."""
+    os.makedirs(log_dir, exist_ok=True)
+    with open(os.path.join(log_dir, "memory.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    gb = lambda k: report[k] / 2**30
+    return (f"jmamba: the compiled step needs {gb('total_bytes'):.2f} GB per device "
+            f"(arguments {gb('argument_bytes'):.2f}, outputs {gb('output_bytes'):.2f}, "
+            f"temporaries {gb('temp_bytes'):.2f}; XLA's estimate, in "
+            f"{os.path.join(log_dir, 'memory.json')})")
+
+
 def _tensorboard(log_dir: str):
     """A tensorboardX SummaryWriter, or None (with a note) when tensorboardX is missing."""
     try:

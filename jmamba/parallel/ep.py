@@ -14,6 +14,12 @@ C copies of that order are kept; the rest are dropped: they add zero to y and ar
 the rank that sent them. So on an overloaded rank lower local experts win over higher ones,
 and for one expert lower source ranks win. Both exchanges below obey this rule exactly.
 
+Dropless rounds (the training default). Instead of dropping, the exchange repeats on the
+copies not yet served, each round taking at most C / R rows from each source, until none is
+left (a psum'd count decides, so every rank agrees). Balanced traffic needs one round; the
+static bound is ceil(S / (C / R)). Each round moves R slices of C / R rows and computes C
+rows, where a one-round dropless buffer would need R * S of each.
+
 Two exchanges with the same result:
 - "ragged": `jax.lax.ragged_all_to_all` moves exactly the kept rows (GPU/TPU only).
 - "dense": each rank sends every other rank a fixed slice of P = min(S, C) rows, zero
@@ -63,48 +69,66 @@ def _exclusive_cumsum(a):
 
 
 class Plan(NamedTuple):
-    """Where every slice of copies goes: slice e (sender side) = my copies for expert e;
-    slice (r, x) (receiver side) = rank r's copies for my local expert x."""
+    """Where every slice of copies goes in one round: slice e (sender side) = my copies for
+    expert e; slice (r, x) (receiver side) = rank r's copies for my local expert x."""
 
-    send_off_E: jax.Array  # start of my copies for expert e among my sorted copies
-    send_keep_E: jax.Array  # how many of them its owner keeps
+    send_off_E: jax.Array  # start of my (not yet sent) copies for expert e, sorted order
+    send_keep_E: jax.Array  # how many of them its owner takes this round
     land_off_E: jax.Array  # where they land in the owner's buffer
     recv_off_RxX: jax.Array  # where rank r's copies for my expert x start in my buffer
-    recv_keep_RxX: jax.Array  # how many of them I keep
+    recv_keep_RxX: jax.Array  # how many of them I take
     home_off_RxX: jax.Array  # where they sit among rank r's sorted copies
-    group_sizes_X: jax.Array  # kept rows per local expert, in buffer order
+    group_sizes_X: jax.Array  # rows per local expert, in buffer order
+    send_first_R: jax.Array  # where my copies for rank d sent this round start (sorted order)
 
 
-def plan_exchange(group_sizes_E, n_ranks: int, capacity: int, axis_name) -> Plan:
-    """Agrees on the buffer layout and the dropped copies with two small all_to_alls."""
+def plan_exchange(group_sizes_E, n_ranks: int, capacity: int, axis_name, sent_E=None,
+                  pair_rows: int | None = None) -> Plan:
+    """Agrees on the buffer layout and the copies left out with two small all_to_alls.
+
+    sent_E: my copies of each expert delivered in earlier rounds (none by default); only the
+    rest take part. pair_rows: at most this many rows from one source to one owner (the
+    dropless rounds' cap, see make_ep_experts_fn) replaces the C-row cut; R * pair_rows <= C
+    must hold. Either way what a source sends an owner is a prefix, in expert order, of its
+    copies for that owner not yet sent.
+    """
     E, R = group_sizes_E.shape[0], n_ranks
     X = E // R
     S = jnp.sum(group_sizes_E)
+    if sent_E is None:
+        sent_E = jnp.zeros_like(group_sizes_E)
+    start_E = _exclusive_cumsum(group_sizes_E)
     # Offsets are clamped into range for empty slices (a past-the-end offset of a zero-size
     # slice must still be a valid index for ragged_all_to_all).
-    send_off_E = jnp.minimum(_exclusive_cumsum(group_sizes_E), jnp.maximum(S - 1, 0))
+    send_off_E = jnp.minimum(start_E + sent_E, jnp.maximum(S - 1, 0))
     # 1. Each owner learns how many copies every source has for each of its experts and
     #    where they sit among that source's sorted copies.
-    mine_Rx2xX = jnp.stack([group_sizes_E.reshape(R, X), send_off_E.reshape(R, X)], axis=1)
+    mine_Rx2xX = jnp.stack([(group_sizes_E - sent_E).reshape(R, X), send_off_E.reshape(R, X)],
+                           axis=1)
     got_Rx2xX = jax.lax.all_to_all(mine_Rx2xX, axis_name, 0, 0)
     count_RxX, home_off_RxX = got_Rx2xX[:, 0], got_Rx2xX[:, 1]
     # 2. Lay them out expert-major, then by source rank; keep what fits in C rows.
     count_XxR = count_RxX.T
     start_XxR = _exclusive_cumsum(count_XxR.reshape(-1)).reshape(X, R)
     keep_XxR = jnp.clip(capacity - start_XxR, 0, count_XxR)
+    if pair_rows is not None:  # instead: at most pair_rows from each source (<= C in all)
+        before_XxR = jnp.cumsum(count_XxR, axis=0) - count_XxR
+        keep_XxR = jnp.clip(pair_rows - before_XxR, 0, count_XxR)
+        start_XxR = _exclusive_cumsum(keep_XxR.reshape(-1)).reshape(X, R)
     recv_off_RxX = jnp.minimum(start_XxR, capacity - 1).T
     recv_keep_RxX = keep_XxR.T
     # 3. Each source learns, per expert, how many copies are kept and where they land.
     reply_Rx2xX = jnp.stack([recv_off_RxX, recv_keep_RxX], axis=1)
     back_Rx2xX = jax.lax.all_to_all(reply_Rx2xX, axis_name, 0, 0)
+    send_first_R = start_E.reshape(R, X)[:, 0] + jnp.sum(sent_E.reshape(R, X), axis=1)
     return Plan(send_off_E=send_off_E, send_keep_E=back_Rx2xX[:, 1].reshape(E),
                 land_off_E=back_Rx2xX[:, 0].reshape(E), recv_off_RxX=recv_off_RxX,
                 recv_keep_RxX=recv_keep_RxX, home_off_RxX=home_off_RxX,
-                group_sizes_X=jnp.sum(keep_XxR, axis=1))
+                group_sizes_X=jnp.sum(keep_XxR, axis=1), send_first_R=send_first_R)
 
 
-def _ragged_there(x_sorted_SxD, plan: Plan, capacity: int, owner_S, axis_name):
-    del owner_S
+def _ragged_there(x_sorted_SxD, plan: Plan, capacity: int, owner_S, axis_name, slice_rows):
+    del owner_S, slice_rows
     # zeros_like keeps the per-device (varying) type of shard_map values: the output buffer
     # decides the result's type, and autodiff needs it to match the tokens'.
     out_CxD = jnp.zeros_like(x_sorted_SxD, shape=(capacity, x_sorted_SxD.shape[1]))
@@ -113,7 +137,8 @@ def _ragged_there(x_sorted_SxD, plan: Plan, capacity: int, owner_S, axis_name):
                              axis_name=axis_name)
 
 
-def _ragged_back(y_buf_CxD, plan: Plan, owner_S, axis_name):
+def _ragged_back(y_buf_CxD, plan: Plan, owner_S, axis_name, slice_rows):
+    del slice_rows
     out_SxD = jnp.zeros_like(y_buf_CxD, shape=(owner_S.shape[0], y_buf_CxD.shape[1]))
     return ragged_all_to_all(y_buf_CxD, out_SxD, plan.recv_off_RxX.reshape(-1),
                              plan.recv_keep_RxX.reshape(-1), plan.home_off_RxX.reshape(-1),
@@ -127,15 +152,16 @@ def _take_rows(a_NxD, idx, valid):
 
 
 def _slice_bounds(plan: Plan):
-    """Sender side: my kept copies for rank d are a prefix of my copies for d, since the
-    cut on d is a single point in its (expert, source) order. Returns (first_R, n_R)."""
+    """Sender side: what I send rank d this round is one contiguous run of my sorted copies
+    (a prefix, in expert order, of those not yet sent, which are themselves a suffix of my
+    copies for d). Returns (first_R, n_R)."""
     R, X = plan.recv_keep_RxX.shape
-    return plan.send_off_E.reshape(R, X)[:, 0], jnp.sum(plan.send_keep_E.reshape(R, X), 1)
+    return plan.send_first_R, jnp.sum(plan.send_keep_E.reshape(R, X), 1)
 
 
-def _dense_there(x_sorted_SxD, plan: Plan, capacity: int, owner_S, axis_name):
+def _dense_there(x_sorted_SxD, plan: Plan, capacity: int, owner_S, axis_name, slice_rows):
     R, X = plan.recv_keep_RxX.shape
-    P = min(owner_S.shape[0], capacity)
+    P = slice_rows
     p_P = jnp.arange(P)
     # 1. Pack: slice d holds my kept copies for rank d, zero padded to P rows.
     first_R, n_R = _slice_bounds(plan)
@@ -154,9 +180,9 @@ def _dense_there(x_sorted_SxD, plan: Plan, capacity: int, owner_S, axis_name):
                      jnp.zeros((), recv_RxPxD.dtype))
 
 
-def _dense_back(y_buf_CxD, plan: Plan, owner_S, axis_name):
+def _dense_back(y_buf_CxD, plan: Plan, owner_S, axis_name, slice_rows):
     R, X = plan.recv_keep_RxX.shape
-    P = min(owner_S.shape[0], y_buf_CxD.shape[0])
+    P = slice_rows
     p_P = jnp.arange(P)
     # 3. Pack each source's results in the order it sent them.
     end_RxX = jnp.cumsum(plan.recv_keep_RxX, axis=1)
@@ -167,10 +193,11 @@ def _dense_back(y_buf_CxD, plan: Plan, owner_S, axis_name):
     c_RxP = plan.recv_off_RxX[r_R1, x_RxP] + p_P - start_RxX[r_R1, x_RxP]
     back_RxPxD = _take_rows(y_buf_CxD, c_RxP, p_P < end_RxX[:, -1:])
     got_RxPxD = jax.lax.all_to_all(back_RxPxD, axis_name, 0, 0)
-    # 4. Unpack: my sorted copy i went to rank d = owner_S[i] as row i - first_R[d].
+    # 4. Unpack: my sorted copy i went to rank d = owner_S[i] as row i - first_R[d] (if
+    #    it went this round).
     first_R, n_R = _slice_bounds(plan)
     p_S = jnp.arange(owner_S.shape[0]) - first_R[owner_S]
-    return jnp.where((p_S < n_R[owner_S])[:, None],
+    return jnp.where(((p_S >= 0) & (p_S < n_R[owner_S]))[:, None],
                      got_RxPxD[owner_S, jnp.clip(p_S, 0, P - 1)],
                      jnp.zeros((), got_RxPxD.dtype))
 
@@ -180,11 +207,16 @@ EXCHANGES = {"ragged": (_ragged_there, _ragged_back), "dense": (_dense_there, _d
 
 def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
                        capacity_factor: float | None = 1.25, impl: str = "auto",
-                       matmul=grouped_matmul):
+                       matmul=grouped_matmul, dropless: bool = False):
     """An experts_fn for jax.shard_map over `axis_name` (size `ep`); see the module doc.
 
     It returns (y_TxD fp32, this rank's dropped copies as an int32 scalar: its own token
     copies that the owning rank had no room for; psum over the axis for the total).
+
+    dropless=True never drops: the exchange runs in rounds, each with a buffer of
+    C = capacity_factor * S rows per owner and at most C / ep rows from each source, until
+    every copy has been served (one round on balanced traffic, at most ceil(ep S / C) on
+    any). Each round moves and computes about C rows, not the ep * S of a dropless buffer.
     """
     check_ep_layout(n_experts, ep)
     if capacity_factor is not None and not capacity_factor > 0:
@@ -198,24 +230,42 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
 
     def experts_fn(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down, dtype):
         T, K = experts_TxK.shape
+        S = T * K
         if w_gate.shape[0] != X:
             raise ValueError(f"expert weights hold {w_gate.shape[0]} experts on this rank; "
                              f"expected n_experts / ep = {X} (shard their E axis over "
                              f"'{axis_name}')")
-        capacity = capacity_rows(T * K, capacity_factor, ep)
+        capacity = capacity_rows(S, capacity_factor, ep)
+        if dropless and capacity < ep * S:
+            pair_rows = max(capacity // ep, 1)  # a source's share of an owner's buffer
+            slice_rows, rounds = pair_rows, -(-S // pair_rows)
+        else:
+            pair_rows, slice_rows, rounds = None, min(S, capacity), 1
         # 1. Sort my copies by global expert: copies for one rank become contiguous.
         order_S, token_S, group_sizes_E = sort_by_expert(experts_TxK, n_experts)
         owner_S = experts_TxK.reshape(-1)[order_S] // X
-        # 2. Exchange counts; settle where each copy lands and which are dropped.
-        plan = plan_exchange(group_sizes_E, ep, capacity, axis_name)
-        # 3. Send the copies (in the compute dtype) to their experts' ranks.
-        buf_CxD = there(x_TxD.astype(dtype)[token_S], plan, capacity, owner_S, axis_name)
-        # 4. Local experts on the buffer; rows past the kept ones stay zero.
-        y_buf_CxD = swiglu_ragged(buf_CxD, plan.group_sizes_X, w_gate, w_up, w_down, dtype,
-                                  matmul)
-        # 5. Bring results home (dropped copies stay zero), unsort, weight and sum.
-        y_sorted_SxD = back(y_buf_CxD, plan, owner_S, axis_name)
-        dropped = (T * K - jnp.sum(plan.send_keep_E)).astype(jnp.int32)
+        x_sorted_SxD = x_TxD.astype(dtype)[token_S]
+
+        def one_round(sent_E):
+            # 2. Exchange counts; settle where each copy lands and which wait or drop.
+            plan = plan_exchange(group_sizes_E, ep, capacity, axis_name, sent_E, pair_rows)
+            # 3. Send the copies (in the compute dtype) to their experts' ranks.
+            buf_CxD = there(x_sorted_SxD, plan, capacity, owner_S, axis_name, slice_rows)
+            # 4. Local experts on the buffer; rows past the kept ones stay zero.
+            y_buf_CxD = swiglu_ragged(buf_CxD, plan.group_sizes_X, w_gate, w_up, w_down,
+                                      dtype, matmul)
+            # 5. Bring results home (copies not sent this round stay zero).
+            y_SxD = back(y_buf_CxD, plan, owner_S, axis_name, slice_rows)
+            return y_SxD, sent_E + plan.send_keep_E
+
+        y_sorted_SxD, sent_E = one_round(jnp.zeros_like(group_sizes_E))
+        for _ in range(rounds - 1):  # later rounds run only while some rank has copies left
+            left = jax.lax.psum(S - jnp.sum(sent_E), axis_name)
+            y_more, sent_E = jax.lax.cond(
+                left > 0, one_round, lambda sent: (jnp.zeros_like(y_sorted_SxD), sent), sent_E)
+            y_sorted_SxD = y_sorted_SxD + y_more
+        dropped = (S - jnp.sum(sent_E)).astype(jnp.int32)
+        # 6. Unsort, weight and sum.
         return combine(y_sorted_SxD, order_S, weights_TxK), dropped
 
     return experts_fn

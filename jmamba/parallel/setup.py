@@ -41,7 +41,8 @@ def experts_fn_for(cfg):
     m, p = cfg.model, cfg.parallel
     if p.ep == 1 or m.mlp != "moe":
         return moe_dropless
-    return make_ep_experts_fn(m.n_experts, p.ep, "ep", p.ep_capacity_factor, p.ep_dispatch)
+    return make_ep_experts_fn(m.n_experts, p.ep, "ep", p.ep_capacity_factor, p.ep_dispatch,
+                              dropless=p.ep_dropless)
 
 
 def is_single_device(cfg) -> bool:
