@@ -35,37 +35,55 @@ def layouts(n_gpus: int):
     return out + [(2, 2, 4)] if n_gpus >= 4 else out
 
 
-def run_one(preset, pp, ep, M, impl, args, work):
-    name = f"{preset}_{pp}x{ep}_m{M}_{impl}"
+def train_run(name, flags, work):
+    """One `python train.py` run with `flags` (plus its log dir); returns a row of results:
+    exit code, median step time after the first 3 logged steps, fullest-GPU peak, dropped
+    copies, per-step losses, and XLA's per-device estimate from memory.json."""
     log_dir = os.path.join(work, name)
-    flags = ["--config", preset, "--pp", str(pp), "--ep", str(ep), "--microbatches", str(M),
-             "--steps", str(args.steps), "--warmup_steps", str(args.warmup), "--log_every",
-             "1", "--progress", "lines", "--log_dir", log_dir]
-    if impl == "chunked":
-        flags += ["--ssm_impl", "chunked"]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags], env=env,
-                          capture_output=True, text=True)
-    row = {"name": name, "preset": preset, "layout": (pp, ep, M), "impl": impl,
-           "rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags,
+                           "--log_dir", log_dir], env=env, capture_output=True, text=True)
+    row = {"name": name, "rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
     path = os.path.join(log_dir, "metrics.jsonl")
     recs = []
     if os.path.exists(path):
         with open(path) as f:
             recs = [json.loads(line) for line in f if line.strip()]
+    if os.path.exists(os.path.join(log_dir, "memory.json")):
+        with open(os.path.join(log_dir, "memory.json")) as f:
+            row["xla_total_gb"] = round(json.load(f)["total_bytes"] / 2**30, 2)
     if proc.returncode or not recs:
         row["tail"] = (proc.stdout + proc.stderr)[-2000:]
         print(f"== {name}: rc={proc.returncode}\n{row['tail']}", flush=True)
         return row
     timed = [r["step_time_s"] for r in recs[3:]] or [recs[-1]["step_time_s"]]
     row.update(step_ms=round(1e3 * statistics.median(timed), 1),
+               tokens_per_s=round(statistics.median(r["tokens_per_s"] for r in recs[3:] or recs)),
                peak_gb=round(max(r.get("device_peak_memory_gb", 0.0) for r in recs), 2),
                dropped=sum(r.get("dropped_tokens", 0) for r in recs),
                losses={r["step"]: r["loss"] for r in recs})
     print(f"== {name}: {row['step_ms']} ms, peak {row['peak_gb']} GB, "
           f"loss {recs[-1]['loss']:.4f}", flush=True)
     return row
+
+
+def run_one(preset, pp, ep, M, impl, args, work):
+    flags = ["--config", preset, "--pp", str(pp), "--ep", str(ep), "--microbatches", str(M),
+             "--steps", str(args.steps), "--warmup_steps", str(args.warmup), "--log_every",
+             "1", "--progress", "lines"]
+    if impl == "chunked":
+        flags += ["--ssm_impl", "chunked"]
+    row = train_run(f"{preset}_{pp}x{ep}_m{M}_{impl}", flags, work)
+    return {**row, "preset": preset, "layout": (pp, ep, M), "impl": impl}
+
+
+def gpu_count() -> int:
+    """Asked in a child process: importing JAX here would hold GPU memory during the runs."""
+    probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count(), "
+                            "jax.devices()[0].device_kind)"], capture_output=True, text=True)
+    print(probe.stdout.strip(), flush=True)
+    return int(probe.stdout.split()[0])
 
 
 def table(rows):
@@ -101,11 +119,7 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = os.path.join("/tmp", f"jmamba_layouts_{os.getpid()}")
-    # Asked in a child process: importing JAX here would hold GPU memory during the runs.
-    probe = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count(), "
-                            "jax.devices()[0].device_kind)"], capture_output=True, text=True)
-    n = int(probe.stdout.split()[0])
-    print(probe.stdout.strip(), flush=True)
+    n = gpu_count()
     where = {}
     for item in args.chunked.split(","):
         preset, _, which = item.partition(":")

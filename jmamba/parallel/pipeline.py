@@ -109,7 +109,10 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
                 recv = (recv, _vary(jnp.zeros(recv.shape, res_dtype)))
             h, res = lax.cond(first, lambda: _vary(model.embed(embed_params, inputs_MxBxL[mb], m)),
                               lambda: (recv[0].astype(m.dtype), recv[1]))
-            stage_layers = jax.tree.map(lambda a: a[r], layers_VxY)
+            # One stage per device (v = 1): a static index. A traced one would make the
+            # scan keep every iteration's copy of the stage's parameters for the backward
+            # (M + pp - 1 copies: the single 54 GB buffer of moe_1b at pp=2, M=8).
+            stage_layers = jax.tree.map(lambda a: a[r] if v > 1 else a[0], layers_VxY)
 
             def run(h, res):
                 return model.run_layers(stage_layers, h, res, m, p.remat, experts_fn,

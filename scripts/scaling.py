@@ -1,0 +1,83 @@
+"""Weak scaling of pipeline and expert parallelism through train.py, default flags.
+
+Against one GPU running the moe_1b preset (16 layers, 16 experts) at batch B:
+  pp=2   twice the layers (32), same batch, M microbatches: per-GPU work is
+         tokens/s x layers / GPUs over the same for one GPU, i.e. t(1 GPU) / t(pp=2).
+  ep=2   twice the experts (32), twice the batch: per-GPU work is tokens/s / GPUs over
+         one GPU's, i.e. t(1 GPU) / t(ep=2) at equal per-GPU batch and experts per GPU.
+  (2,2)  where four GPUs are visible: twice the layers and experts, twice the batch.
+Each row also gives the fullest GPU's peak memory (memory_stats) and XLA's per-device
+estimate of the compiled step (memory.json), and dropped copies (0 when dropless).
+
+    python3 scripts/scaling.py --out $OUT                    # batch 16, M 8
+    python3 scripts/scaling.py --out $OUT --batch 8 --microbatches 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from gpu_layouts import gpu_count, train_run  # noqa: E402
+
+
+def runs(args, n_gpus):
+    """name -> (gpus, layers, experts, batch, pp, ep, M)."""
+    B, M = args.batch, args.microbatches
+    out = {"1 GPU": (1, 16, 16, B, 1, 1, 1),
+           "pp=2, 2x layers": (2, 32, 16, B, 2, 1, M),
+           "ep=2, 2x experts, 2x batch": (2, 16, 32, 2 * B, 1, 2, 1)}
+    if n_gpus >= 4:
+        out["(2,2), 2x layers, 2x experts, 2x batch"] = (4, 32, 32, 2 * B, 2, 2, M)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--microbatches", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--only", default="", help="comma-separated row names")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    work = os.path.join("/tmp", f"jmamba_scaling_{os.getpid()}")
+    n = gpu_count()
+    rows = {}
+    for name, (gpus, layers, experts, B, pp, ep, M) in runs(args, n).items():
+        if args.only and name not in args.only.split(","):
+            continue
+        flags = ["--config", "moe_1b", "--n_layer", str(layers), "--n_experts", str(experts),
+                 "--batch_size", str(B), "--pp", str(pp), "--ep", str(ep), "--microbatches",
+                 str(M), "--steps", str(args.steps), "--warmup_steps", "4", "--log_every", "1",
+                 "--progress", "lines"]
+        rows[name] = {**train_run(name.replace(" ", "").replace(",", "_"), flags, work),
+                      "gpus": gpus, "layers": layers, "experts": experts, "batch": B, "M": M}
+        with open(os.path.join(args.out, "scaling.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+    base = rows.get("1 GPU", {})
+    lines = ["| run | GPUs | layers | experts | batch | M | step ms | tokens/s | per-GPU work vs "
+             "1 GPU | peak GB per GPU | XLA estimate GB | dropped |", "|" + "---|" * 12]
+    for name, r in rows.items():
+        eff = "-"
+        if "step_ms" in r and "step_ms" in base:
+            # Token-layers per second per GPU (top-k keeps a token's expert work the same
+            # whatever the expert count), over one GPU's.
+            work_rate = r["tokens_per_s"] * r["layers"] / r["gpus"]
+            eff = f"{work_rate / (base['tokens_per_s'] * base['layers']):.2f}"
+        lines.append(f"| {name} | {r['gpus']} | {r['layers']} | {r['experts']} | {r['batch']} | "
+                     f"{r['M']} | {r.get('step_ms', 'rc=%s' % r['rc'])} | "
+                     f"{r.get('tokens_per_s', '-')} | {eff} | {r.get('peak_gb', '-')} | "
+                     f"{r.get('xla_total_gb', '-')} | {r.get('dropped', '-')} |")
+    text = "\n".join(lines)
+    print("\n" + text, flush=True)
+    with open(os.path.join(args.out, "scaling.md"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
