@@ -20,6 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from jmamba.config import ModelConfig
 from jmamba.layers import GatedMLP, Mamba2Mixer, RMSNorm, rms_norm, uniform_init
@@ -101,6 +102,11 @@ REMAT_POLICIES = {
 }
 
 
+# The name under which each layer's input is saved when the caller rematerialises a whole
+# stack but keeps the layer inputs (the pipeline does: see parallel/pipeline.py).
+LAYER_INPUT = "layer_input"
+
+
 def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "none",
                experts_fn=moe_dropless, n_active=None):
     """Scans the blocks of a [Y, ...] parameter stack over (hidden, residual).
@@ -114,7 +120,7 @@ def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "
     n_experts = max(cfg.n_experts, 1)
 
     def block(carry, layer_params):
-        h, r, aux_B, z_B, dropped = carry
+        h, r, aux_B, z_B, dropped = checkpoint_name(carry, LAYER_INPUT)
         h, r, a, z, counts_E, d = nnx.merge(graphdef, layer_params)(h, r, experts_fn)
         return (h, r, aux_B + a, z_B + z, dropped + d), counts_E
 

@@ -42,14 +42,14 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--only", default="", help="comma-separated row names")
+    ap.add_argument("--only", default="", help="row names separated by ;")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = os.path.join("/tmp", f"jmamba_scaling_{os.getpid()}")
     n = gpu_count()
     rows = {}
     for name, (gpus, layers, experts, B, pp, ep, M) in runs(args, n).items():
-        if args.only and name not in args.only.split(","):
+        if args.only and name not in args.only.split(";"):
             continue
         flags = ["--config", "moe_1b", "--n_layer", str(layers), "--n_experts", str(experts),
                  "--batch_size", str(B), "--pp", str(pp), "--ep", str(ep), "--microbatches",

@@ -35,7 +35,7 @@ def make_cfg(pp, ep, M, ssm_impl="kernel"):
     return validate(Config(
         model=ModelConfig(**{**MODEL.__dict__, "ssm_impl": ssm_impl}),
         train=TrainConfig(batch_size=8, seq_len=24, n_pairs=4),
-        parallel=ParallelConfig(pp=pp, ep=ep, microbatches=M, ep_capacity_factor=float(ep))))
+        parallel=ParallelConfig(pp=pp, ep=ep, microbatches=M)))  # default EP: dropless
 
 
 @pytest.fixture(scope="module")
