@@ -13,7 +13,7 @@ from jmamba.config import Config
 from jmamba.data import RecallData
 from jmamba.guard import Hooks, NonFiniteLoss, StopSignals, check_finite
 from jmamba.metrics import (Profiler, RunLog, compiled_memory, device_memory,
-                            write_memory_report)
+                            device_pool_bytes, fit_warning, write_memory_report)
 from jmamba.parallel.setup import build, process_rows
 
 
@@ -114,6 +114,9 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     memory = compiled_memory(step_fn)
     if memory and main:
         log.note(write_memory_report(t.log_dir, memory))
+        warning = fit_warning(memory, device_pool_bytes())
+        if warning:
+            log.note(warning)
 
     def flush(pending):  # read a dispatched step's metrics (syncs on that step only)
         step, metrics, dispatched_at = pending

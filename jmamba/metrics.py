@@ -65,6 +65,23 @@ def write_memory_report(log_dir: str, report: dict) -> str:
             f"{os.path.join(log_dir, 'memory.json')})")
 
 
+def device_pool_bytes() -> int | None:
+    """The bytes one device's allocator may hold (JAX's pool: by default 75% of a GPU), or
+    None where the backend does not say (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def fit_warning(report: dict, pool_bytes: int | None) -> str | None:
+    """One line naming what to change when XLA's estimate exceeds the device pool."""
+    if not report or not pool_bytes or report["total_bytes"] <= pool_bytes:
+        return None
+    return (f"jmamba: warning: the step needs {report['total_bytes'] / 2**30:.1f} GB per "
+            f"device but the device pool holds {pool_bytes / 2**30:.1f} GB, so it will likely "
+            f"run out of memory: lower --batch_size, use --remat full, raise --microbatches "
+            f"with --pp, or let JAX take more of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION)")
+
+
 def _tensorboard(log_dir: str):
     """A tensorboardX SummaryWriter, or None (with a note) when tensorboardX is missing."""
     try:

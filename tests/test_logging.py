@@ -18,7 +18,7 @@ import pytest
 from jmamba.config import Config, ModelConfig, TrainConfig, validate
 from jmamba.driver import train
 from jmamba.guard import Hooks, StopSignals
-from jmamba.metrics import RunLog, parse_profile_steps
+from jmamba.metrics import MEMORY_KEYS, RunLog, fit_warning, parse_profile_steps
 from jmamba.step import init_state, make_train_step
 
 TINY = ModelConfig(d_model=16, n_layer=2, headdim=8, d_state=8, chunk_size=16, d_expert=16)
@@ -40,6 +40,17 @@ def test_run_writes_metrics_tensorboard_and_trace(tmp_path):
         assert key in lines[-1] and math.isfinite(lines[-1][key]), key
     assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
     assert glob.glob(str(tmp_path / "plugins/profile/*/*.xplane.pb"))
+    memory = json.load(open(tmp_path / "memory.json"))  # XLA's estimate, before step 1
+    assert set(memory) == set(MEMORY_KEYS)
+    assert memory["total_bytes"] >= memory["temp_bytes"] > 0 and memory["argument_bytes"] > 0
+
+
+def test_fit_warning_names_what_to_change():
+    report = {"argument_bytes": 10, "output_bytes": 10, "temp_bytes": 60 * 2**30,
+              "total_bytes": 64 * 2**30}
+    line = fit_warning(report, 59 * 2**30)
+    assert "64.0 GB" in line and "59.0 GB" in line and "--batch_size" in line
+    assert fit_warning(report, 80 * 2**30) is None and fit_warning(report, None) is None
 
 
 def test_progress_bar_on_a_terminal(tmp_path):
