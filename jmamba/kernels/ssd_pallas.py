@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from jmamba.kernels import ssd_pallas_kernels as K
+from jmamba.kernels import ssd_pallas_kernels as bodies
 from jmamba.kernels.vma import (cotangent_like, out_struct, to_varying, untyped,
                                 varying_axes)
 from jmamba.ssd import kernel_fits
@@ -80,7 +80,7 @@ class _Specs:
 
 
 def _fine(dtype, cfg):
-    """Matmul dtype where rounding would be amplified: the states (see K._mm)."""
+    """Matmul dtype where rounding would be amplified: the states (see bodies._mm)."""
     return dtype if dtype == f32 or cfg.fine == "bf16" else cfg.fine
 
 
@@ -89,7 +89,7 @@ def _chunk_outer(u, v, w, cfg, dtype):
     Bsz, Lp, H, P = u.shape
     G, N = v.shape[2:]
     sp = _Specs(cfg.chunk, P, N, H, H // G)
-    return _call(K.chunk_outer_kernel, (Bsz, Lp // cfg.chunk, H),
+    return _call(bodies.chunk_outer_kernel, (Bsz, Lp // cfg.chunk, H),
                  [sp.rows_P, sp.group_N, sp.chunk], sp.state,
                  jax.ShapeDtypeStruct((Bsz, Lp // cfg.chunk, H, P, N), f32), cfg,
                  bk=min(cfg.bk, cfg.chunk), dtype=dtype)(u, v, w)
@@ -100,7 +100,7 @@ def _state_pass(s_BxCxHxPxN, e_BxHxC, init_BxHxPxN, cfg, reverse):
     Bsz, C, H, P, N = s_BxCxHxPxN.shape
     bp = min(cfg.bp, P)
     chunks = lambda n: pl.BlockSpec((None, n, None, bp, N), lambda b, h, p: (b, 0, h, p, 0))
-    return _call(K.state_pass_kernel, (Bsz, H, P // bp),
+    return _call(bodies.state_pass_kernel, (Bsz, H, P // bp),
                  [chunks(C), pl.BlockSpec((None, None, C), lambda b, h, p: (b, h, 0)),
                   pl.BlockSpec((None, None, bp, N), lambda b, h, p: (b, h, p, 0))],
                  chunks(C + 1), jax.ShapeDtypeStruct((Bsz, C + 1, H, P, N), f32), cfg,
@@ -133,7 +133,7 @@ def _chunk_scan(x, dt, acs, Bm, Cm, states, D, cfg):
     G, N = Bm.shape[2:]
     Q = cfg.chunk
     sp = _Specs(Q, P, N, H, H // G)
-    return _call(K.chunk_scan_fwd_kernel, (Bsz, Lp // Q, H, Q // cfg.bt),
+    return _call(bodies.chunk_scan_fwd_kernel, (Bsz, Lp // Q, H, Q // cfg.bt),
                  [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.state, sp.heads],
                  sp.rows_P, jax.ShapeDtypeStruct(x.shape, x.dtype), cfg,
                  bt=cfg.bt, bs=cfg.bt, dtype=x.dtype)(x, dt, acs, Bm, Cm, states, D)
@@ -190,7 +190,7 @@ def _core_bwd(cfg, res, cts):
     sp = _Specs(Q, P, N, H, R)
     grid = (Bsz, C, H, Q // cfg.bt)
     dx, ddt, dB_h, dD_rows, dst = _call(
-        K.chunk_scan_bwd_dx_kernel, grid,
+        bodies.chunk_scan_bwd_dx_kernel, grid,
         [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.rows_P, sp.state_end,
          sp.heads],
         [sp.rows_P, sp.chunk, sp.rows_N, sp.chunk, sp.chunk],
@@ -202,7 +202,7 @@ def _core_bwd(cfg, res, cts):
     nT = Q // cfg.bt
     rect_spec = pl.BlockSpec((None, None, None, Q), lambda b, c, h, tb: (b, tb, h, c))
     dC_h, off, rect_parts = _call(
-        K.chunk_scan_bwd_dc_kernel, grid,
+        bodies.chunk_scan_bwd_dc_kernel, grid,
         [sp.rows_P, sp.chunk, sp.chunk, sp.group_N, sp.group_N, sp.rows_P, sp.state],
         [sp.rows_N, sp.chunk, rect_spec],
         [jax.ShapeDtypeStruct((Bsz, Lp, H, N), x.dtype), jax.ShapeDtypeStruct(dt.shape, f32),
