@@ -13,7 +13,7 @@ from the one-GPU run of the same path (bf16 noise for bf16 presets), and kernel 
 chunked (the chunked step time over the kernel's).
 
     python scripts/gpu_layouts.py --out $OUT                       # 2 or 4 GPUs
-    python scripts/gpu_layouts.py --out /tmp/x --presets cpu_demo --steps 4   # CPU smoke
+    python scripts/gpu_layouts.py --out runs/layouts --presets cpu_demo --steps 4  # CPU smoke
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -118,7 +119,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=4)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    work = os.path.join("/tmp", f"jmamba_layouts_{os.getpid()}")
+    work = tempfile.mkdtemp(prefix="jmamba_layouts_")  # train.py log dirs
     n = gpu_count()
     where = {}
     for item in args.chunked.split(","):

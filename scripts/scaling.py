@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -45,7 +46,7 @@ def main():
     ap.add_argument("--only", default="", help="row names separated by ;")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    work = os.path.join("/tmp", f"jmamba_scaling_{os.getpid()}")
+    work = tempfile.mkdtemp(prefix="jmamba_scaling_")  # train.py log dirs
     n = gpu_count()
     rows = {}
     for name, (gpus, layers, experts, B, pp, ep, M) in runs(args, n).items():

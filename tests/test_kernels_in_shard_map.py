@@ -13,14 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmamba import model
 from jmamba.config import Config, ModelConfig, ParallelConfig, TrainConfig, validate
 from jmamba.data import recall_batch
 from jmamba.kernels import ssd_pallas as ssd_pallas_mod
-from jmamba.parallel import layout as lay
-from jmamba.parallel.mesh import make_mesh
-from jmamba.parallel.pipeline import make_pipeline_loss
-from jmamba.parallel.setup import experts_fn_for
+from tests.test_pp_ep import assert_grads_match, pipeline_parts, run, single_device
 
 # Sizes the Triton kernel takes (headdim, d_state, chunk: powers of two >= 16).
 MODEL = ModelConfig(d_model=16, n_layer=4, vocab_size=40, headdim=16, d_state=16,
@@ -40,33 +36,17 @@ def make_cfg(pp, ep, M, ssm_impl="kernel"):
 
 @pytest.fixture(scope="module")
 def reference():
-    params = model.init_params(MODEL, jax.random.key(0))
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(
-        lambda p: model.loss_fn(p, the_batch(), MODEL), has_aux=True))(params)
-    return params, loss, metrics, grads
-
-
-def pipeline_grad(cfg, params):
-    layout = lay.StageLayout.from_config(cfg)
-    loss_fn = make_pipeline_loss(cfg, layout, make_mesh(cfg.parallel.pp, cfg.parallel.ep),
-                                 experts_fn_for(cfg))
-    return layout, jax.value_and_grad(loss_fn, has_aux=True), lay.to_stage(params, layout)
+    return single_device(MODEL, the_batch())
 
 
 @pytest.mark.parametrize("pp,ep,M", [(1, 1, 2), (2, 1, 2), (1, 2, 2), (2, 2, 2)])
 def test_kernels_in_shard_map_equal_single_device(reference, mosaic_standin, pp, ep, M):
     params, loss_ref, metrics_ref, grads_ref = reference
-    layout, vg, stage_params = pipeline_grad(make_cfg(pp, ep, M), params)
-    (loss, metrics), grads = jax.jit(vg)(stage_params, the_batch())
-    grads = lay.to_canonical(lay.tie_gradients(grads, layout), layout)
+    loss, metrics, grads = run(make_cfg(pp, ep, M), params, the_batch())
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     np.testing.assert_array_equal(metrics["expert_counts"], metrics_ref["expert_counts"])
     assert int(metrics["dropped_tokens"]) == 0
-    for (path, g_ref), g in zip(jax.tree_util.tree_flatten_with_path(grads_ref)[0],
-                                jax.tree.leaves(grads)):
-        scale = float(jnp.max(jnp.abs(g_ref))) + 1e-12
-        np.testing.assert_allclose(g / scale, g_ref / scale, atol=1e-4,
-                                   err_msg=jax.tree_util.keystr(path))
+    assert_grads_match(grads, grads_ref, atol=1e-4)
 
 
 def test_gpu_path_types_trace_in_shard_map(reference, mosaic_standin, monkeypatch):
@@ -75,7 +55,7 @@ def test_gpu_path_types_trace_in_shard_map(reference, mosaic_standin, monkeypatc
     raises as it did on GPUs. The gradients' types must equal the parameters'."""
     monkeypatch.setattr(ssd_pallas_mod, "ssd_pallas",
                         functools.partial(ssd_pallas_mod.ssd_pallas, interpret=False))
-    _, vg, stage_params = pipeline_grad(make_cfg(2, 2, 2), reference[0])
+    _, vg, stage_params = pipeline_parts(make_cfg(2, 2, 2), reference[0])
     (loss, _), grads = jax.eval_shape(vg, stage_params, the_batch())
     assert loss.shape == ()
     for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(stage_params)):

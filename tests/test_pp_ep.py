@@ -31,21 +31,42 @@ def make_cfg(pp, ep, M=2, schedule="gpipe", **ep_settings):
                                                    pp_schedule=schedule, **ep_settings)))
 
 
-@pytest.fixture(scope="module")
-def reference():
-    params = model.init_params(MODEL, jax.random.key(0))
+def single_device(model_cfg, batch):
+    """Fresh parameters, and the one-device loss, metrics and gradients on `batch`."""
+    params = model.init_params(model_cfg, jax.random.key(0))
     (loss, metrics), grads = jax.jit(jax.value_and_grad(
-        lambda p: model.loss_fn(p, the_batch(), MODEL), has_aux=True))(params)
+        lambda p: model.loss_fn(p, batch, model_cfg), has_aux=True))(params)
     return params, loss, metrics, grads
 
 
-def run(cfg, params):
+@pytest.fixture(scope="module")
+def reference():
+    return single_device(MODEL, the_batch())
+
+
+def pipeline_parts(cfg, params):
+    """(layout, value_and_grad of the pipelined loss, stage-stacked params) for cfg."""
     layout = lay.StageLayout.from_config(cfg)
     loss_fn = make_pipeline_loss(cfg, layout, make_mesh(cfg.parallel.pp, cfg.parallel.ep),
                                  experts_fn_for(cfg))
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-        lay.to_stage(params, layout), the_batch())
+    return layout, jax.value_and_grad(loss_fn, has_aux=True), lay.to_stage(params, layout)
+
+
+def run(cfg, params, batch=None):
+    """Pipelined loss, metrics and canonical (tied, unstacked) gradients."""
+    layout, value_and_grad, stage_params = pipeline_parts(cfg, params)
+    (loss, metrics), grads = jax.jit(value_and_grad)(
+        stage_params, the_batch() if batch is None else batch)
     return loss, metrics, lay.to_canonical(lay.tie_gradients(grads, layout), layout)
+
+
+def assert_grads_match(grads, grads_ref, atol):
+    """Every gradient leaf equal to the reference's, relative to its largest entry."""
+    for (path, g_ref), g in zip(jax.tree_util.tree_flatten_with_path(grads_ref)[0],
+                                jax.tree.leaves(grads)):
+        scale = float(jnp.max(jnp.abs(g_ref))) + 1e-12
+        np.testing.assert_allclose(g / scale, g_ref / scale, atol=atol,
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 # (2, 2, 2) runs in test_kernels_in_shard_map.py (kernels, default settings).
@@ -59,11 +80,7 @@ def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule):
         np.testing.assert_allclose(metrics[key], metrics_ref[key], rtol=1e-5, err_msg=key)
     np.testing.assert_array_equal(metrics["expert_counts"], metrics_ref["expert_counts"])
     assert int(metrics["dropped_tokens"]) == 0
-    for (path, g_ref), g in zip(jax.tree_util.tree_flatten_with_path(grads_ref)[0],
-                                jax.tree.leaves(grads)):
-        scale = float(jnp.max(jnp.abs(g_ref))) + 1e-12
-        np.testing.assert_allclose(g / scale, g_ref / scale, atol=1e-5,
-                                   err_msg=jax.tree_util.keystr(path))
+    assert_grads_match(grads, grads_ref, atol=1e-5)
 
 
 def test_overflow_is_counted_not_hidden(reference):

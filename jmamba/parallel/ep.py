@@ -107,11 +107,13 @@ def plan_exchange(group_sizes_E, n_ranks: int, capacity: int, axis_name, sent_E=
                            axis=1)
     got_Rx2xX = jax.lax.all_to_all(mine_Rx2xX, axis_name, 0, 0)
     count_RxX, home_off_RxX = got_Rx2xX[:, 0], got_Rx2xX[:, 1]
-    # 2. Lay them out expert-major, then by source rank; keep what fits in C rows.
+    # 2. Lay them out expert-major, then by source rank; keep what fits in C rows (or, in
+    #    dropless rounds, the first pair_rows of each source, <= C in all).
     count_XxR = count_RxX.T
-    start_XxR = _exclusive_cumsum(count_XxR.reshape(-1)).reshape(X, R)
-    keep_XxR = jnp.clip(capacity - start_XxR, 0, count_XxR)
-    if pair_rows is not None:  # instead: at most pair_rows from each source (<= C in all)
+    if pair_rows is None:
+        start_XxR = _exclusive_cumsum(count_XxR.reshape(-1)).reshape(X, R)
+        keep_XxR = jnp.clip(capacity - start_XxR, 0, count_XxR)
+    else:
         before_XxR = jnp.cumsum(count_XxR, axis=0) - count_XxR
         keep_XxR = jnp.clip(pair_rows - before_XxR, 0, count_XxR)
         start_XxR = _exclusive_cumsum(keep_XxR.reshape(-1)).reshape(X, R)

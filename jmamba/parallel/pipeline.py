@@ -25,6 +25,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jmamba import model
+from jmamba.kernels.vma import to_varying
 from jmamba.moe import moe_dropless
 from jmamba.parallel.layout import StageLayout
 from jmamba.parallel.mesh import BATCH_AXES, MESH_AXES, spec, stage_param_specs
@@ -47,11 +48,7 @@ STAGE_POLICIES = {
 def _vary(tree):
     """Marks fresh constants as varying over the mesh, so cond/scan types match shard_map's
     per-device values (shard_map's vma checking keeps psum's transpose exact)."""
-    def one(x):
-        x = jnp.asarray(x)
-        missing = tuple(a for a in MESH_AXES if a not in jax.typeof(x).manual_axis_type.varying)
-        return lax.pcast(x, missing, to="varying") if missing else x
-    return jax.tree.map(one, tree)
+    return jax.tree.map(lambda x: to_varying(jnp.asarray(x), frozenset(MESH_AXES)), tree)
 
 
 def schedule_item(t, s, pp: int, v: int, M: int):
@@ -123,6 +120,7 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
                 recv = (recv, _vary(jnp.zeros(recv.shape, res_dtype)))
             h, res = lax.cond(first, lambda: _vary(model.embed(embed_params, inputs_MxBxL[mb], m)),
                               lambda: (recv[0].astype(m.dtype), recv[1]))
+            # With one stage per device (v = 1) r is always 0: a static index.
             stage_layers = jax.tree.map(lambda a: a[r] if v > 1 else a[0], layers_VxY)
 
             def run(h, res):
