@@ -106,7 +106,7 @@ class TrainConfig:
 
 PROGRESS = ("auto", "bar", "lines")  # issue 7
 LOADERS = ("auto", "grain", "numpy")  # issue 7
-PP_SCHEDULES = ("gpipe", "circular")
+PP_SCHEDULES = ("1f1b", "gpipe", "circular")
 PP_COMMS = ("pair", "sum")
 REMATS = ("none", "full", "dots")
 EP_DISPATCH = ("auto", "ragged", "dense")
@@ -119,7 +119,10 @@ class ParallelConfig:
     pp: int = 1
     ep: int = 1
     microbatches: int = 1
-    pp_schedule: str = "gpipe"  # or "circular": pp_virtual stages per device
+    # 1f1b: each microbatch's backward as soon as it can run (memory bounded by pp, not M);
+    # gpipe: all forwards, then autodiff's backward; circular: gpipe with pp_virtual stages
+    # per device (smaller bubble, memory grows with M)
+    pp_schedule: str = "1f1b"
     pp_virtual: int = 2  # virtual stages per device for the circular schedule
     # Which layers each (virtual) stage holds, in pipeline order: counts "3,5,5,3" or
     # ranges "0-2,3-7,8-12,13-15". Empty: an even split.

@@ -13,7 +13,7 @@ from jmamba.data import recall_batch
 from jmamba.parallel import layout as lay
 from jmamba.parallel.mesh import make_mesh
 from jmamba.parallel.pipeline import make_pipeline_loss
-from jmamba.parallel.setup import build, param_bytes_per_device
+from jmamba.parallel.setup import build, param_bytes_per_device, pipeline_loss
 
 MODEL = ModelConfig(d_model=16, n_layer=8, vocab_size=40, headdim=8, d_state=8, chunk_size=8,
                     n_experts=4, top_k=2, d_expert=16)
@@ -46,8 +46,8 @@ def reference():
 
 LAYOUTS = [  # pp = 1 with microbatches runs in test_kernels_in_shard_map.py
     # pp, microbatches, schedule, split, comm, tied
-    (2, 4, "gpipe", "3,5", "sum", True),
-    (4, 4, "gpipe", "1,3,3,1", "pair", False),
+    (2, 4, "1f1b", "3,5", "sum", True),
+    (4, 4, "1f1b", "1,3,3,1", "pair", False),
     (4, 8, "gpipe", "", "sum", True),
     (4, 4, "circular", "", "pair", False),
     (2, 2, "circular", "1,3,3,1", "sum", True),
@@ -59,7 +59,7 @@ def test_pipeline_equals_single_device(reference, pp, M, schedule, split, comm, 
     params, loss_ref, metrics_ref, grads_ref = reference[tied]
     cfg = make_cfg(pp, M, schedule, split, comm, tied)
     layout = lay.StageLayout.from_config(cfg)
-    loss_fn = make_pipeline_loss(cfg, layout, make_mesh(pp, 1))
+    loss_fn = pipeline_loss(cfg, layout, make_mesh(pp, 1))
     (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
         lay.to_stage(params, layout), the_batch())
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)

@@ -13,8 +13,7 @@ from jmamba.config import Config, ModelConfig, ParallelConfig, TrainConfig, vali
 from jmamba.data import recall_batch
 from jmamba.parallel import layout as lay
 from jmamba.parallel.mesh import make_mesh
-from jmamba.parallel.pipeline import make_pipeline_loss
-from jmamba.parallel.setup import experts_fn_for
+from jmamba.parallel.setup import pipeline_loss
 
 MODEL = ModelConfig(d_model=16, n_layer=8, vocab_size=40, headdim=8, d_state=8, chunk_size=8,
                     n_experts=8, top_k=2, d_expert=16)
@@ -24,11 +23,11 @@ def the_batch():
     return {k: jnp.asarray(v) for k, v in recall_batch(1, 0, 8, 24, 40, 4).items()}
 
 
-def make_cfg(pp, ep, M=2, schedule="gpipe", **ep_settings):
-    """Default EP settings (dropless rounds, capacity 1.25 per round) unless given."""
+def make_cfg(pp, ep, M=2, **settings):
+    """Default schedule and EP settings (1f1b; dropless rounds, capacity 1.25 per round)
+    unless given."""
     return validate(Config(model=MODEL, train=TrainConfig(batch_size=8, seq_len=24, n_pairs=4),
-                           parallel=ParallelConfig(pp=pp, ep=ep, microbatches=M,
-                                                   pp_schedule=schedule, **ep_settings)))
+                           parallel=ParallelConfig(pp=pp, ep=ep, microbatches=M, **settings)))
 
 
 def single_device(model_cfg, batch):
@@ -47,8 +46,7 @@ def reference():
 def pipeline_parts(cfg, params):
     """(layout, value_and_grad of the pipelined loss, stage-stacked params) for cfg."""
     layout = lay.StageLayout.from_config(cfg)
-    loss_fn = make_pipeline_loss(cfg, layout, make_mesh(cfg.parallel.pp, cfg.parallel.ep),
-                                 experts_fn_for(cfg))
+    loss_fn = pipeline_loss(cfg, layout, make_mesh(cfg.parallel.pp, cfg.parallel.ep))
     return layout, jax.value_and_grad(loss_fn, has_aux=True), lay.to_stage(params, layout)
 
 
@@ -70,11 +68,11 @@ def assert_grads_match(grads, grads_ref, atol):
 
 
 # (2, 2, 2) runs in test_kernels_in_shard_map.py (kernels, default settings).
-@pytest.mark.parametrize("pp,ep,M,schedule", [(1, 4, 1, "gpipe"), (2, 4, 2, "gpipe"),
-                                              (4, 2, 4, "circular")])
+@pytest.mark.parametrize("pp,ep,M,schedule", [(1, 4, 1, "1f1b"), (2, 4, 2, "1f1b"),
+                                              (2, 2, 4, "gpipe"), (4, 2, 4, "circular")])
 def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule):
     params, loss_ref, metrics_ref, grads_ref = reference
-    loss, metrics, grads = run(make_cfg(pp, ep, M, schedule=schedule), params)
+    loss, metrics, grads = run(make_cfg(pp, ep, M, pp_schedule=schedule), params)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     for key in ("ce", "aux_loss", "z_loss"):
         np.testing.assert_allclose(metrics[key], metrics_ref[key], rtol=1e-5, err_msg=key)

@@ -89,11 +89,20 @@ def microbatch(batch: dict, M: int, ep: int = 1) -> dict:
     return jax.tree.map(split, batch)
 
 
-def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
+def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless,
+                       elide_conds: bool = True):
     """Returns loss_fn(stage_params, batch) -> (loss, metrics), the pipelined twin of
-    model.loss_fn, for the stage-stacked parameters of layout.to_stage."""
+    model.loss_fn, for the stage-stacked parameters of layout.to_stage.
+
+    A lax.cond on a GPU copies its predicate to the host and waits for the device, so the
+    loop leaves out every cond whose outcome is known when tracing: the per-layer skip
+    when no stage has padding rows, and the stage / embedding / head conds at pp = 1, v = 1.
+    elide_conds=False keeps them all (for benchmarks that measure what they cost)."""
     m, p = cfg.model, cfg.parallel
     pp, v, M = layout.pp, layout.virtual, p.microbatches
+    # Static facts that let the loop drop a cond (see the docstring).
+    padded = bool((layout.counts_VxS != layout.ymax).any()) or not elide_conds
+    one_stage = pp == 1 and v == 1 and elide_conds  # every item valid, first and last
     T = n_iterations(pp, v, M)
     counts_VxS = jnp.asarray(layout.counts_VxS)
     # Global layer row of each stage slot (padding rows go to an extra row n_layer).
@@ -109,7 +118,7 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
         Bm, L = inputs_MxBxL.shape[1:]
         embed_params = {"embedding": table[0]}
         head_params = {"embed": {"embedding": table[-1]}, "norm_f": {"scale": scale[-1]}}
-        head_cfg = cfg.model if m.tie_embeddings else _tied(cfg.model)
+        head_cfg = cfg.model if m.tie_embeddings else tied_head_config(cfg.model)
 
         def iteration(carry, t):
             recv, acc = carry
@@ -118,14 +127,18 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
             last = (s == pp - 1) & (r == v - 1)
             if p.pp_comm == "sum":
                 recv = (recv, _vary(jnp.zeros(recv.shape, res_dtype)))
-            h, res = lax.cond(first, lambda: _vary(model.embed(embed_params, inputs_MxBxL[mb], m)),
-                              lambda: (recv[0].astype(m.dtype), recv[1]))
+            if one_stage:
+                h, res = _vary(model.embed(embed_params, inputs_MxBxL[mb], m))
+            else:
+                h, res = lax.cond(first,
+                                  lambda: _vary(model.embed(embed_params, inputs_MxBxL[mb], m)),
+                                  lambda: (recv[0].astype(m.dtype), recv[1]))
             # With one stage per device (v = 1) r is always 0: a static index.
             stage_layers = jax.tree.map(lambda a: a[r] if v > 1 else a[0], layers_VxY)
 
             def run(h, res):
                 return model.run_layers(stage_layers, h, res, m, p.remat, experts_fn,
-                                        n_active=counts_VxS[r, s])
+                                        n_active=counts_VxS[r, s] if padded else None)
 
             def skip(h, res):
                 zB = jnp.zeros((Bm,), jnp.float32)
@@ -134,7 +147,8 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
 
             # The stage runs under a checkpoint whose policy keeps what --remat keeps (see
             # STAGE_POLICIES), so the loop's backward gets only those per iteration.
-            stage = jax.checkpoint(lambda h, res: lax.cond(valid, run, skip, h, res),
+            stage = jax.checkpoint(run if one_stage else
+                                   lambda h, res: lax.cond(valid, run, skip, h, res),
                                    policy=STAGE_POLICIES[p.remat])
             h, res, aux_B, z_B, counts_YxE, dropped = stage(h, res)
 
@@ -142,7 +156,8 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
                 logits = model.head_logits(head_params, h, res, head_cfg)
                 return model.token_losses(logits, targets_MxBxL[mb], mask_MxBxL[mb])
 
-            nll, correct = lax.cond(valid & last, head, lambda: _vary((0.0, 0.0)))
+            nll, correct = (head() if one_stage else
+                            lax.cond(valid & last, head, lambda: _vary((0.0, 0.0))))
             w = valid.astype(jnp.float32)
             counts_rows = jnp.zeros((m.n_layer + 1, E), jnp.int32).at[rows_VxSxY[r, s]].add(
                 counts_YxE * valid)
@@ -185,6 +200,6 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
 
 
 @functools.lru_cache(maxsize=None)
-def _tied(model_cfg):
+def tied_head_config(model_cfg):
     """The head reads its output table from io/table, laid out [V, D] like an embedding."""
     return dataclasses.replace(model_cfg, tie_embeddings=True)

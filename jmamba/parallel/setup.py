@@ -23,6 +23,7 @@ from jmamba.parallel.layout import (StageLayout, tie_gradients, to_canonical, to
                                     unique_sq_norm)
 from jmamba.parallel.mesh import make_mesh, shardings, spec, stage_param_specs
 from jmamba.parallel.pipeline import make_pipeline_loss
+from jmamba.parallel.pipeline_1f1b import make_1f1b_loss
 from jmamba.step import TrainState, init_state, make_train_step
 
 
@@ -43,6 +44,12 @@ def experts_fn_for(cfg):
         return moe_dropless
     return make_ep_experts_fn(m.n_experts, p.ep, "ep", p.ep_capacity_factor, p.ep_dispatch,
                               dropless=p.ep_dropless)
+
+
+def pipeline_loss(cfg, layout: StageLayout, mesh) -> Callable:
+    """The pipelined loss of cfg's schedule: loss_fn(stage_params, batch) -> (loss, metrics)."""
+    make = make_1f1b_loss if cfg.parallel.pp_schedule == "1f1b" else make_pipeline_loss
+    return make(cfg, layout, mesh, experts_fn_for(cfg))
 
 
 def is_single_device(cfg) -> bool:
@@ -67,8 +74,7 @@ def build(cfg, params=None) -> Training:
     stage_params = to_stage(params, layout)
     param_sh = shardings(mesh, stage_param_specs(stage_params))
     stage_params = jax.device_put(stage_params, param_sh)
-    step = make_train_step(make_pipeline_loss(cfg, layout, mesh, experts_fn_for(cfg)),
-                           optimizer, lr_schedule(t),
+    step = make_train_step(pipeline_loss(cfg, layout, mesh), optimizer, lr_schedule(t),
                            t.grad_clip,
                            fix_grads=functools.partial(tie_gradients, layout=layout),
                            grad_sq_norm=functools.partial(unique_sq_norm, layout=layout),

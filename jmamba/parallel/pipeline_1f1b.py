@@ -1,0 +1,353 @@
+"""The 1F1B pipeline schedule: each tick, every stage runs one backward and one forward.
+
+Why by hand: the GPipe loop (pipeline.py) is a forward scan that autodiff reverses, so the
+backward of microbatch 0 waits for the forward of the last microbatch and every stage keeps
+its layer inputs for all M microbatches. Here the loop computes gradients itself, so a
+microbatch's backward runs as soon as its cotangent returns and its stash is freed.
+
+Lockstep schedule over T = M + 2p - 2 ticks (p = pp stages):
+    forward  of microbatch i on stage s at tick i + s
+    backward of microbatch i on stage s at tick i + 2p - 2 - s
+The last stage runs the forward, the head and loss, and the backward of the same microbatch
+in one tick; every other stage runs its backward before its forward, so a stage holds the
+layer inputs of at most 2p - 2 - 2s microbatches (K = max(2p - 2, 1) stash slots on every
+device, whatever M is). A tick costs F + B on the busiest stage; the first p - 1 ticks run
+only forwards and the last p - 1 only backwards, so the idle share is (p-1)/(M+p-1), GPipe's.
+
+Each stage keeps only its layers' inputs between forward and backward and recomputes each
+layer in the backward (the cost of --remat full, whatever --remat says).
+
+Transfers: the forward message of tick t is sent at the start of tick t + 1, before that
+tick's backward, and the backward cotangent right after the backward, before the forward,
+so each ppermute has a stage's compute to overlap with.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+from jax.sharding import PartitionSpec as P
+
+from jmamba import model
+from jmamba.kernels.vma import to_varying
+from jmamba.moe import moe_dropless
+from jmamba.parallel.layout import StageLayout
+from jmamba.parallel.mesh import BATCH_AXES, MESH_AXES, spec, stage_param_specs
+from jmamba.parallel.pipeline import make_pipeline_loss, microbatch, tied_head_config
+
+ALL_AXES = frozenset(MESH_AXES)
+
+
+def _vary(tree):
+    return jax.tree.map(lambda x: to_varying(jnp.asarray(x), ALL_AXES), tree)
+
+
+def n_ticks(pp: int, M: int) -> int:
+    return M + 2 * pp - 2
+
+
+def n_slots(pp: int) -> int:
+    """Stash slots per device: stage 0 holds 2p - 2 microbatches between its forward and
+    backward; the last stage needs one slot for the tick in which it runs both."""
+    return max(2 * pp - 2, 1)
+
+
+def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
+    """Returns run(stage_params, batch) -> ((loss, metrics), grads): what
+    jax.value_and_grad(pipeline loss, has_aux=True) returns, by the 1F1B schedule."""
+    m, p = cfg.model, cfg.parallel
+    pp, M = layout.pp, p.microbatches
+    assert layout.virtual == 1, "1f1b runs one stage per device"
+    T, K = n_ticks(pp, M), n_slots(pp)
+    counts_S = np.asarray(layout.counts_VxS[0])
+    padded = bool((counts_S != layout.ymax).any())
+    rows_SxY = jnp.asarray(np.where(layout.index_VxSxY[0] >= 0, layout.index_VxSxY[0],
+                                    m.n_layer))
+    E = max(m.n_experts, 1)
+    fwd_ring = [(j, (j + 1) % pp) for j in range(pp)]
+    bwd_ring = [(j, (j - 1) % pp) for j in range(pp)]
+    dtype = jnp.dtype(m.dtype)
+    res_dtype = jnp.float32 if m.residual_in_fp32 else dtype
+    graphdef = model.block_graphdef(m)
+    head_cfg = m if m.tie_embeddings else tied_head_config(m)
+    moe = m.mlp == "moe"
+
+    def block(p_y, h, r):
+        h, r, a, z, counts_E, dropped = nnx.merge(graphdef, p_y)(h, r, experts_fn)
+        return (h, r, a, z), (counts_E.astype(jnp.int32), dropped)
+
+    def per_device(layers, io, inputs_MxBxL, targets_MxBxL, mask_MxBxL):
+        s = lax.axis_index("pp")
+        is_first, is_last = s == 0, s == pp - 1
+        # Varying from the start, so the loop's gradients stay per device and are summed
+        # over the axes a parameter is replicated on once, after the loop.
+        layers_Y = _vary(jax.tree.map(lambda a: a[0, 0], layers))
+        io = _vary(io)
+        Bm, L = inputs_MxBxL.shape[1:]
+        n_active = jnp.asarray(counts_S)[s] if padded else None
+        js = jnp.arange(layout.ymax)
+        n_tokens = lax.psum(jnp.sum(mask_MxBxL.astype(jnp.float32)), "ep")
+        n_rows = M * Bm * p.ep
+        # d loss / d (nll sum, per-row aux, per-row z) of model.total_loss.
+        c_nll = 1.0 / jnp.maximum(n_tokens, 1.0)
+        c_aux = (m.aux_loss_coef if moe else 0.0) / (n_rows * m.n_layer)
+        c_z = (m.z_loss_coef if moe else 0.0) / (n_rows * m.n_layer)
+
+        def embed(io_, tokens):
+            return model.embed({"embedding": io_["table"][0]}, tokens, m)
+
+        def to_pair(msg):
+            """A received message -> the stage's (hidden, residual) input."""
+            if p.pp_comm == "sum":
+                return msg.astype(dtype), jnp.zeros(msg.shape, res_dtype)
+            return msg[0].astype(dtype), msg[1]
+
+        def to_msg(h, r):
+            return (h.astype(res_dtype) + r) if p.pp_comm == "sum" else (h, r)
+
+        def stage_forward(h, r):
+            """Layers of this stage; returns the output pair, the MoE sums and the inputs of
+            every layer (the stash)."""
+            def body(carry, xs):
+                h, r, aux_B, z_B, dropped = carry
+                j, p_y = xs
+
+                def run():
+                    (h2, r2, a, z), (counts_E, d) = block(p_y, h, r)
+                    return (h2, r2, aux_B + a, z_B + z, dropped + d), counts_E
+
+                def skip():
+                    return (h, r, aux_B, z_B, dropped), _vary(jnp.zeros((E,), jnp.int32))
+
+                out = lax.cond(j < n_active, run, skip) if padded else run()
+                return out[0], ((h, r), out[1])
+
+            zB = _vary(jnp.zeros((Bm,), jnp.float32))
+            (h, r, aux_B, z_B, dropped), (inputs_Y, counts_YxE) = lax.scan(
+                body, (h, r, zB, zB, _vary(jnp.zeros((), jnp.int32))), (js, layers_Y))
+            return (h, r), (jnp.sum(aux_B), jnp.sum(z_B), counts_YxE, dropped), inputs_Y
+
+        def stage_backward(inputs_Y, ct_h, ct_r):
+            """Per layer, last first: recompute the layer and pull the cotangent through it.
+            Returns (layer gradients [Y, ...], cotangent of the stage input pair)."""
+            ones_B = _vary(jnp.ones((Bm,), jnp.float32))
+
+            def body(ct, xs):
+                j, p_y, (h, r) = xs
+
+                def run():
+                    _, pull, _ = jax.vjp(block, p_y, h, r, has_aux=True)
+                    g, ct_h, ct_r = pull((ct[0], ct[1], c_aux * ones_B, c_z * ones_B))
+                    return (ct_h, ct_r), g
+
+                def skip():
+                    return ct, jax.tree.map(jnp.zeros_like, p_y)
+
+                return lax.cond(j < n_active, run, skip) if padded else run()
+
+            (ct_h, ct_r), g_Y = lax.scan(body, (ct_h, ct_r), (js, layers_Y, inputs_Y),
+                                         reverse=True)
+            return g_Y, (ct_h, ct_r)
+
+        def head_loss(io_, h, r, targets, mask):
+            head_params = {"embed": {"embedding": io_["table"][-1]},
+                           "norm_f": {"scale": io_["scale"][-1]}}
+            logits = model.head_logits(head_params, h, r, head_cfg)
+            return model.token_losses(logits, targets, mask)
+
+        zeros_g = jax.tree.map(jnp.zeros_like, layers_Y)
+        zeros_io = jax.tree.map(jnp.zeros_like, io)
+        pair_shape = (Bm, L, m.d_model)
+        zero_pair = _vary((jnp.zeros(pair_shape, dtype), jnp.zeros(pair_shape, res_dtype)))
+        zero_msg = to_msg(*zero_pair)
+
+        def forward(i, msg):
+            """Forward of microbatch i: (output pair, MoE sums, stash)."""
+            if pp == 1:
+                h, r = _vary(embed(io, inputs_MxBxL[i]))
+            else:
+                h, r = lax.cond(is_first, lambda: _vary(embed(io, inputs_MxBxL[i])),
+                                lambda: _vary(to_pair(msg)))
+            return stage_forward(h, r)
+
+        def no_forward():
+            zB = jnp.zeros((), jnp.float32)
+            stash = jax.tree.map(lambda a: jnp.zeros((layout.ymax,) + a.shape, a.dtype),
+                                 zero_pair)
+            return zero_pair, _vary((zB, zB, jnp.zeros((layout.ymax, E), jnp.int32),
+                                     jnp.zeros((), jnp.int32))), _vary(stash)
+
+        def tick(carry, t):
+            i_f, i_b = t - s, t - (2 * pp - 2 - s)
+            f_valid = (i_f >= 0) & (i_f < M)
+            b_valid = (i_b >= 0) & (i_b < M)
+            i_f, i_b = jnp.clip(i_f, 0, M - 1), jnp.clip(i_b, 0, M - 1)
+            # The previous tick's forward output goes to the next stage now, overlapping
+            # this tick's backward.
+            recv_f = lax.ppermute(carry["send_f"], "pp", fwd_ring) if pp > 1 else carry["send_f"]
+            stash = carry["stash"]
+            acc = dict(carry["acc"])
+
+            def record(fout, i, valid):
+                _, (aux, z, counts_YxE, dropped), inputs_Y = fout
+                w = valid.astype(jnp.float32)
+                acc["aux"] = acc["aux"] + w * aux
+                acc["z"] = acc["z"] + w * z
+                acc["counts"] = acc["counts"].at[rows_SxY[s]].add(counts_YxE * valid)
+                acc["dropped"] = acc["dropped"] + dropped * valid
+                if pp > 1:  # an idle stage must not overwrite a live slot
+                    inputs_Y = jax.tree.map(lambda buf, x: jnp.where(valid, x, buf[i % K]),
+                                            stash, inputs_Y)
+                return jax.tree.map(
+                    lambda buf, x: lax.dynamic_update_index_in_dim(buf, x, i % K, 0),
+                    stash, inputs_Y)
+
+            # 1. Last stage: forward, head and loss, cotangent of the stage output.
+            def last_forward():
+                fout = forward(i_f, recv_f)
+                (h, r) = fout[0]
+                (nll, correct), pull = jax.vjp(
+                    lambda io_, h, r: head_loss(io_, h, r, targets_MxBxL[i_f], mask_MxBxL[i_f]),
+                    io, h, r)
+                g_io, ct_h, ct_r = pull((c_nll * _vary(jnp.ones((), jnp.float32)),
+                                         _vary(jnp.zeros((), jnp.float32))))
+                return fout, (nll, correct), g_io, (ct_h, ct_r)
+
+            def no_last_forward():
+                zero = _vary(jnp.zeros((), jnp.float32))
+                return no_forward(), (zero, zero), zeros_io, zero_pair
+
+            if pp == 1:
+                fout, (nll, correct), g_io, ct_out = last_forward()
+            else:
+                fout, (nll, correct), g_io, ct_out = lax.cond(
+                    f_valid & is_last, last_forward, no_last_forward)
+            stash = record(fout, i_f, f_valid & is_last)
+            acc["nll"], acc["correct"] = acc["nll"] + nll, acc["correct"] + correct
+            if pp > 1:  # other stages: the cotangent came back from the next stage
+                ct_out = jax.tree.map(lambda a, b: jnp.where(is_last, a, b), ct_out,
+                                      to_pair_ct(carry["recv_b"]))
+
+            # 2. Backward of microbatch i_b (the last stage: the one it just ran forward).
+            def backward():
+                inputs_Y = jax.tree.map(lambda buf: buf[i_b % K], stash)
+                g_Y, (ct_h, ct_r) = stage_backward(inputs_Y, *ct_out)
+                def embed_grads():  # the residual out of the embedding is a constant zero
+                    pull = jax.vjp(lambda io_: embed(io_, inputs_MxBxL[i_b])[0], io)[1]
+                    return pull(ct_h)[0]
+
+                g_emb = embed_grads() if pp == 1 else lax.cond(is_first, embed_grads,
+                                                               lambda: zeros_io)
+                return g_Y, g_emb, to_msg_ct(ct_h, ct_r)
+
+            def no_backward():
+                return zeros_g, zeros_io, to_msg_ct(*zero_pair)
+
+            g_Y, g_emb, ct_in = backward() if pp == 1 else lax.cond(b_valid, backward,
+                                                                     no_backward)
+            grads = carry["grads"]
+            grads = {"layers": jax.tree.map(jnp.add, grads["layers"], g_Y),
+                     "io": jax.tree.map(lambda a, b, c: a + b + c, grads["io"], g_io, g_emb)}
+            # The cotangent goes back now, overlapping the forward below.
+            recv_b = lax.ppermute(ct_in, "pp", bwd_ring) if pp > 1 else ct_in
+
+            # 3. Other stages: forward of microbatch i_f into the slot the backward freed.
+            send_f = zero_msg
+            if pp > 1:
+                fout = lax.cond(f_valid & ~is_last, lambda: forward(i_f, recv_f), no_forward)
+                stash = record(fout, i_f, f_valid & ~is_last)
+                send_f = to_msg(*fout[0])
+            return {"send_f": send_f, "recv_b": recv_b, "stash": stash, "acc": acc,
+                    "grads": grads}, None
+
+        def to_msg_ct(ct_h, ct_r):
+            """Cotangent of a stage's input pair -> cotangent of the message that made it
+            (with 'sum' the residual input is a fresh zero, so only hidden's counts)."""
+            return ct_h.astype(res_dtype) if p.pp_comm == "sum" else (ct_h, ct_r)
+
+        def to_pair_ct(ct_msg):
+            """Cotangent of a sent message -> cotangent of the (hidden, residual) pair."""
+            if p.pp_comm == "sum":
+                return ct_msg.astype(dtype), ct_msg
+            return ct_msg
+
+        stash0 = jax.tree.map(lambda a: jnp.zeros((K, layout.ymax) + a.shape, a.dtype),
+                              zero_pair)
+        acc0 = {"nll": 0.0, "correct": 0.0, "aux": 0.0, "z": 0.0,
+                "counts": jnp.zeros((m.n_layer + 1, E), jnp.int32),
+                "dropped": jnp.zeros((), jnp.int32)}
+        carry0 = _vary({"send_f": zero_msg, "recv_b": to_msg_ct(*zero_pair), "stash": stash0,
+                        "acc": acc0, "grads": {"layers": zeros_g, "io": zeros_io}})
+        carry, _ = lax.scan(tick, carry0, jnp.arange(T))
+        acc = lax.psum(carry["acc"], ("pp", "ep"))
+        loss, parts = model.total_loss(m, acc["nll"], n_tokens, acc["aux"], acc["z"], n_rows)
+        metrics = {**parts, "accuracy": acc["correct"] / jnp.maximum(n_tokens, 1.0),
+                   "expert_counts": acc["counts"][:m.n_layer], "dropped_tokens": acc["dropped"]}
+        grads = {"layers": jax.tree.map(lambda g: g[None, None], carry["grads"]["layers"]),
+                 "io": carry["grads"]["io"]}
+        return (loss, metrics), grads
+
+    batch_spec = spec(*BATCH_AXES)
+
+    def run(stage_params, batch):
+        mbs = microbatch(batch, M, p.ep)
+        param_specs = stage_param_specs(stage_params)
+
+        def device_fn(layers, io, inputs, targets, mask):
+            out, grads = per_device(layers, io, inputs, targets, mask)
+            # Sum each gradient over the mesh axes its parameter is replicated on.
+            return out, jax.tree.map(_sum_to_spec, grads,
+                                     {"layers": param_specs["layers"], "io": param_specs["io"]})
+
+        fn = jax.shard_map(
+            device_fn, mesh=mesh,
+            in_specs=(param_specs["layers"], param_specs["io"], batch_spec, batch_spec,
+                      batch_spec),
+            out_specs=((P(), P()), {"layers": param_specs["layers"], "io": param_specs["io"]}))
+        return fn(stage_params["layers"], stage_params["io"], mbs["inputs"], mbs["targets"],
+                  mbs["mask"])
+
+    return run
+
+
+def _sum_to_spec(g, pspec: P):
+    named = {a for entry in pspec if entry is not None
+             for a in (entry if isinstance(entry, tuple) else (entry,))}
+    missing = tuple(a for a in MESH_AXES if a not in named)
+    return lax.psum(g, missing) if missing else g
+
+
+def make_1f1b_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
+    """loss_fn(stage_params, batch) -> (loss, metrics) whose gradient is the 1F1B loop's.
+
+    Called without differentiation it runs the GPipe forward (same loss, no backward work);
+    under jax.grad / value_and_grad the forward rule runs the 1F1B loop, which returns the
+    gradients along with the loss, and the backward rule only scales them."""
+    forward_only = make_pipeline_loss(cfg, layout, mesh, experts_fn)
+    value_and_grad = make_1f1b_value_and_grad(cfg, layout, mesh, experts_fn)
+
+    @jax.custom_vjp
+    def loss_fn(stage_params, batch):
+        return forward_only(stage_params, batch)
+
+    def fwd(stage_params, batch):
+        out, grads = value_and_grad(stage_params, batch)
+        return out, (grads, batch)
+
+    def bwd(res, ct):
+        grads, batch = res
+        ct_loss = ct[0]
+        no_ct = jax.tree.map(_zero_cotangent, batch)
+        return jax.tree.map(lambda g: (g * ct_loss).astype(g.dtype), grads), no_ct
+
+    loss_fn.defvjp(fwd, bwd)
+    return loss_fn
+
+
+def _zero_cotangent(x):
+    if jnp.issubdtype(x.dtype, jnp.inexact):
+        return jnp.zeros_like(x)
+    return np.zeros(x.shape, jax.dtypes.float0)
