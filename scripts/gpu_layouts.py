@@ -63,6 +63,8 @@ def train_run(name, flags, work):
                tokens_per_s=round(statistics.median(r["tokens_per_s"] for r in recs[3:] or recs)),
                peak_gb=round(max(r.get("device_peak_memory_gb", 0.0) for r in recs), 2),
                dropped=sum(r.get("dropped_tokens", 0) for r in recs),
+               expert_load=round(statistics.median(
+                   r.get("expert_load_max_over_mean", 0.0) for r in recs), 2),
                losses={r["step"]: r["loss"] for r in recs})
     print(f"== {name}: {row['step_ms']} ms, peak {row['peak_gb']} GB, "
           f"loss {recs[-1]['loss']:.4f}", flush=True)

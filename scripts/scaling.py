@@ -1,8 +1,12 @@
 """Weak scaling of pipeline and expert parallelism through train.py, default flags.
 
 Against one GPU running the moe_1b preset (16 layers, 16 experts) at batch B:
-  pp=2   twice the layers (32), same batch, M microbatches: per-GPU work is
-         tokens/s x layers / GPUs over the same for one GPU, i.e. t(1 GPU) / t(pp=2).
+  pp=2   twice the layers (32) in M microbatches of B rows (each GPU runs 16 layers on B
+         rows, as the one GPU does): per-GPU work is tokens/s x layers / GPUs over the same
+         for one GPU; 1 - that is the measured bubble (transfers included), against
+         (p-1)/(M+p-1) in theory.
+  pp=2, same batch: 32 layers at batch B in M microbatches of B/M rows (the memory
+         comparison: two GPUs hold twice the layers at the same batch).
   ep=2   twice the experts (32), twice the batch: per-GPU work is tokens/s / GPUs over
          one GPU's, i.e. t(1 GPU) / t(ep=2) at equal per-GPU batch and experts per GPU.
   (2,2)  where four GPUs are visible: twice the layers and experts, twice the batch.
@@ -24,16 +28,18 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpu_layouts import gpu_count, train_run  # noqa: E402
+from trace_share import device_shares, find_trace  # noqa: E402
 
 
 def runs(args, n_gpus):
     """name -> (gpus, layers, experts, batch, pp, ep, M)."""
     B, M = args.batch, args.microbatches
     out = {"1 GPU": (1, 16, 16, B, 1, 1, 1),
-           "pp=2, 2x layers": (2, 32, 16, B, 2, 1, M),
+           "pp=2, 2x layers": (2, 32, 16, B * M, 2, 1, M),
+           "pp=2, 2x layers, same batch": (2, 32, 16, B, 2, 1, M),
            "ep=2, 2x experts, 2x batch": (2, 16, 32, 2 * B, 1, 2, 1)}
     if n_gpus >= 4:
-        out["(2,2), 2x layers, 2x experts, 2x batch"] = (4, 32, 32, 2 * B, 2, 2, M)
+        out["(2,2), 2x layers, 2x experts, 2x batch"] = (4, 32, 32, 2 * B * M, 2, 2, M)
     return out
 
 
@@ -44,6 +50,7 @@ def main():
     ap.add_argument("--microbatches", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--only", default="", help="row names separated by ;")
+    ap.add_argument("--profile", default="", help="rows to trace (steps 6-7), separated by ;")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="jmamba_scaling_")  # train.py log dirs
@@ -56,13 +63,23 @@ def main():
                  "--batch_size", str(B), "--pp", str(pp), "--ep", str(ep), "--microbatches",
                  str(M), "--steps", str(args.steps), "--warmup_steps", "4", "--log_every", "1",
                  "--progress", "lines"]
-        rows[name] = {**train_run(name.replace(" ", "").replace(",", "_"), flags, work),
+        profiled = name in args.profile.split(";")
+        if profiled:
+            flags += ["--profile_steps", "6:8"]
+        run_name = name.replace(" ", "").replace(",", "_")
+        rows[name] = {**train_run(run_name, flags, work),
                       "gpus": gpus, "layers": layers, "experts": experts, "batch": B, "M": M}
+        trace = find_trace(os.path.join(work, run_name)) if profiled else None
+        if trace and "step_ms" in rows[name]:
+            shares = device_shares(trace, 2 * rows[name]["step_ms"] / 1e3)
+            rows[name]["trace"] = shares
+            print(json.dumps(shares, indent=1), flush=True)
         with open(os.path.join(args.out, "scaling.json"), "w") as f:
             json.dump(rows, f, indent=1)
     base = rows.get("1 GPU", {})
     lines = ["| run | GPUs | layers | experts | batch | M | step ms | tokens/s | per-GPU work vs "
-             "1 GPU | peak GB per GPU | XLA estimate GB | dropped |", "|" + "---|" * 12]
+             "1 GPU | peak GB per GPU | XLA estimate GB | dropped | expert load max/mean |",
+             "|" + "---|" * 13]
     for name, r in rows.items():
         eff = "-"
         if "step_ms" in r and "step_ms" in base:
@@ -73,7 +90,8 @@ def main():
         lines.append(f"| {name} | {r['gpus']} | {r['layers']} | {r['experts']} | {r['batch']} | "
                      f"{r['M']} | {r.get('step_ms', 'rc=%s' % r['rc'])} | "
                      f"{r.get('tokens_per_s', '-')} | {eff} | {r.get('peak_gb', '-')} | "
-                     f"{r.get('xla_total_gb', '-')} | {r.get('dropped', '-')} |")
+                     f"{r.get('xla_total_gb', '-')} | {r.get('dropped', '-')} | "
+                     f"{r.get('expert_load', '-')} |")
     text = "\n".join(lines)
     print("\n" + text, flush=True)
     with open(os.path.join(args.out, "scaling.md"), "w") as f:

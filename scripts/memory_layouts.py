@@ -1,0 +1,72 @@
+"""Per-device memory of the compiled train step, pp=2 with twice the layers against pp=1.
+
+XLA's memory analysis of the step train.py compiles (the numbers train.py writes to
+memory.json), nothing run: the pp=1 model of N layers at batch B against the pp=2 model of
+2N layers at the same batch in M microbatches, per schedule and --remat. Two GPUs hold a
+model twice the size when the ratio is <= 1.1.
+
+    python3 scripts/memory_layouts.py                       # CPU, 8 simulated devices
+    python3 scripts/memory_layouts.py --preset moe_1b --layers 16 --batch 16 --microbatches 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="cpu_demo")
+    ap.add_argument("--layers", type=int, default=4, help="N: the pp=1 model's layers")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--microbatches", default="4,8")
+    ap.add_argument("--schedules", default="1f1b,gpipe")
+    ap.add_argument("--remats", default="none,full")
+    args = ap.parse_args()
+    from jmamba.cli import simulate_cpu_devices
+    simulate_cpu_devices(8)
+    import jax
+    from jmamba.cli import load_preset
+    from jmamba.config import validate
+    from jmamba.data import recall_batch
+    from jmamba.metrics import compiled_memory
+    from jmamba.parallel.setup import build
+
+    base = load_preset(args.preset)
+
+    def total_gb(n_layer, pp, M, schedule, remat):
+        cfg = validate(dataclasses.replace(
+            base, model=dataclasses.replace(base.model, n_layer=n_layer),
+            train=dataclasses.replace(base.train, batch_size=args.batch, warmup_steps=0),
+            parallel=dataclasses.replace(base.parallel, pp=pp, microbatches=M,
+                                         pp_schedule=schedule, remat=remat)))
+        t = cfg.train
+        batch = {k: jax.numpy.asarray(v) for k, v in recall_batch(
+            0, 0, args.batch, t.seq_len, cfg.model.vocab_size, t.n_pairs).items()}
+        run = build(cfg)
+        if run.batch_sharding is not None:
+            batch = jax.device_put(batch, run.batch_sharding)
+        mem = compiled_memory(run.step_fn.lower(run.state, batch).compile())
+        return mem["total_bytes"] / 2**30
+
+    N = args.layers
+    print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; preset "
+          f"{args.preset}, batch {args.batch}\n")
+    print("| remat | schedule | pp=1, N layers, GB | pp=2, 2N layers | M | GB per device | "
+          "ratio |\n|---|---|---|---|---|---|---|")
+    for remat in args.remats.split(","):
+        one = total_gb(N, 1, 1, "1f1b", remat)
+        for schedule in args.schedules.split(","):
+            for M in (int(x) for x in args.microbatches.split(",")):
+                two = total_gb(2 * N, 2, M, schedule, remat)
+                print(f"| {remat} | {schedule} | {one:.3f} | {2 * N} | {M} | {two:.3f} | "
+                      f"{two / one:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
