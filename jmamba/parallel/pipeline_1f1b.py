@@ -17,9 +17,12 @@ only forwards and the last p - 1 only backwards, so the idle share is (p-1)/(M+p
 Each stage keeps only its layers' inputs between forward and backward and recomputes each
 layer in the backward (the cost of --remat full, whatever --remat says).
 
-Transfers: the forward message of tick t is sent at the start of tick t + 1, before that
-tick's backward, and the backward cotangent right after the backward, before the forward,
-so each ppermute has a stage's compute to overlap with.
+Transfers: both messages of tick t (the forward output and the backward cotangent) move at
+the start of tick t + 1, in two ppermutes back to back. A ppermute waits for both ends, so
+one in mid-tick (measured: the cotangent sent between a stage's backward and its forward)
+makes the first stage wait there for the last stage's forward, head and backward, and a tick
+cost 4F + head instead of 3F + head (2 x H200, moe_1b shapes: 3130 ms a step, a quarter of
+it in ppermute waits).
 """
 
 from __future__ import annotations
@@ -185,9 +188,11 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             f_valid = (i_f >= 0) & (i_f < M)
             b_valid = (i_b >= 0) & (i_b < M)
             i_f, i_b = jnp.clip(i_f, 0, M - 1), jnp.clip(i_b, 0, M - 1)
-            # The previous tick's forward output goes to the next stage now, overlapping
-            # this tick's backward.
-            recv_f = lax.ppermute(carry["send_f"], "pp", fwd_ring) if pp > 1 else carry["send_f"]
+            # Last tick's forward output to the next stage, its cotangent to the previous one.
+            recv_f, recv_b = carry["send_f"], carry["send_b"]
+            if pp > 1:
+                recv_f = lax.ppermute(recv_f, "pp", fwd_ring)
+                recv_b = lax.ppermute(recv_b, "pp", bwd_ring)
             stash = carry["stash"]
             acc = dict(carry["acc"])
 
@@ -229,7 +234,7 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             acc["nll"], acc["correct"] = acc["nll"] + nll, acc["correct"] + correct
             if pp > 1:  # other stages: the cotangent came back from the next stage
                 ct_out = jax.tree.map(lambda a, b: jnp.where(is_last, a, b), ct_out,
-                                      to_pair_ct(carry["recv_b"]))
+                                      to_pair_ct(recv_b))
 
             # 2. Backward of microbatch i_b (the last stage: the one it just ran forward).
             def backward():
@@ -251,8 +256,6 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             grads = carry["grads"]
             grads = {"layers": jax.tree.map(jnp.add, grads["layers"], g_Y),
                      "io": jax.tree.map(lambda a, b, c: a + b + c, grads["io"], g_io, g_emb)}
-            # The cotangent goes back now, overlapping the forward below.
-            recv_b = lax.ppermute(ct_in, "pp", bwd_ring) if pp > 1 else ct_in
 
             # 3. Other stages: forward of microbatch i_f into the slot the backward freed.
             send_f = zero_msg
@@ -260,7 +263,7 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 fout = lax.cond(f_valid & ~is_last, lambda: forward(i_f, recv_f), no_forward)
                 stash = record(fout, i_f, f_valid & ~is_last)
                 send_f = to_msg(*fout[0])
-            return {"send_f": send_f, "recv_b": recv_b, "stash": stash, "acc": acc,
+            return {"send_f": send_f, "send_b": ct_in, "stash": stash, "acc": acc,
                     "grads": grads}, None
 
         def to_msg_ct(ct_h, ct_r):
@@ -279,7 +282,7 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
         acc0 = {"nll": 0.0, "correct": 0.0, "aux": 0.0, "z": 0.0,
                 "counts": jnp.zeros((m.n_layer + 1, E), jnp.int32),
                 "dropped": jnp.zeros((), jnp.int32)}
-        carry0 = _vary({"send_f": zero_msg, "recv_b": to_msg_ct(*zero_pair), "stash": stash0,
+        carry0 = _vary({"send_f": zero_msg, "send_b": to_msg_ct(*zero_pair), "stash": stash0,
                         "acc": acc0, "grads": {"layers": zeros_g, "io": zeros_io}})
         carry, _ = lax.scan(tick, carry0, jnp.arange(T))
         acc = lax.psum(carry["acc"], ("pp", "ep"))
