@@ -127,7 +127,9 @@ class ParallelConfig:
     # Which layers each (virtual) stage holds, in pipeline order: counts "3,5,5,3" or
     # ranges "0-2,3-7,8-12,13-15". Empty: an even split.
     pp_split: str = ""
-    pp_comm: str = "pair"  # send (hidden, residual) between stages, or their "sum"
+    # What crosses a stage boundary: "sum" (hidden + residual, in the residual's dtype; the
+    # next block adds them first anyway, so it is exact) or the "pair" (one more array)
+    pp_comm: str = "sum"
     remat: str = "none"  # per-layer rematerialisation: none, full, or dots (save matmuls)
     # Expert parallelism: receive-buffer rows per ep rank = factor * tokens * top_k (>= 1
     # fits balanced traffic). Dropless (the default): copies that do not fit wait for the

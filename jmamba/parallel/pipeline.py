@@ -125,8 +125,8 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless,
             valid, mb, r = schedule_item(t, s, pp, v, M)
             first = (s == 0) & (r == 0)
             last = (s == pp - 1) & (r == v - 1)
-            if p.pp_comm == "sum":
-                recv = (recv, _vary(jnp.zeros(recv.shape, res_dtype)))
+            if p.pp_comm == "sum":  # the sum enters as the residual, exactly (h = 0)
+                recv = (_vary(jnp.zeros(recv.shape, m.dtype)), recv)
             if one_stage:
                 h, res = _vary(model.embed(embed_params, inputs_MxBxL[mb], m))
             else:

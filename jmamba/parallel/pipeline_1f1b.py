@@ -104,8 +104,8 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
 
         def to_pair(msg):
             """A received message -> the stage's (hidden, residual) input."""
-            if p.pp_comm == "sum":
-                return msg.astype(dtype), jnp.zeros(msg.shape, res_dtype)
+            if p.pp_comm == "sum":  # the sum enters as the residual, exactly (h = 0)
+                return jnp.zeros(msg.shape, dtype), msg
             return msg[0].astype(dtype), msg[1]
 
         def to_msg(h, r):
@@ -268,8 +268,8 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
 
         def to_msg_ct(ct_h, ct_r):
             """Cotangent of a stage's input pair -> cotangent of the message that made it
-            (with 'sum' the residual input is a fresh zero, so only hidden's counts)."""
-            return ct_h.astype(res_dtype) if p.pp_comm == "sum" else (ct_h, ct_r)
+            (with 'sum' the hidden input is a fresh zero, so only the residual's counts)."""
+            return ct_r if p.pp_comm == "sum" else (ct_h, ct_r)
 
         def to_pair_ct(ct_msg):
             """Cotangent of a sent message -> cotangent of the (hidden, residual) pair."""
