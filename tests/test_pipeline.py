@@ -141,3 +141,24 @@ def test_more_stages_than_devices_rejected():
         make_mesh(4, 4)
 
 
+
+
+def test_sum_transfer_is_exact_in_bf16():
+    """pp_comm=sum sends hidden + residual, which enters the next stage as its residual
+    (hidden = 0): the first block adds them anyway, so bf16 compute gives the same numbers
+    as sending the pair."""
+    m = dataclasses.replace(MODEL, dtype="bfloat16", n_layer=4)
+    params = model.init_params(m, jax.random.key(1))
+    out = {}
+    for comm in ("sum", "pair"):
+        cfg = validate(Config(model=m, train=TRAIN,
+                              parallel=ParallelConfig(pp=2, microbatches=2, pp_comm=comm)))
+        layout = lay.StageLayout.from_config(cfg)
+        vg = jax.value_and_grad(pipeline_loss(cfg, layout, make_mesh(2, 1)), has_aux=True)
+        out[comm] = jax.jit(vg)(lay.to_stage(params, layout), the_batch())
+    (loss_s, _), g_s = out["sum"]
+    (loss_p, _), g_p = out["pair"]
+    np.testing.assert_allclose(loss_s, loss_p, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g_s), jax.tree.leaves(g_p)):
+        scale = float(jnp.max(jnp.abs(b))) + 1e-12
+        np.testing.assert_allclose(a / scale, b / scale, atol=1e-5)
