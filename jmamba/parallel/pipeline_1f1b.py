@@ -10,19 +10,19 @@ Lockstep schedule over T = M + 2p - 2 ticks (p = pp stages):
     backward of microbatch i on stage s at tick i + 2p - 2 - s
 The last stage runs the forward, the head and loss, and the backward of the same microbatch
 in one tick; every other stage runs its backward before its forward, so a stage holds the
-layer inputs of at most 2p - 2 - 2s microbatches (K = max(2p - 2, 1) stash slots on every
-device, whatever M is). A tick costs F + B on the busiest stage; the first p - 1 ticks run
-only forwards and the last p - 1 only backwards, so the idle share is (p-1)/(M+p-1), GPipe's.
+layer inputs of at most 2p - 2 - 2s microbatches (K = 2p - 2 stash slots on every device,
+whatever M is; a layer's input is kept as hidden + residual, which is all a block reads).
+A tick costs F + B on the busiest stage; the first p - 1 ticks run only forwards and the
+last p - 1 only backwards, so the idle share is (p-1)/(M+p-1), GPipe's.
 
 Each stage keeps only its layers' inputs between forward and backward and recomputes each
 layer in the backward (the cost of --remat full, whatever --remat says).
 
 Transfers: both messages of tick t (the forward output and the backward cotangent) move at
-the start of tick t + 1, in two ppermutes back to back. A ppermute waits for both ends, so
-one in mid-tick (measured: the cotangent sent between a stage's backward and its forward)
-makes the first stage wait there for the last stage's forward, head and backward, and a tick
-cost 4F + head instead of 3F + head (2 x H200, moe_1b shapes: 3130 ms a step, a quarter of
-it in ppermute waits).
+the start of tick t + 1, in two ppermutes back to back, so no stage waits in mid-tick for
+another's whole tick. (On 2 x H200 at moe_1b shapes this measured the same as sending the
+cotangent between the backward and the forward, 3122 vs 3130 ms a step; the waits at the
+ppermutes are the stages' unequal work, not the transfer, which takes ~1 ms.)
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def n_ticks(pp: int, M: int) -> int:
 
 def n_slots(pp: int) -> int:
     """Stash slots per device: stage 0 holds 2p - 2 microbatches between its forward and
-    backward; the last stage needs one slot for the tick in which it runs both."""
-    return max(2 * pp - 2, 1)
+    backward; the last stage runs both in one tick and needs none (nor does pp = 1)."""
+    return 2 * pp - 2
 
 
 def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless):
@@ -126,23 +126,31 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                     return (h, r, aux_B, z_B, dropped), _vary(jnp.zeros((E,), jnp.int32))
 
                 out = lax.cond(j < n_active, run, skip) if padded else run()
-                return out[0], ((h, r), out[1])
+                # A block reads its input pair only as h + r (Block.__call__), so that sum,
+                # in the residual's dtype, is all the backward needs: 4 bytes an element
+                # instead of 6 for bf16 hidden + fp32 residual.
+                return out[0], (h.astype(res_dtype) + r, out[1])
 
             zB = _vary(jnp.zeros((Bm,), jnp.float32))
             (h, r, aux_B, z_B, dropped), (inputs_Y, counts_YxE) = lax.scan(
                 body, (h, r, zB, zB, _vary(jnp.zeros((), jnp.int32))), (js, layers_Y))
             return (h, r), (jnp.sum(aux_B), jnp.sum(z_B), counts_YxE, dropped), inputs_Y
 
-        def stage_backward(inputs_Y, ct_h, ct_r):
-            """Per layer, last first: recompute the layer and pull the cotangent through it.
-            Returns (layer gradients [Y, ...], cotangent of the stage input pair)."""
+        def stage_backward(own_Y, slot_Y, ct_h, ct_r):
+            """Per layer, last first: recompute the layer from its stashed input sum (the
+            last stage's own, from this tick's forward; other stages' from their stash slot)
+            and pull the cotangent through it. Recomputing at (0, h + r) gives the same
+            outputs and input cotangents as at (h, r). Returns (layer gradients [Y, ...],
+            cotangent of the stage input pair)."""
             ones_B = _vary(jnp.ones((Bm,), jnp.float32))
+            h0 = _vary(jnp.zeros(pair_shape, dtype))
 
             def body(ct, xs):
-                j, p_y, (h, r) = xs
+                j, p_y, own, slot = xs
+                r = own if pp == 1 else jnp.where(is_last, own, slot)
 
                 def run():
-                    _, pull, _ = jax.vjp(block, p_y, h, r, has_aux=True)
+                    _, pull, _ = jax.vjp(block, p_y, h0, r, has_aux=True)
                     g, ct_h, ct_r = pull((ct[0], ct[1], c_aux * ones_B, c_z * ones_B))
                     return (ct_h, ct_r), g
 
@@ -151,7 +159,7 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
 
                 return lax.cond(j < n_active, run, skip) if padded else run()
 
-            (ct_h, ct_r), g_Y = lax.scan(body, (ct_h, ct_r), (js, layers_Y, inputs_Y),
+            (ct_h, ct_r), g_Y = lax.scan(body, (ct_h, ct_r), (js, layers_Y, own_Y, slot_Y),
                                          reverse=True)
             return g_Y, (ct_h, ct_r)
 
@@ -178,10 +186,9 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
 
         def no_forward():
             zB = jnp.zeros((), jnp.float32)
-            stash = jax.tree.map(lambda a: jnp.zeros((layout.ymax,) + a.shape, a.dtype),
-                                 zero_pair)
             return zero_pair, _vary((zB, zB, jnp.zeros((layout.ymax, E), jnp.int32),
-                                     jnp.zeros((), jnp.int32))), _vary(stash)
+                                     jnp.zeros((), jnp.int32))), _vary(
+                jnp.zeros((layout.ymax,) + pair_shape, res_dtype))
 
         def tick(carry, t):
             i_f, i_b = t - s, t - (2 * pp - 2 - s)
@@ -196,19 +203,13 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             stash = carry["stash"]
             acc = dict(carry["acc"])
 
-            def record(fout, i, valid):
-                _, (aux, z, counts_YxE, dropped), inputs_Y = fout
+            def record(fout, valid):
+                _, (aux, z, counts_YxE, dropped), _ = fout
                 w = valid.astype(jnp.float32)
                 acc["aux"] = acc["aux"] + w * aux
                 acc["z"] = acc["z"] + w * z
                 acc["counts"] = acc["counts"].at[rows_SxY[s]].add(counts_YxE * valid)
                 acc["dropped"] = acc["dropped"] + dropped * valid
-                if pp > 1:  # an idle stage must not overwrite a live slot
-                    inputs_Y = jax.tree.map(lambda buf, x: jnp.where(valid, x, buf[i % K]),
-                                            stash, inputs_Y)
-                return jax.tree.map(
-                    lambda buf, x: lax.dynamic_update_index_in_dim(buf, x, i % K, 0),
-                    stash, inputs_Y)
 
             # 1. Last stage: forward, head and loss, cotangent of the stage output.
             def last_forward():
@@ -230,7 +231,7 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             else:
                 fout, (nll, correct), g_io, ct_out = lax.cond(
                     f_valid & is_last, last_forward, no_last_forward)
-            stash = record(fout, i_f, f_valid & is_last)
+            record(fout, f_valid & is_last)
             acc["nll"], acc["correct"] = acc["nll"] + nll, acc["correct"] + correct
             if pp > 1:  # other stages: the cotangent came back from the next stage
                 ct_out = jax.tree.map(lambda a, b: jnp.where(is_last, a, b), ct_out,
@@ -238,8 +239,8 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
 
             # 2. Backward of microbatch i_b (the last stage: the one it just ran forward).
             def backward():
-                inputs_Y = jax.tree.map(lambda buf: buf[i_b % K], stash)
-                g_Y, (ct_h, ct_r) = stage_backward(inputs_Y, *ct_out)
+                slot_Y = fout[2] if pp == 1 else stash[i_b % K]
+                g_Y, (ct_h, ct_r) = stage_backward(fout[2], slot_Y, *ct_out)
                 def embed_grads():  # the residual out of the embedding is a constant zero
                     pull = jax.vjp(lambda io_: embed(io_, inputs_MxBxL[i_b])[0], io)[1]
                     return pull(ct_h)[0]
@@ -257,11 +258,17 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             grads = {"layers": jax.tree.map(jnp.add, grads["layers"], g_Y),
                      "io": jax.tree.map(lambda a, b, c: a + b + c, grads["io"], g_io, g_emb)}
 
-            # 3. Other stages: forward of microbatch i_f into the slot the backward freed.
+            # 3. Other stages: forward of microbatch i_f into its slot (i_f mod K is the one
+            # the backward just freed). An idle stage writes its zeros into a free slot:
+            # i_b's if the backward just freed it; else no microbatch is in flight, or all M
+            # are (between the last forward and the first backward, only when M < K), and
+            # slot M is free.
             send_f = zero_msg
             if pp > 1:
                 fout = lax.cond(f_valid & ~is_last, lambda: forward(i_f, recv_f), no_forward)
-                stash = record(fout, i_f, f_valid & ~is_last)
+                record(fout, f_valid & ~is_last)
+                slot = jnp.where(f_valid, i_f % K, jnp.where(b_valid, i_b % K, M % K))
+                stash = lax.dynamic_update_index_in_dim(stash, fout[2], slot, 0)
                 send_f = to_msg(*fout[0])
             return {"send_f": send_f, "send_b": ct_in, "stash": stash, "acc": acc,
                     "grads": grads}, None
@@ -277,8 +284,9 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 return ct_msg.astype(dtype), ct_msg
             return ct_msg
 
-        stash0 = jax.tree.map(lambda a: jnp.zeros((K, layout.ymax) + a.shape, a.dtype),
-                              zero_pair)
+        # The last stage never reads its stash and pp = 1 needs none (forward and backward
+        # of a microbatch share a tick), but SPMD gives every device the same buffers.
+        stash0 = jnp.zeros((K, layout.ymax) + pair_shape, res_dtype)
         acc0 = {"nll": 0.0, "correct": 0.0, "aux": 0.0, "z": 0.0,
                 "counts": jnp.zeros((m.n_layer + 1, E), jnp.int32),
                 "dropped": jnp.zeros((), jnp.int32)}
