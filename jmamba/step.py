@@ -26,13 +26,22 @@ def expert_load(counts_YxE):
     return jnp.mean(ratio_Y)
 
 
+def ep_rank_load(counts_YxE, ep: int):
+    """Per-layer max/mean expert copies per ep rank (rank r holds experts r E/ep ...
+    (r+1) E/ep - 1), averaged over layers: how much more expert work the busiest GPU of an
+    expert-parallel group does than the average (1.0 = even)."""
+    Y, E = counts_YxE.shape
+    per_rank = counts_YxE.astype(jnp.float32).reshape(Y, ep, E // ep).sum(-1)
+    return expert_load(per_rank)
+
+
 def sq_norm(tree):
     return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
 def make_train_step(loss_fn: Callable, optimizer, schedule, grad_clip: float,
                     fix_grads: Callable = lambda g: g, grad_sq_norm: Callable = sq_norm,
-                    skip_nonfinite: bool = False) -> Callable:
+                    skip_nonfinite: bool = False, ep: int = 1) -> Callable:
     """loss_fn(params, batch) -> (loss, metrics with 'expert_counts' [Y, E] and
     'dropped_tokens'); every other metric passes through.
 
@@ -40,7 +49,8 @@ def make_train_step(loss_fn: Callable, optimizer, schedule, grad_clip: float,
     the single-device model's (e.g. a tied embedding held by two pipeline stages).
     Clipping is optax.clip_by_global_norm's rule on that norm. With skip_nonfinite, a step
     whose loss or gradient norm is NaN/Inf keeps the old parameters and optimizer state
-    (the step counter still advances) and reports skipped = 1.
+    (the step counter still advances) and reports skipped = 1. With ep > 1 the metrics add
+    ep_load_max_over_mean (ep_rank_load).
     """
 
     def train_step(state: TrainState, batch):
@@ -59,6 +69,8 @@ def make_train_step(loss_fn: Callable, optimizer, schedule, grad_clip: float,
         counts = parts.pop("expert_counts")
         metrics = {"loss": loss, **parts, "grad_norm": g_norm,
                    "lr": schedule(state.step), "expert_load_max_over_mean": expert_load(counts)}
+        if ep > 1 and counts.shape[-1] % ep == 0:
+            metrics["ep_load_max_over_mean"] = ep_rank_load(counts, ep)
         return TrainState(state.step + 1, params, opt_state), metrics
 
     return train_step

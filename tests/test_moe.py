@@ -84,3 +84,12 @@ def test_dropless_gradients_equal_dense():
                             argnums=(0, 1, 2))(x, w, params)
     for a, b in zip(jax.tree.leaves(f(moe_dropless)), jax.tree.leaves(f(moe_dense_reference))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_ep_rank_load_hand_computed():
+    from jmamba.step import ep_rank_load, expert_load
+    counts_YxE = jnp.asarray([[4, 0, 0, 0], [1, 1, 1, 1]])
+    # per expert: layer 0 max 4 / mean 1, layer 1 even -> (4 + 1) / 2
+    assert float(expert_load(counts_YxE)) == pytest.approx(2.5)
+    # ep=2 ranks hold experts {0, 1} and {2, 3}: layer 0 4 vs 0 (max/mean 2), layer 1 even
+    assert float(ep_rank_load(counts_YxE, 2)) == pytest.approx(1.5)

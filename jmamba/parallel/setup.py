@@ -78,7 +78,7 @@ def build(cfg, params=None) -> Training:
                            t.grad_clip,
                            fix_grads=functools.partial(tie_gradients, layout=layout),
                            grad_sq_norm=functools.partial(unique_sq_norm, layout=layout),
-                           skip_nonfinite=t.skip_nonfinite)
+                           skip_nonfinite=t.skip_nonfinite, ep=p.ep)
     replicated = NamedSharding(mesh, P())
     state_shape = jax.eval_shape(functools.partial(init_state, optimizer=optimizer),
                                  stage_params)
