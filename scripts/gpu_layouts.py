@@ -65,6 +65,8 @@ def train_run(name, flags, work):
                dropped=sum(r.get("dropped_tokens", 0) for r in recs),
                expert_load=round(statistics.median(
                    r.get("expert_load_max_over_mean", 0.0) for r in recs), 2),
+               ep_load=round(statistics.median(
+                   r.get("ep_load_max_over_mean", 1.0) for r in recs), 2),
                losses={r["step"]: r["loss"] for r in recs})
     print(f"== {name}: {row['step_ms']} ms, peak {row['peak_gb']} GB, "
           f"loss {recs[-1]['loss']:.4f}", flush=True)

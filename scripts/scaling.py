@@ -78,8 +78,8 @@ def main():
             json.dump(rows, f, indent=1)
     base = rows.get("1 GPU", {})
     lines = ["| run | GPUs | layers | experts | batch | M | step ms | tokens/s | per-GPU work vs "
-             "1 GPU | peak GB per GPU | XLA estimate GB | dropped | expert load max/mean |",
-             "|" + "---|" * 13]
+             "1 GPU | peak GB per GPU | XLA estimate GB | dropped | expert load max/mean | "
+             "ep rank load max/mean |", "|" + "---|" * 14]
     for name, r in rows.items():
         eff = "-"
         if "step_ms" in r and "step_ms" in base:
@@ -91,7 +91,7 @@ def main():
                      f"{r['M']} | {r.get('step_ms', 'rc=%s' % r['rc'])} | "
                      f"{r.get('tokens_per_s', '-')} | {eff} | {r.get('peak_gb', '-')} | "
                      f"{r.get('xla_total_gb', '-')} | {r.get('dropped', '-')} | "
-                     f"{r.get('expert_load', '-')} |")
+                     f"{r.get('expert_load', '-')} | {r.get('ep_load', '-')} |")
     text = "\n".join(lines)
     print("\n" + text, flush=True)
     with open(os.path.join(args.out, "scaling.md"), "w") as f:
