@@ -136,32 +136,35 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 body, (h, r, zB, zB, _vary(jnp.zeros((), jnp.int32))), (js, layers_Y))
             return (h, r), (jnp.sum(aux_B), jnp.sum(z_B), counts_YxE, dropped), inputs_Y
 
-        def stage_backward(own_Y, slot_Y, ct_h, ct_r):
+        def stage_backward(own_Y, slot_Y, ct_h, ct_r, acc_Y):
             """Per layer, last first: recompute the layer from its stashed input sum (the
             last stage's own, from this tick's forward; other stages' from their stash slot)
             and pull the cotangent through it. Recomputing at (0, h + r) gives the same
-            outputs and input cotangents as at (h, r). Returns (layer gradients [Y, ...],
-            cotangent of the stage input pair)."""
+            outputs and input cotangents as at (h, r). Each layer's gradient is added into
+            its row of acc_Y in place (no stage-sized gradient buffer per tick). Returns
+            (acc_Y, cotangent of the stage input pair)."""
             ones_B = _vary(jnp.ones((Bm,), jnp.float32))
             h0 = _vary(jnp.zeros(pair_shape, dtype))
 
-            def body(ct, xs):
+            def body(carry, xs):
+                ct, acc = carry
                 j, p_y, own, slot = xs
                 r = own if pp == 1 else jnp.where(is_last, own, slot)
 
                 def run():
                     _, pull, _ = jax.vjp(block, p_y, h0, r, has_aux=True)
                     g, ct_h, ct_r = pull((ct[0], ct[1], c_aux * ones_B, c_z * ones_B))
-                    return (ct_h, ct_r), g
+                    acc_new = jax.tree.map(
+                        lambda a, g_: lax.dynamic_update_index_in_dim(a, a[j] + g_, j, 0),
+                        acc, g)
+                    return (ct_h, ct_r), acc_new
 
-                def skip():
-                    return ct, jax.tree.map(jnp.zeros_like, p_y)
+                out = lax.cond(j < n_active, run, lambda: (ct, acc)) if padded else run()
+                return out, None
 
-                return lax.cond(j < n_active, run, skip) if padded else run()
-
-            (ct_h, ct_r), g_Y = lax.scan(body, (ct_h, ct_r), (js, layers_Y, own_Y, slot_Y),
-                                         reverse=True)
-            return g_Y, (ct_h, ct_r)
+            ((ct_h, ct_r), acc_Y), _ = lax.scan(body, ((ct_h, ct_r), acc_Y),
+                                                (js, layers_Y, own_Y, slot_Y), reverse=True)
+            return acc_Y, (ct_h, ct_r)
 
         def head_loss(io_, h, r, targets, mask):
             head_params = {"embed": {"embedding": io_["table"][-1]},
@@ -169,7 +172,6 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             logits = model.head_logits(head_params, h, r, head_cfg)
             return model.token_losses(logits, targets, mask)
 
-        zeros_g = jax.tree.map(jnp.zeros_like, layers_Y)
         zeros_io = jax.tree.map(jnp.zeros_like, io)
         pair_shape = (Bm, L, m.d_model)
         zero_pair = _vary((jnp.zeros(pair_shape, dtype), jnp.zeros(pair_shape, res_dtype)))
@@ -238,24 +240,25 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                                       to_pair_ct(recv_b))
 
             # 2. Backward of microbatch i_b (the last stage: the one it just ran forward).
-            def backward():
+            def backward(acc_Y):
                 slot_Y = fout[2] if pp == 1 else stash[i_b % K]
-                g_Y, (ct_h, ct_r) = stage_backward(fout[2], slot_Y, *ct_out)
+                acc_Y, (ct_h, ct_r) = stage_backward(fout[2], slot_Y, *ct_out, acc_Y)
+
                 def embed_grads():  # the residual out of the embedding is a constant zero
                     pull = jax.vjp(lambda io_: embed(io_, inputs_MxBxL[i_b])[0], io)[1]
                     return pull(ct_h)[0]
 
                 g_emb = embed_grads() if pp == 1 else lax.cond(is_first, embed_grads,
                                                                lambda: zeros_io)
-                return g_Y, g_emb, to_msg_ct(ct_h, ct_r)
+                return acc_Y, g_emb, to_msg_ct(ct_h, ct_r)
 
-            def no_backward():
-                return zeros_g, zeros_io, to_msg_ct(*zero_pair)
+            def no_backward(acc_Y):
+                return acc_Y, zeros_io, to_msg_ct(*zero_pair)
 
-            g_Y, g_emb, ct_in = backward() if pp == 1 else lax.cond(b_valid, backward,
-                                                                     no_backward)
             grads = carry["grads"]
-            grads = {"layers": jax.tree.map(jnp.add, grads["layers"], g_Y),
+            acc_Y, g_emb, ct_in = (backward(grads["layers"]) if pp == 1 else
+                                   lax.cond(b_valid, backward, no_backward, grads["layers"]))
+            grads = {"layers": acc_Y,
                      "io": jax.tree.map(lambda a, b, c: a + b + c, grads["io"], g_io, g_emb)}
 
             # 3. Other stages: forward of microbatch i_f into its slot (i_f mod K is the one
@@ -290,8 +293,9 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
         acc0 = {"nll": 0.0, "correct": 0.0, "aux": 0.0, "z": 0.0,
                 "counts": jnp.zeros((m.n_layer + 1, E), jnp.int32),
                 "dropped": jnp.zeros((), jnp.int32)}
+        grads0 = {"layers": jax.tree.map(jnp.zeros_like, layers_Y), "io": zeros_io}
         carry0 = _vary({"send_f": zero_msg, "send_b": to_msg_ct(*zero_pair), "stash": stash0,
-                        "acc": acc0, "grads": {"layers": zeros_g, "io": zeros_io}})
+                        "acc": acc0, "grads": grads0})
         carry, _ = lax.scan(tick, carry0, jnp.arange(T))
         acc = lax.psum(carry["acc"], ("pp", "ep"))
         loss, parts = model.total_loss(m, acc["nll"], n_tokens, acc["aux"], acc["z"], n_rows)
