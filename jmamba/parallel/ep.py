@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.lax import ragged_all_to_all
 
 from jmamba.kernels.grouped_matmul import grouped_matmul
-from jmamba.moe import combine, sort_by_expert, swiglu_ragged
+from jmamba.moe import combine, sort_by_expert, sorted_copies, swiglu_ragged
 
 IMPLS = ("auto", "ragged", "dense")
 
@@ -244,9 +244,9 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
         else:
             pair_rows, slice_rows, rounds = None, min(S, capacity), 1
         # 1. Sort my copies by global expert: copies for one rank become contiguous.
-        order_S, token_S, group_sizes_E = sort_by_expert(experts_TxK, n_experts)
+        order_S, _, group_sizes_E = sort_by_expert(experts_TxK, n_experts)
         owner_S = experts_TxK.reshape(-1)[order_S] // X
-        x_sorted_SxD = x_TxD.astype(dtype)[token_S]
+        x_sorted_SxD = sorted_copies(x_TxD.astype(dtype), order_S, K)
 
         def one_round(sent_E):
             # 2. Exchange counts; settle where each copy lands and which wait or drop.
