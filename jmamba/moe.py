@@ -116,6 +116,18 @@ def _copies_bwd(res, ct_SxD):
 _copies.defvjp(_copies_fwd, _copies_bwd)
 
 
+def sorted_copies_plain(x_TxD, order_S, K: int):
+    """sorted_copies' twin: a plain gather (autodiff makes its backward a scatter-add)."""
+    return x_TxD[order_S // K]
+
+
+def combine_plain(y_sorted_SxD, order_S, weights_TxK):
+    """combine's twin: the unsort as a scatter."""
+    T, K = weights_TxK.shape
+    y_SxD = jnp.zeros_like(y_sorted_SxD).at[order_S].set(y_sorted_SxD)
+    return jnp.einsum("tkd,tk->td", y_SxD.reshape(T, K, -1).astype(jnp.float32), weights_TxK)
+
+
 def sorted_copies(x_TxD, order_S, K: int):
     """The token copies in expert order: x[order_S // K], as gathers both ways."""
     T = x_TxD.shape[0]

@@ -93,3 +93,26 @@ def test_ep_rank_load_hand_computed():
     assert float(expert_load(counts_YxE)) == pytest.approx(2.5)
     # ep=2 ranks hold experts {0, 1} and {2, 3}: layer 0 4 vs 0 (max/mean 2), layer 1 even
     assert float(ep_rank_load(counts_YxE, 2)) == pytest.approx(1.5)
+
+
+def test_gather_row_moves_equal_plain_twins():
+    """sorted_copies / combine (gathers both ways) against the plain gather and scatter:
+    same values, same gradients."""
+    from jmamba.moe import (combine, combine_plain, sort_by_expert, sorted_copies,
+                            sorted_copies_plain)
+    T, K, E, D = 12, 3, 5, 4
+    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
+    experts_TxK = jax.random.randint(k1, (T, K), 0, E)
+    weights_TxK = jax.random.uniform(k2, (T, K))
+    x_TxD = jax.random.normal(k3, (T, D))
+    order_S, _, _ = sort_by_expert(experts_TxK, E)
+
+    def f(x, w, copies, comb):
+        y = copies(x, order_S, K)
+        return jnp.sum(comb(jnp.sin(y) * jnp.arange(T * K)[:, None], order_S, w) ** 2)
+
+    fast = jax.value_and_grad(f, argnums=(0, 1))(x_TxD, weights_TxK, sorted_copies, combine)
+    plain = jax.value_and_grad(f, argnums=(0, 1))(x_TxD, weights_TxK, sorted_copies_plain,
+                                                  combine_plain)
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(plain)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
