@@ -81,39 +81,21 @@ def _inverse(order_S):
 
 
 @jax.custom_vjp
-def _rows(a_NxD, idx_N, inv_N):
-    """a[idx] for a permutation idx whose inverse is inv."""
-    return a_NxD[idx_N]
+def _gather_rows(a_NxD, idx_M, pos_NxK):
+    """a[idx], where pos[n] lists the K rows of the result that came from row n (K = 1 for
+    a permutation): the backward sums those rows, a gather too."""
+    return a_NxD[idx_M]
 
 
-def _rows_fwd(a_NxD, idx_N, inv_N):
-    return a_NxD[idx_N], (idx_N, inv_N)
+def _gather_rows_fwd(a_NxD, idx_M, pos_NxK):
+    return a_NxD[idx_M], pos_NxK
 
 
-def _rows_bwd(res, ct_NxD):
-    idx_N, inv_N = res
-    return ct_NxD[inv_N], None, None
+def _gather_rows_bwd(pos_NxK, ct_MxD):
+    return jnp.sum(ct_MxD[pos_NxK], axis=1), None, None
 
 
-_rows.defvjp(_rows_fwd, _rows_bwd)
-
-
-@jax.custom_vjp
-def _copies(x_TxD, token_S, pos_TxK):
-    """x[token] for the sorted copies; pos[t, k] is where copy (t, k) sits."""
-    return x_TxD[token_S]
-
-
-def _copies_fwd(x_TxD, token_S, pos_TxK):
-    return x_TxD[token_S], (token_S, pos_TxK)
-
-
-def _copies_bwd(res, ct_SxD):
-    token_S, pos_TxK = res
-    return jnp.sum(ct_SxD[pos_TxK], axis=1), None, None
-
-
-_copies.defvjp(_copies_fwd, _copies_bwd)
+_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
 def sorted_copies_plain(x_TxD, order_S, K: int):
@@ -131,13 +113,13 @@ def combine_plain(y_sorted_SxD, order_S, weights_TxK):
 def sorted_copies(x_TxD, order_S, K: int):
     """The token copies in expert order: x[order_S // K], as gathers both ways."""
     T = x_TxD.shape[0]
-    return _copies(x_TxD, order_S // K, _inverse(order_S).reshape(T, K))
+    return _gather_rows(x_TxD, order_S // K, _inverse(order_S).reshape(T, K))
 
 
 def combine(y_sorted_SxD, order_S, weights_TxK):
     """Puts expert outputs back in token order and sums them with the router weights."""
     T, K = weights_TxK.shape
-    y_SxD = _rows(y_sorted_SxD, _inverse(order_S), order_S)
+    y_SxD = _gather_rows(y_sorted_SxD, _inverse(order_S), order_S[:, None])
     y_TxKxD = y_SxD.reshape(T, K, -1).astype(jnp.float32)
     return jnp.einsum("tkd,tk->td", y_TxKxD, weights_TxK)
 

@@ -8,7 +8,7 @@ Rows (moe_1b shape, --remat full, default ssm_impl, one GPU):
                   a GPU cond copies its predicate to the host and waits for the device
 
     python3 scripts/bench_microbatch.py --out $OUT            # one GPU
-    python3 scripts/bench_microbatch.py --small --out /tmp/mb  # CPU smoke test
+    python3 scripts/bench_microbatch.py --small --out runs/microbatch  # CPU smoke
 """
 
 from __future__ import annotations

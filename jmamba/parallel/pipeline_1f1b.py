@@ -35,17 +35,10 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from jmamba import model
-from jmamba.kernels.vma import to_varying
 from jmamba.moe import moe_dropless
 from jmamba.parallel.layout import StageLayout
 from jmamba.parallel.mesh import BATCH_AXES, MESH_AXES, spec, stage_param_specs
-from jmamba.parallel.pipeline import make_pipeline_loss, microbatch, tied_head_config
-
-ALL_AXES = frozenset(MESH_AXES)
-
-
-def _vary(tree):
-    return jax.tree.map(lambda x: to_varying(jnp.asarray(x), ALL_AXES), tree)
+from jmamba.parallel.pipeline import _vary, make_pipeline_loss, microbatch, tied_head_config
 
 
 def n_ticks(pp: int, M: int) -> int:
