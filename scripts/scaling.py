@@ -15,6 +15,9 @@ estimate of the compiled step (memory.json), and dropped copies (0 when dropless
 
     python3 scripts/scaling.py --out $OUT                    # batch 16, M 8
     python3 scripts/scaling.py --out $OUT --batch 8 --microbatches 4
+    python3 scripts/scaling.py --out $OUT --only "ep=2, 2x experts, 2x batch" \
+        --flags "--ep_capacity_factor 2"                   # an A/B against the defaults
+    python3 scripts/scaling.py --out $OUT --random_tokens  # near-even routing
 """
 
 from __future__ import annotations
@@ -43,6 +46,16 @@ def runs(args, n_gpus):
     return out
 
 
+def random_token_file(work: str, n_tokens: int = 1 << 24, vocab: int = 50277) -> str:
+    """A token file (jmamba/tokens.py format) of uniform random ids below moe_1b's vocab."""
+    import numpy as np
+    stem = os.path.join(work, "random_tokens")
+    np.random.default_rng(0).integers(0, vocab, n_tokens, dtype=np.uint32).tofile(stem + ".bin")
+    with open(stem + ".json", "w") as f:
+        json.dump({"dtype": "uint32", "vocab_size": vocab, "n_tokens": n_tokens}, f)
+    return stem
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -51,10 +64,19 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--only", default="", help="row names separated by ;")
     ap.add_argument("--profile", default="", help="rows to trace (steps 6-7), separated by ;")
+    ap.add_argument("--random_tokens", action="store_true",
+                    help="train on uniform random token ids instead of the embedded recall "
+                    "task: near-even routing, which isolates EP's own cost from the router's "
+                    "skew on the recall data")
+    ap.add_argument("--flags", default="", help="more train.py flags for every row (A/B runs; "
+                    "the table of record uses none)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="jmamba_scaling_")  # train.py log dirs
     n = gpu_count()
+    extra = args.flags.split()
+    if args.random_tokens:
+        extra += ["--data", random_token_file(work)]
     rows = {}
     for name, (gpus, layers, experts, B, pp, ep, M) in runs(args, n).items():
         if args.only and name not in args.only.split(";"):
@@ -62,7 +84,7 @@ def main():
         flags = ["--config", "moe_1b", "--n_layer", str(layers), "--n_experts", str(experts),
                  "--batch_size", str(B), "--pp", str(pp), "--ep", str(ep), "--microbatches",
                  str(M), "--steps", str(args.steps), "--warmup_steps", "4", "--log_every", "1",
-                 "--progress", "lines"]
+                 "--progress", "lines", *extra]
         profiled = name in args.profile.split(";")
         if profiled:
             flags += ["--profile_steps", "6:8"]
