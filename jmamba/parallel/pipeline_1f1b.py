@@ -129,20 +129,21 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 body, (h, r, zB, zB, _vary(jnp.zeros((), jnp.int32))), (js, layers_Y))
             return (h, r), (jnp.sum(aux_B), jnp.sum(z_B), counts_YxE, dropped), inputs_Y
 
-        def stage_backward(own_Y, slot_Y, ct_h, ct_r, acc_Y):
-            """Per layer, last first: recompute the layer from its stashed input sum (the
-            last stage's own, from this tick's forward; other stages' from their stash slot)
-            and pull the cotangent through it. Recomputing at (0, h + r) gives the same
-            outputs and input cotangents as at (h, r). Each layer's gradient is added into
-            its row of acc_Y in place (no stage-sized gradient buffer per tick). Returns
-            (acc_Y, cotangent of the stage input pair)."""
+        def stage_backward(inputs, k, ct_h, ct_r, acc_Y):
+            """Per layer, last first: recompute the layer from its stashed input sum and
+            pull the cotangent through it. inputs: the stash (pp > 1; slot k, read one layer
+            at a time, so no slot-sized copy) or, at pp = 1, this tick's [Y, ...] layer
+            inputs. Recomputing at (0, h + r) gives the same outputs and input cotangents as
+            at (h, r). Each layer's gradient is added into its row of acc_Y in place (no
+            stage-sized gradient buffer per tick). Returns (acc_Y, cotangent of the stage
+            input pair)."""
             ones_B = _vary(jnp.ones((Bm,), jnp.float32))
             h0 = _vary(jnp.zeros(pair_shape, dtype))
 
             def body(carry, xs):
                 ct, acc = carry
-                j, p_y, own, slot = xs
-                r = own if pp == 1 else jnp.where(is_last, own, slot)
+                j, p_y = xs
+                r = inputs[j] if pp == 1 else inputs[k, j]
 
                 def run():
                     _, pull, _ = jax.vjp(block, p_y, h0, r, has_aux=True)
@@ -156,7 +157,7 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 return out, None
 
             ((ct_h, ct_r), acc_Y), _ = lax.scan(body, ((ct_h, ct_r), acc_Y),
-                                                (js, layers_Y, own_Y, slot_Y), reverse=True)
+                                                (js, layers_Y), reverse=True)
             return acc_Y, (ct_h, ct_r)
 
         def head_loss(io_, h, r, targets, mask):
@@ -227,6 +228,14 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 fout, (nll, correct), g_io, ct_out = lax.cond(
                     f_valid & is_last, last_forward, no_last_forward)
             record(fout, f_valid & is_last)
+            if pp > 1:
+                # The last stage keeps this forward's layer inputs in its stash (which it
+                # has for SPMD's sake and otherwise never uses), so its backward reads the
+                # stash like every other stage's and no separate stage-sized buffer is live
+                # in the backward. Other stages rewrite slot i_f mod K with what it holds.
+                k_f = i_f % K
+                stash = lax.dynamic_update_index_in_dim(
+                    stash, jnp.where(is_last, fout[2], stash[k_f]), k_f, 0)
             acc["nll"], acc["correct"] = acc["nll"] + nll, acc["correct"] + correct
             if pp > 1:  # other stages: the cotangent came back from the next stage
                 ct_out = jax.tree.map(lambda a, b: jnp.where(is_last, a, b), ct_out,
@@ -234,8 +243,8 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
 
             # 2. Backward of microbatch i_b (the last stage: the one it just ran forward).
             def backward(acc_Y):
-                slot_Y = fout[2] if pp == 1 else stash[i_b % K]
-                acc_Y, (ct_h, ct_r) = stage_backward(fout[2], slot_Y, *ct_out, acc_Y)
+                acc_Y, (ct_h, ct_r) = (stage_backward(fout[2], None, *ct_out, acc_Y) if pp == 1
+                                       else stage_backward(stash, i_b % K, *ct_out, acc_Y))
 
                 def embed_grads():  # the residual out of the embedding is a constant zero
                     pull = jax.vjp(lambda io_: embed(io_, inputs_MxBxL[i_b])[0], io)[1]
@@ -261,6 +270,14 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             # slot M is free.
             send_f = zero_msg
             if pp > 1:
+                # The slot write below must follow the backward's reads of the stash: with
+                # no data dependence between them XLA copies the whole stash (2 slots x
+                # the stage's layer inputs) to let the write go first. The barrier orders
+                # them; holding recv_f keeps this forward (and its output) after the
+                # backward too.
+                stash, acc_Y, recv_f = lax.optimization_barrier((stash, grads["layers"],
+                                                                 recv_f))
+                grads = {"layers": acc_Y, "io": grads["io"]}
                 fout = lax.cond(f_valid & ~is_last, lambda: forward(i_f, recv_f), no_forward)
                 record(fout, f_valid & ~is_last)
                 slot = jnp.where(f_valid, i_f % K, jnp.where(b_valid, i_b % K, M % K))
@@ -280,8 +297,9 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 return ct_msg.astype(dtype), ct_msg
             return ct_msg
 
-        # The last stage never reads its stash and pp = 1 needs none (forward and backward
-        # of a microbatch share a tick), but SPMD gives every device the same buffers.
+        # pp = 1 needs no stash (forward and backward of a microbatch share a tick); at
+        # pp > 1 SPMD gives every device the same buffers, and the last stage keeps its
+        # current microbatch's layer inputs in its own.
         stash0 = jnp.zeros((K, layout.ymax) + pair_shape, res_dtype)
         acc0 = {"nll": 0.0, "correct": 0.0, "aux": 0.0, "z": 0.0,
                 "counts": jnp.zeros((m.n_layer + 1, E), jnp.int32),
