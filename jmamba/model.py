@@ -25,6 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jmamba.config import ModelConfig
 from jmamba.layers import GatedMLP, Mamba2Mixer, RMSNorm, rms_norm, uniform_init
 from jmamba.moe import MoE, moe_dropless
+from jmamba.xent import token_losses  # noqa: F401 (model.token_losses for the pipelines)
 
 
 class Block(nnx.Module):
@@ -150,15 +151,6 @@ def head_logits(params, hidden, residual, cfg: ModelConfig):
     w_DxV = (params["embed"]["embedding"].T if cfg.tie_embeddings
              else params["lm_head"]["kernel"])
     return jnp.dot(h, w_DxV.astype(dtype))
-
-
-def token_losses(logits_BxLxV, targets_BxL, mask_BxL):
-    """Masked sums (not means): nll_sum, correct_sum. Callers divide by global token counts."""
-    logp = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
-    nll_BxL = -jnp.take_along_axis(logp, targets_BxL[..., None], axis=-1)[..., 0]
-    correct_BxL = (jnp.argmax(logp, axis=-1) == targets_BxL).astype(jnp.float32)
-    mask = mask_BxL.astype(jnp.float32)
-    return jnp.sum(nll_BxL * mask), jnp.sum(correct_BxL * mask)
 
 
 def total_loss(cfg: ModelConfig, nll_sum, n_tokens, aux_sum, z_sum, n_rows):
