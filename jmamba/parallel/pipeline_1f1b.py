@@ -104,11 +104,13 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
         def to_msg(h, r):
             return (h.astype(res_dtype) + r) if p.pp_comm == "sum" else (h, r)
 
-        def stage_forward(h, r):
-            """Layers of this stage; returns the output pair, the MoE sums and the inputs of
-            every layer (the stash)."""
+        def stage_forward(h, r, stash=None, k=None):
+            """Layers of this stage; returns the output pair, the MoE sums and the stash
+            with every layer's input written into slot k (pp > 1: in place, one layer at a
+            time, so no stage-sized buffer of layer inputs is live next to the stash), or,
+            at pp = 1 (no stash), the [Y, ...] layer inputs."""
             def body(carry, xs):
-                h, r, aux_B, z_B, dropped = carry
+                (h, r, aux_B, z_B, dropped), stash = carry
                 j, p_y = xs
 
                 def run():
@@ -122,12 +124,18 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 # A block reads its input pair only as h + r (Block.__call__), so that sum,
                 # in the residual's dtype, is all the backward needs: 4 bytes an element
                 # instead of 6 for bf16 hidden + fp32 residual.
-                return out[0], (h.astype(res_dtype) + r, out[1])
+                x = h.astype(res_dtype) + r
+                if stash is None:
+                    return (out[0], None), (x, out[1])
+                stash = lax.dynamic_update_slice(stash, x[None, None], (k, j, 0, 0, 0))
+                return (out[0], stash), (None, out[1])
 
             zB = _vary(jnp.zeros((Bm,), jnp.float32))
-            (h, r, aux_B, z_B, dropped), (inputs_Y, counts_YxE) = lax.scan(
-                body, (h, r, zB, zB, _vary(jnp.zeros((), jnp.int32))), (js, layers_Y))
-            return (h, r), (jnp.sum(aux_B), jnp.sum(z_B), counts_YxE, dropped), inputs_Y
+            ((h, r, aux_B, z_B, dropped), stash), (inputs_Y, counts_YxE) = lax.scan(
+                body, ((h, r, zB, zB, _vary(jnp.zeros((), jnp.int32))), stash),
+                (js, layers_Y))
+            return ((h, r), (jnp.sum(aux_B), jnp.sum(z_B), counts_YxE, dropped),
+                    inputs_Y if stash is None else stash)
 
         def stage_backward(inputs, k, ct_h, ct_r, acc_Y):
             """Per layer, last first: recompute the layer from its stashed input sum and
@@ -171,20 +179,20 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
         zero_pair = _vary((jnp.zeros(pair_shape, dtype), jnp.zeros(pair_shape, res_dtype)))
         zero_msg = to_msg(*zero_pair)
 
-        def forward(i, msg):
-            """Forward of microbatch i: (output pair, MoE sums, stash)."""
+        def forward(i, msg, stash=None):
+            """Forward of microbatch i: (output pair, MoE sums, stash with its layer inputs
+            in slot i mod K; at pp = 1 the layer inputs)."""
             if pp == 1:
                 h, r = _vary(embed(io, inputs_MxBxL[i]))
-            else:
-                h, r = lax.cond(is_first, lambda: _vary(embed(io, inputs_MxBxL[i])),
-                                lambda: _vary(to_pair(msg)))
-            return stage_forward(h, r)
+                return stage_forward(h, r)
+            h, r = lax.cond(is_first, lambda: _vary(embed(io, inputs_MxBxL[i])),
+                            lambda: _vary(to_pair(msg)))
+            return stage_forward(h, r, stash, i % K)
 
-        def no_forward():
+        def no_forward(stash):
             zB = jnp.zeros((), jnp.float32)
             return zero_pair, _vary((zB, zB, jnp.zeros((layout.ymax, E), jnp.int32),
-                                     jnp.zeros((), jnp.int32))), _vary(
-                jnp.zeros((layout.ymax,) + pair_shape, res_dtype))
+                                     jnp.zeros((), jnp.int32))), stash
 
         def tick(carry, t):
             i_f, i_b = t - s, t - (2 * pp - 2 - s)
@@ -207,9 +215,11 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 acc["counts"] = acc["counts"].at[rows_SxY[s]].add(counts_YxE * valid)
                 acc["dropped"] = acc["dropped"] + dropped * valid
 
-            # 1. Last stage: forward, head and loss, cotangent of the stage output.
-            def last_forward():
-                fout = forward(i_f, recv_f)
+            # 1. Last stage: forward, head and loss, cotangent of the stage output. Its layer
+            #    inputs go into its own stash (which it has for SPMD's sake and otherwise
+            #    never uses), so its backward reads the stash like every other stage's.
+            def last_forward(stash):
+                fout = forward(i_f, recv_f, stash)
                 (h, r) = fout[0]
                 (nll, correct), pull = jax.vjp(
                     lambda io_, h, r: head_loss(io_, h, r, targets_MxBxL[i_f], mask_MxBxL[i_f]),
@@ -218,24 +228,17 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                                          _vary(jnp.zeros((), jnp.float32))))
                 return fout, (nll, correct), g_io, (ct_h, ct_r)
 
-            def no_last_forward():
+            def no_last_forward(stash):
                 zero = _vary(jnp.zeros((), jnp.float32))
-                return no_forward(), (zero, zero), zeros_io, zero_pair
+                return no_forward(stash), (zero, zero), zeros_io, zero_pair
 
             if pp == 1:
-                fout, (nll, correct), g_io, ct_out = last_forward()
+                fout, (nll, correct), g_io, ct_out = last_forward(None)
             else:
                 fout, (nll, correct), g_io, ct_out = lax.cond(
-                    f_valid & is_last, last_forward, no_last_forward)
+                    f_valid & is_last, last_forward, no_last_forward, stash)
+                stash = fout[2]
             record(fout, f_valid & is_last)
-            if pp > 1:
-                # The last stage keeps this forward's layer inputs in its stash (which it
-                # has for SPMD's sake and otherwise never uses), so its backward reads the
-                # stash like every other stage's and no separate stage-sized buffer is live
-                # in the backward. Other stages rewrite slot i_f mod K with what it holds.
-                k_f = i_f % K
-                stash = lax.dynamic_update_index_in_dim(
-                    stash, jnp.where(is_last, fout[2], stash[k_f]), k_f, 0)
             acc["nll"], acc["correct"] = acc["nll"] + nll, acc["correct"] + correct
             if pp > 1:  # other stages: the cotangent came back from the next stage
                 ct_out = jax.tree.map(lambda a, b: jnp.where(is_last, a, b), ct_out,
@@ -263,25 +266,21 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             grads = {"layers": acc_Y,
                      "io": jax.tree.map(lambda a, b, c: a + b + c, grads["io"], g_io, g_emb)}
 
-            # 3. Other stages: forward of microbatch i_f into its slot (i_f mod K is the one
-            # the backward just freed). An idle stage writes its zeros into a free slot:
-            # i_b's if the backward just freed it; else no microbatch is in flight, or all M
-            # are (between the last forward and the first backward, only when M < K), and
-            # slot M is free.
+            # 3. Other stages: forward of microbatch i_f into its slot (i_f mod K, which the
+            #    backward of i_f - K has freed by now; idle stages write nothing).
             send_f = zero_msg
             if pp > 1:
-                # The slot write below must follow the backward's reads of the stash: with
-                # no data dependence between them XLA copies the whole stash (2 slots x
-                # the stage's layer inputs) to let the write go first. The barrier orders
-                # them; holding recv_f keeps this forward (and its output) after the
-                # backward too.
+                # This forward's slot writes must follow the backward's reads of the stash:
+                # with no data dependence between them XLA copies the whole stash (K slots
+                # x the stage's layer inputs) to let the writes go first. The barrier
+                # orders them; holding recv_f keeps this forward after the backward too.
                 stash, acc_Y, recv_f = lax.optimization_barrier((stash, grads["layers"],
                                                                  recv_f))
                 grads = {"layers": acc_Y, "io": grads["io"]}
-                fout = lax.cond(f_valid & ~is_last, lambda: forward(i_f, recv_f), no_forward)
+                fout = lax.cond(f_valid & ~is_last, lambda st: forward(i_f, recv_f, st),
+                                no_forward, stash)
                 record(fout, f_valid & ~is_last)
-                slot = jnp.where(f_valid, i_f % K, jnp.where(b_valid, i_b % K, M % K))
-                stash = lax.dynamic_update_index_in_dim(stash, fout[2], slot, 0)
+                stash = fout[2]
                 send_f = to_msg(*fout[0])
             return {"send_f": send_f, "send_b": ct_in, "stash": stash, "acc": acc,
                     "grads": grads}, None
