@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 
 import jax
@@ -25,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from jmamba import model
 from jmamba.config import Config
+from jmamba.guard import EXIT_DISK, RunError
 from jmamba.optim import make_optimizer
 from jmamba.parallel.layout import to_canonical, to_stage
 from jmamba.step import TrainState
@@ -36,7 +38,8 @@ FORMAT = 1  # bump when the saved tree or the metadata change meaning
 # them).
 MAY_DIFFER = {"train.steps", "train.log_every", "train.log_dir", "train.ckpt_dir",
               "train.ckpt_every", "train.keep", "train.resume", "train.profile_steps",
-              "train.progress", "train.peak_tflops", "train.loader", "model.ssm_impl", "model.dtype",
+              "train.progress", "train.peak_tflops", "train.max_skipped_steps",
+              "train.skip_nonfinite", "train.loader", "model.ssm_impl", "model.dtype",
               "model.chunk_size"}
 MAY_DIFFER_SECTIONS = {"parallel", "dist"}
 
@@ -144,8 +147,14 @@ def open_manager(directory: str, keep: int = 1, read_only: bool = False):
                                                save_interval_steps=0)
     else:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                 item_names=("state", "meta"))
+    absl = logging.getLogger("absl")  # Orbax says "Given directory is read only" at WARNING
+    level = absl.level
+    absl.setLevel(logging.ERROR if read_only else level)
+    try:
+        return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                     item_names=("state", "meta"))
+    finally:
+        absl.setLevel(level)
 
 
 def read_checked(manager, step: int, cfg: Config | None, sharding) -> tuple[dict, dict]:
@@ -274,10 +283,36 @@ class Checkpoints:
               f"{data_step}, {self.cfg.train.steps - step} steps to go)", flush=True)
         return state, data_step
 
+    def _failed(self, e: Exception):
+        """A save that failed (full or read-only disk, ...) stops the run: RunError with
+        exit code 3, naming the last checkpoint that is complete on disk."""
+        try:  # saves still in flight may land: wait for them (their errors are this one)
+            self.manager.wait_until_finished()
+        except Exception:
+            pass
+        try:  # what is on disk now (a read-only manager sees only finished steps)
+            reader = open_manager(self.directory, read_only=True)
+            done = list(reader.all_steps())
+            reader.close()
+        except Exception:  # the directory may be unreadable too
+            done = []
+        last = f"step {max(done)}" if done else "none"
+        return RunError(f"saving a checkpoint to {self.directory} failed ({_short(e)}); the "
+                        f"last complete checkpoint is {last}. Free space or fix the disk, then "
+                        f"run the same command to resume from it", EXIT_DISK)
+
+    def check(self) -> None:
+        """Raises RunError if an asynchronous save has failed (cheap: call every step)."""
+        try:
+            self.manager.check_for_errors()
+        except Exception as e:
+            raise self._failed(e) from None
+
     def maybe_save(self, step: int, state: TrainState, last: bool = False) -> bool:
         """Starts an asynchronous save at every ckpt_every-th step and at the last one."""
         if not (last or step % self.cfg.train.ckpt_every == 0):
             return False
+        self.check()
         saved, prints = self._to_saved(state)
         prints = leaf_table(jax.device_get(prints))
         t = self.cfg.train
@@ -289,10 +324,27 @@ class Checkpoints:
                 "data": {"task": t.task, "seed": t.seed, "step": step},
                 "rng": {"init_seed": t.seed},
                 "leaves": leaves}
-        return self.manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(saved), meta=ocp.args.JsonSave(meta)))
+        try:
+            return self.manager.save(step, force=True, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(saved), meta=ocp.args.JsonSave(meta)))
+        except Exception as e:
+            raise self._failed(e) from None
 
     def close(self) -> None:
-        """Waits for saves in flight; a run must not exit before they are on disk."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for saves in flight (a run must not exit before they are on disk), then
+        closes the manager whatever happened, so no checkpoint thread outlives the run (a
+        failed save left threads that hung the interpreter at exit). Raises RunError if a
+        save failed."""
+        error = None
+        try:
+            self.manager.wait_until_finished()
+            self.manager.check_for_errors()
+        except Exception as e:
+            error = e
+        finally:
+            try:
+                self.manager.close()
+            except Exception as e:
+                error = error or e
+        if error is not None:
+            raise self._failed(error) from None

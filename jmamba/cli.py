@@ -26,12 +26,18 @@ def available_presets() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
 
 
+def fail(message: str, exit_code: int):
+    """One line on stderr and the documented exit code (README, jmamba/guard.py)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(exit_code)
+
+
 def load_preset(name: str) -> Config:
     names = available_presets()
     if name not in names:
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise SystemExit(f"error: unknown --config '{name}'. Presets: {', '.join(names)}.{hint}")
+        fail(f"unknown --config '{name}'. Presets: {', '.join(names)}.{hint}", 2)
     return importlib.import_module(f"configs.{name}").CONFIG
 
 
@@ -129,7 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     # --- end issue 7 ---
     from jmamba.driver import train  # imports jax only after the flags are checked
     from jmamba.checkpoint import CheckpointError
+    from jmamba.guard import EXIT_BAD_INPUT, RunError
     try:
         train(cfg)
     except CheckpointError as e:  # a checkpoint that cannot be used: say why, no traceback
-        raise SystemExit(f"error: {e}") from None
+        fail(str(e), EXIT_BAD_INPUT)
+    except RunError as e:  # a path, file or disk that fails: one line, its exit code
+        fail(str(e), e.exit_code)

@@ -95,6 +95,7 @@ class TrainConfig:
     # jmamba/tokens.py; same batches), or "auto": grain when it is installed.
     loader: str = "auto"
     skip_nonfinite: bool = False  # skip steps with a NaN/Inf loss or gradient, don't stop
+    max_skipped_steps: int = 10  # with skip_nonfinite: more bad steps in a row stop the run
     # --- end issue 7 ---
     # Checkpoints (jmamba/checkpoint.py); empty ckpt_dir: none. A run started on a directory
     # that holds checkpoints resumes from `resume`: "latest" or a step number.
@@ -218,6 +219,8 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> TrainConfig:
         _check(getattr(t, name) > 0, f"train.{name}", "must be a positive integer",
                getattr(t, name))
     _check(t.lr > 0, "train.lr", "must be > 0", t.lr)
+    _check(t.max_skipped_steps >= 0, "train.max_skipped_steps", "must be >= 0",
+           t.max_skipped_steps)
     _check(0 <= t.warmup_steps <= t.steps, "train.warmup_steps", "must be in [0, steps]",
            t.warmup_steps)
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]", t.min_lr_ratio)

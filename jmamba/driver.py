@@ -11,10 +11,11 @@ from jmamba import flops
 from jmamba.checkpoint import Checkpoints
 from jmamba.config import Config
 from jmamba.data import RecallData
-from jmamba.guard import Hooks, NonFiniteLoss, StopSignals, check_finite
+from jmamba.guard import Hooks, NonFiniteLoss, SkipLimit, StopSignals, check_finite
 from jmamba.metrics import (Profiler, RunLog, compiled_memory, device_memory,
                             device_pool_bytes, fit_warning, write_memory_report)
 from jmamba.parallel.setup import build, process_rows
+from jmamba.preflight import preflight
 
 
 def count_params(params) -> int:
@@ -76,6 +77,11 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     """Runs cfg.train.steps steps; returns the logged records. Stops early (after a full
     step, saving through hooks) on SIGINT/SIGTERM: SIGINT then raises SystemExit(130)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
+    # Paths, data files, disk space and the resume step, before anything heavy (RunError).
+    if preflight(cfg) == t.steps:
+        print(f"jmamba: {t.ckpt_dir} already holds step {t.steps} = --steps: nothing to "
+              "train (raise --steps to train on)", flush=True)
+        return []
     run = build(cfg)
     state = run.state
     # Checkpoints (jmamba/checkpoint.py): resume if ckpt_dir holds any, save every N steps,
@@ -107,6 +113,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
                      p.pp * p.ep, start)
     profiler = Profiler(t.log_dir, t.profile_steps, enabled=main)
     records, pending = [], None
+    skips = SkipLimit(t.max_skipped_steps)
     # Compile before the first step and say what it needs per device, so a layout that
     # cannot fit is known before it runs out of memory. The loop runs this executable.
     first = to_device(next(data), run, rows, t.batch_size)
@@ -121,8 +128,11 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     def flush(pending):  # read a dispatched step's metrics (syncs on that step only)
         step, metrics, dispatched_at = pending
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if check_finite(step, values, t.skip_nonfinite):
+        rate.see(step, dispatched_at)
+        bad = check_finite(step, values, t.skip_nonfinite)
+        if bad:
             log.note(f"jmamba: skipped step {step} (non-finite loss or gradient)")
+        skips.see(step, bad, values)
         if step % t.log_every == 0 or step == t.steps:
             record = {"step": step, **values, **rate.lap(step, dispatched_at),
                       **device_memory()}
@@ -149,11 +159,14 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
                 pending = (step, metrics, dispatched_at)
                 profiler.after(step, state)
                 log.step_done(step)
+                if ckpt is not None:
+                    ckpt.check()  # a failed asynchronous save stops the run now
                 if hooks.wants_save(step) or signals.received is not None:
                     flush(pending)
                     pending = None
                     if hooks.save is not None:
                         hooks.save(step, state)
+                    rate.restart(step)  # the save's wait is not a step's time
                 if signals.received is not None:
                     log.note(f"jmamba: stopped cleanly after step {step} on signal "
                              f"{signals.received}; exit code {signals.exit_code}")
@@ -174,15 +187,35 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
 
 
 class RateMeter:
-    """tokens/s, step time and MFU between two logged steps (wall clock, host side)."""
+    """tokens/s, step time and MFU between two logged steps (wall clock, host side), from
+    the times at which steps were dispatched.
+
+    Dispatch times are spaced by the step time only in the steady state, where the host
+    waits for step t-1 before dispatching step t+1. After the host has waited for the
+    device (the first step, whose dispatch follows the compile; a save, which waits for its
+    step), the next two dispatches return at once, so the meter restarts: it times from
+    the dispatch of the second step after such a wait, and records before that carry no
+    rate (they used to show e.g. 1.2M tok/s and 1805% MFU after every save)."""
 
     def __init__(self, tokens_per_step, flops_per_token, peak_tflops, n_devices, step=0):
         self.tokens, self.flops, self.peak, self.n = (tokens_per_step, flops_per_token,
                                                       peak_tflops, n_devices)
-        self.time, self.step = time.perf_counter(), step
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        """The host waited for the device after `step`: time again from step + 2."""
+        self.step, self.time = step + 2, None
+
+    def see(self, step: int, dispatched_at: float) -> None:
+        """Every step's dispatch time, logged or not (the meter's start may be unlogged)."""
+        if step == self.step and self.time is None:
+            self.time = dispatched_at
 
     def lap(self, step: int, now: float | None = None) -> dict:
         now = time.perf_counter() if now is None else now
+        self.see(step, now)
+        if self.time is None or step <= self.step:
+            return {}
         dt, n = now - self.time, step - self.step
         self.time, self.step = now, step
         out = {"step_time_s": dt / n, "tokens_per_s": self.tokens * n / dt}

@@ -2,8 +2,11 @@
 
 Exit codes (documented in README): 0 for a finished run or a clean stop on SIGTERM (the
 scheduler asked, the state is saved); 130 for a clean stop on SIGINT (Ctrl-C, as shells
-report it); 1 when the loss turns NaN/Inf (unless --skip_nonfinite). A second Ctrl-C
-interrupts at once.
+report it); 1 when the loss turns NaN/Inf (unless --skip_nonfinite, then after more than
+--max_skipped_steps bad steps in a row); 2 for flags, config, paths or files that cannot
+work (checked before the model is built); 3 when a checkpoint save fails during the run
+(a full or read-only disk: the run stops, the last complete checkpoint is named). A second
+Ctrl-C interrupts at once.
 """
 
 from __future__ import annotations
@@ -15,15 +18,28 @@ import threading
 from typing import Any, Callable
 
 
+EXIT_NONFINITE, EXIT_BAD_INPUT, EXIT_DISK = 1, 2, 3
+
+
+class RunError(Exception):
+    """A run that cannot go on: one line for the user and the exit code to leave with."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class NonFiniteLoss(RuntimeError):
     """The loss or gradient norm of `step` is NaN or Inf."""
 
-    def __init__(self, step: int, loss: float, grad_norm: float):
+    def __init__(self, step: int, loss: float, grad_norm: float, why: str = ""):
         self.step = step
+        hint = ("Lower --lr or check the data" if why else
+                "Lower --lr, check the data, or pass --skip_nonfinite true to skip such steps")
         super().__init__(
-            f"non-finite loss at step {step} (loss {loss}, grad_norm {grad_norm}); stopped "
-            "without saving, so the last checkpoint is the last good state. Lower --lr, "
-            "check the data, or pass --skip_nonfinite true to skip such steps.")
+            f"non-finite loss at step {step} (loss {loss}, grad_norm {grad_norm})"
+            f"{'; ' + why if why else ''}; stopped without saving, so the last checkpoint is "
+            f"the last good state. {hint}.")
 
 
 @dataclasses.dataclass
@@ -51,6 +67,21 @@ def check_finite(step: int, metrics: dict, skip: bool) -> bool:
     if bad and not skip:
         raise NonFiniteLoss(step, loss, g)
     return bad
+
+
+class SkipLimit:
+    """--skip_nonfinite's bound: more than `limit` bad steps in a row is a diverged run, not
+    a bad batch, and stops it (exit 1) instead of training on frozen parameters."""
+
+    def __init__(self, limit: int):
+        self.limit, self.run = limit, 0
+
+    def see(self, step: int, bad: bool, metrics: dict) -> None:
+        self.run = self.run + 1 if bad else 0
+        if self.run > self.limit:
+            raise NonFiniteLoss(step, metrics["loss"], metrics["grad_norm"],
+                                f"{self.run} steps in a row were non-finite and skipped "
+                                f"(--max_skipped_steps {self.limit}): the run has diverged")
 
 
 class StopSignals:

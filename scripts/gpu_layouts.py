@@ -58,9 +58,14 @@ def train_run(name, flags, work):
         row["tail"] = (proc.stdout + proc.stderr)[-2000:]
         print(f"== {name}: rc={proc.returncode}\n{row['tail']}", flush=True)
         return row
-    timed = [r["step_time_s"] for r in recs[3:]] or [recs[-1]["step_time_s"]]
-    row.update(step_ms=round(1e3 * statistics.median(timed), 1),
-               tokens_per_s=round(statistics.median(r["tokens_per_s"] for r in recs[3:] or recs)),
+    # (train.py gives the first two steps after the compile no rate: see driver.RateMeter)
+    rated = [r for r in recs[3:] if "step_time_s" in r] or [r for r in recs
+                                                             if "step_time_s" in r]
+    if not rated:
+        row["tail"] = "no step was timed: raise --steps"
+        return row
+    row.update(step_ms=round(1e3 * statistics.median(r["step_time_s"] for r in rated), 1),
+               tokens_per_s=round(statistics.median(r["tokens_per_s"] for r in rated)),
                peak_gb=round(max(r.get("device_peak_memory_gb", 0.0) for r in recs), 2),
                dropped=sum(r.get("dropped_tokens", 0) for r in recs),
                expert_load=round(statistics.median(

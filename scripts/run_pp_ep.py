@@ -94,13 +94,15 @@ def summarize(name, spec, records, cfg_flops, tokens, skip, window, wall_s, rc, 
         out["tail"] = tail
         return out
     bad = set(range(window[0], window[1] + 1)) if window else set()
-    timed = [r["step_time_s"] for r in records
+    rated = [r for r in records if "step_time_s" in r]  # the first steps carry no rate
+    timed = [r["step_time_s"] for r in rated
              if r["step"] > records[0]["step"] + skip and r["step"] not in bad]
-    step_s = statistics.median(timed) if timed else records[-1]["step_time_s"]
+    step_s = statistics.median(timed) if timed else rated[-1]["step_time_s"]
     flops_token, peak = cfg_flops
     tps = tokens / step_s
     out.update({
-        "first_step_s": round(records[0]["step_time_s"], 1),  # compile + restore + step
+        "first_step_s": (round(records[0]["step_time_s"], 1)  # compile + restore + step
+                         if "step_time_s" in records[0] else None),  # (not timed since 11-26)
         "step_ms": round(1e3 * step_s, 1), "tokens_per_s": round(tps),
         "tokens_per_s_per_gpu": round(tps / (pp * ep)),
         "mfu": round(tps * flops_token / (peak * 1e12 * pp * ep), 4) if peak else None,

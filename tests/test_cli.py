@@ -30,3 +30,17 @@ def test_mistakes_exit_2_naming_flag_and_closest(argv, needles, capsys):
     err = capsys.readouterr().err
     for needle in needles:
         assert needle in err, (needle, err)
+
+
+def test_unknown_preset_and_unusable_paths_exit_2_with_one_line(tmp_path, capsys):
+    from jmamba.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "moe_1bb"])
+    assert e.value.code == 2 and "did you mean 'moe_1b'" in capsys.readouterr().err.lower()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["--steps", "2", "--warmup_steps", "1", "--ckpt_dir", str(a_file),
+              "--log_dir", str(tmp_path / "logs")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "--ckpt_dir" in err, err
