@@ -13,10 +13,13 @@ mid-save leaves no step that a later run could pick up.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -137,7 +140,7 @@ _fingerprints = jax.jit(lambda tree: jax.tree.map(fingerprint, tree))
 # ----------------------------------------------------------------------------- reading
 
 def _short(e: Exception) -> str:
-    text = " ".join(str(e).split())
+    text = " ".join(str(e).split()).split(" See full TensorStore details")[0]
     return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
@@ -157,6 +160,17 @@ def open_manager(directory: str, keep: int = 1, read_only: bool = False):
         absl.setLevel(level)
 
 
+def _damaged_hint(manager, step: int) -> str:
+    """What to do about a damaged step: a resume must start from the latest step, so the
+    damaged one has to move away first (--resume alone cannot skip it)."""
+    where = os.path.join(str(manager.directory), str(step))
+    earlier = [s for s in manager.all_steps() if s < step]
+    if earlier:
+        return (f"move {where} out of the directory (and any later steps) to resume from "
+                f"step {max(earlier)}")
+    return f"move {where} out of the directory to start fresh"
+
+
 def read_checked(manager, step: int, cfg: Config | None, sharding) -> tuple[dict, dict]:
     """Reads and checks one checkpoint: metadata, format, config (against cfg unless None),
     every array's shape and fingerprint. Returns (saved tree, meta); raises CheckpointError."""
@@ -165,12 +179,16 @@ def read_checked(manager, step: int, cfg: Config | None, sharding) -> tuple[dict
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:
         raise CheckpointError(f"checkpoint {where}: its metadata cannot be read ({_short(e)}); "
-                              f"it is incomplete or damaged: resume from another step "
-                              f"(--resume) or remove it") from e
+                              f"it is incomplete or damaged: {_damaged_hint(manager, step)}"
+                              ) from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise CheckpointError(f"checkpoint {where} has format {found!r}, but this code reads "
                               f"format {FORMAT}: convert it with the code that wrote it")
+    missing = [k for k in ("config", "data", "leaves") if k not in meta]
+    if missing:
+        raise CheckpointError(f"checkpoint {where}: its metadata lacks {missing}; it is "
+                              f"damaged: {_damaged_hint(manager, step)}")
     if cfg is None:
         cfg = config_from_dict(meta["config"])
     bad = config_mismatches(meta["config"], cfg)
@@ -188,19 +206,27 @@ def read_checked(manager, step: int, cfg: Config | None, sharding) -> tuple[dict
                                   f"config needs {want.shape} {want.dtype}")
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                             shapes)
-    try:
-        saved = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract)))["state"]
-    except Exception as e:
+    # A failed read makes TensorStore's callbacks print pages of "Event loop is closed"
+    # tracebacks from other threads, during the read and just after it: they go nowhere.
+    error = None
+    with contextlib.redirect_stderr(io.StringIO()):
+        try:
+            saved = manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract)))["state"]
+        except Exception as e:
+            error = e
+            time.sleep(0.5)
+    if error is not None:
+        e = error
         raise CheckpointError(f"checkpoint {where}: its arrays cannot be read ({_short(e)}); "
-                              f"files are missing, truncated or corrupt: resume from another step "
-                              f"(--resume) or remove it") from e
+                              f"files are missing, truncated or corrupt: "
+                              f"{_damaged_hint(manager, step)}") from None
     prints = leaf_table(jax.device_get(_fingerprints(saved)))
     for name, value in prints.items():
         if int(value) != stored[name]["fingerprint"]:
             raise CheckpointError(f"checkpoint {where}: array '{name}' does not match the "
                                   f"fingerprint recorded when it was saved; the files are "
-                                  f"damaged: resume from another step or remove it")
+                                  f"damaged: {_damaged_hint(manager, step)}")
     return saved, meta
 
 

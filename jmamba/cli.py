@@ -26,8 +26,17 @@ def available_presets() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
 
 
-def fail(message: str, exit_code: int):
-    """One line on stderr and the documented exit code (README, jmamba/guard.py)."""
+def fail(message: str, exit_code: int, hard: bool = False):
+    """One line on stderr and the documented exit code (README, jmamba/guard.py).
+
+    hard: leave at once (os._exit) without running interpreter shutdown, where TensorStore
+    callbacks of a failed checkpoint read would print pages of "Event loop is closed"
+    tracebacks. Only for failures after which nothing is left to flush."""
+    if hard:  # (the callbacks print through sys.stderr: send them nowhere first)
+        sys.stderr = open(os.devnull, "w")
+        print(f"error: {message}", file=sys.__stderr__, flush=True)
+        sys.stdout.flush()
+        os._exit(exit_code)
     print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(exit_code)
 
@@ -139,6 +148,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train(cfg)
     except CheckpointError as e:  # a checkpoint that cannot be used: say why, no traceback
-        fail(str(e), EXIT_BAD_INPUT)
+        fail(str(e), EXIT_BAD_INPUT, hard=True)  # raised before training: nothing to flush
     except RunError as e:  # a path, file or disk that fails: one line, its exit code
         fail(str(e), e.exit_code)

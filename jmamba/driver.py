@@ -11,7 +11,8 @@ from jmamba import flops
 from jmamba.checkpoint import Checkpoints
 from jmamba.config import Config
 from jmamba.data import RecallData
-from jmamba.guard import Hooks, NonFiniteLoss, SkipLimit, StopSignals, check_finite
+from jmamba.guard import (Hooks, NonFiniteLoss, RunError, SkipLimit, StopSignals,
+                          check_finite)
 from jmamba.metrics import (Profiler, RunLog, compiled_memory, device_memory,
                             device_pool_bytes, fit_warning, write_memory_report)
 from jmamba.parallel.setup import build, process_rows
@@ -176,6 +177,9 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
         except NonFiniteLoss as e:
             log.close()
             raise SystemExit(f"jmamba: {e}") from None
+        except RunError:
+            log.close()
+            raise
         finally:
             profiler.close()
             if ckpt is not None:

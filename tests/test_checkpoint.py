@@ -275,3 +275,27 @@ def test_killed_run_resumes_to_bit_identical_parameters(tmp_path):
     again, _, meta = ck.load(str(tmp_path / "killed"))
     assert meta["step"] == 30
     jax.tree.map(np.testing.assert_array_equal, again, full)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_damaged_latest_step_says_to_move_it_and_names_the_earlier_one(tmp_path):
+    """A resume starts from the latest step, so the hint names the damaged directory to move
+    and the step that remains; metadata without its keys is refused by name, not KeyError."""
+    directory = tmp_path / "ck"
+    train_cli = [sys.executable, "train.py", "--steps", "4", "--warmup_steps", "1",
+                 "--ckpt_dir", str(directory), "--ckpt_every", "2", "--log_dir",
+                 str(tmp_path / "logs")]
+    subprocess.run(train_cli, cwd=REPO, check=True, capture_output=True)
+    path = f"{directory}/4/meta/metadata"
+    meta = json.load(open(path))
+    json.dump({k: v for k, v in meta.items() if k != "config"}, open(path, "w"))
+    with pytest.raises(ck.CheckpointError, match=r"lacks \['config'\].*move .*/4 out of the "
+                                                 r"directory .* to resume from step 2"):
+        ck.load(str(directory))
+    for f in glob.glob(f"{directory}/4/state/ocdbt.process_0/d/*"):
+        os.remove(f)
+    json.dump(meta, open(path, "w"))  # whole again; now its arrays are gone
+    again = subprocess.run([*train_cli[:3], "6", *train_cli[4:]], cwd=REPO,
+                           capture_output=True, text=True)
+    assert again.returncode == 2, again.stderr[-2000:]
+    assert again.stderr.count("\n") == 1 and "resume from step 2" in again.stderr, again.stderr
