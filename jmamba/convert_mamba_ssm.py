@@ -1,9 +1,8 @@
 """Weights from and to the PyTorch stack: mamba_ssm's MambaLMHeadModel (Mamba2 layers, with
 or without the gated MLP) as safetensors <-> jmamba's canonical parameters.
 
-numpy only: the safetensors format (8-byte little-endian header length, a JSON header of
-{name: {dtype, shape, data_offsets}}, then the raw little-endian buffer) is read and written
-here. The name mapping is documented in docs/checkpoints.md.
+Files are read and written by the `safetensors` package (numpy API: memory-mapped, one
+tensor at a time). The name mapping is documented in docs/checkpoints.md.
 
     python -m jmamba.convert_mamba_ssm export <ckpt_dir> <out.safetensors> [--step N]
 """
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import jax
 import numpy as np
@@ -20,66 +18,28 @@ import numpy as np
 from jmamba import model
 from jmamba.config import ModelConfig
 
-# safetensors dtype codes; BF16 has no numpy dtype and is widened to float32 on read.
-DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
-          "I8": "i1", "U8": "u1", "BOOL": "?"}
-
-
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """{name: array} from a safetensors file; raises ValueError naming what is wrong."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise ValueError(f"{path}: not a safetensors file (under 8 bytes)")
-    n = int.from_bytes(data[:8], "little")
-    if 8 + n > len(data):
-        raise ValueError(f"{path}: header of {n} bytes runs past the end of the file "
-                         f"({len(data)} bytes): the file is truncated or not safetensors")
-    try:
-        header = json.loads(data[8:8 + n])
-    except ValueError as e:
-        raise ValueError(f"{path}: header is not JSON ({e})") from None
-    buffer = memoryview(data)[8 + n:]
+    """{name: array} from a safetensors file, 16-bit floats widened to float32; raises
+    ValueError naming the file and what is wrong."""
+    from safetensors import SafetensorError, safe_open
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        code, shape, (start, stop) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-        if code != "BF16" and code not in DTYPES:
-            raise ValueError(f"{path}: tensor '{name}' has dtype {code}, which this reader does "
-                             f"not know (known: BF16, {', '.join(DTYPES)})")
-        dtype = np.dtype("<u2" if code == "BF16" else DTYPES[code])
-        if stop > len(buffer) or stop - start != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{path}: tensor '{name}' ({code} {list(shape)}) needs bytes "
-                             f"[{start}, {stop}) of a {len(buffer)}-byte buffer: the file is "
-                             f"truncated or damaged")
-        x = np.frombuffer(buffer[start:stop], dtype).reshape(shape)
-        if code == "BF16":  # bf16 is the top half of a float32
-            x = (x.astype(np.uint32) << 16).view(np.float32)
-        out[name] = x
+    try:
+        with safe_open(path, framework="numpy") as f:
+            for name in f.keys():
+                x = f.get_tensor(name)
+                out[name] = x.astype(np.float32) if x.dtype.itemsize == 2 and \
+                    x.dtype.kind in "fV" else x
+    except (SafetensorError, OSError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e}): the file is "
+                         "truncated, damaged or of another format") from None
     return out
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray],
                       metadata: dict[str, str] | None = None) -> None:
-    codes = {np.dtype(v): k for k, v in DTYPES.items()}
-    header, blobs, offset = {}, [], 0
-    for name in sorted(tensors):
-        x = np.ascontiguousarray(tensors[name])
-        x = x.astype(x.dtype.newbyteorder("<"))
-        header[name] = {"dtype": codes[x.dtype], "shape": list(x.shape),
-                        "data_offsets": [offset, offset + x.nbytes]}
-        blobs.append(x.tobytes())
-        offset += x.nbytes
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # pad so the buffer starts 8-byte aligned
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        for blob in blobs:
-            f.write(blob)
+    from safetensors.numpy import save_file
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, path,
+              metadata={str(k): str(v) for k, v in (metadata or {}).items()})
 
 
 # How a jmamba array becomes the PyTorch one (and back). jmamba's Linear kernels are

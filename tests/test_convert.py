@@ -136,7 +136,7 @@ def test_reader_follows_the_format(tmp_path):
     np.testing.assert_array_equal(out["a"], [1.5, -2.0])
     np.testing.assert_array_equal(out["b"], [[0.5, 3.0]])
     path.write_bytes(path.read_bytes()[:-2])
-    with pytest.raises(ValueError, match="tensor 'b' .* truncated"):
+    with pytest.raises(ValueError, match="hand.safetensors: not a readable safetensors file"):
         cv.read_safetensors(str(path))
 
 
