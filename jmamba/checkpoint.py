@@ -154,8 +154,13 @@ def open_manager(directory: str, keep: int = 1, read_only: bool = False):
     level = absl.level
     absl.setLevel(logging.ERROR if read_only else level)
     try:
+        # Reads and writes in flight are bounded (Orbax's default is 96 GB), so a restore or
+        # save holds its shards plus about this much, not several copies of the state.
+        handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=1,
+                                                           restore_concurrent_gb=1),
+                    "meta": ocp.JsonCheckpointHandler()}
         return ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                     item_names=("state", "meta"))
+                                     item_handlers=handlers)
     finally:
         absl.setLevel(level)
 
@@ -171,9 +176,27 @@ def _damaged_hint(manager, step: int) -> str:
     return f"move {where} out of the directory to start fresh"
 
 
+def spread_shardings(shapes, mesh):
+    """Where each canonical array lives on `mesh` while it is saved or restored: split along
+    its first axis that all the mesh's devices divide evenly, so each device holds 1/n of it
+    (replicated only where no axis divides: norm scales and the like). Saves and restores
+    then move shards: no device ever holds another's share of the state."""
+    axes, n = tuple(mesh.axis_names), mesh.size
+
+    def one(x):
+        for i, size in enumerate(x.shape):
+            if size % n == 0:
+                return NamedSharding(mesh, P(*([None] * i), axes))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, shapes)
+
+
 def read_checked(manager, step: int, cfg: Config | None, sharding) -> tuple[dict, dict]:
     """Reads and checks one checkpoint: metadata, format, config (against cfg unless None),
-    every array's shape and fingerprint. Returns (saved tree, meta); raises CheckpointError."""
+    every array's shape and fingerprint. `sharding`: one sharding for every array, or a
+    tree of them shaped like the saved tree. Returns (saved tree, meta); raises
+    CheckpointError."""
     where = os.path.join(str(manager.directory), str(step))
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -204,8 +227,10 @@ def read_checked(manager, step: int, cfg: Config | None, sharding) -> tuple[dict
             have = "absent" if got is None else f"{tuple(got['shape'])} {got['dtype']}"
             raise CheckpointError(f"checkpoint {where}: array '{name}' is {have}, but this "
                                   f"config needs {want.shape} {want.dtype}")
-    abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                            shapes)
+    if not isinstance(sharding, dict):
+        sharding = jax.tree.map(lambda _: sharding, shapes)
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            shapes, sharding)
     # A failed read makes TensorStore's callbacks print pages of "Event loop is closed"
     # tracebacks from other threads, during the read and just after it: they go nowhere.
     error = None
@@ -268,13 +293,36 @@ class Checkpoints:
                               self.optimizer)
             return saved, jax.tree.map(fingerprint, saved)
 
-        self._to_saved = jax.jit(to_saved)
+        # Saves write from arrays split evenly over all devices (measured smallest); restores
+        # read into the run's own split where the layout allows (no exchange to re-lay).
+        spread = None if run.mesh is None else spread_shardings(saved_shapes(cfg), run.mesh)
+        self._spread = None if run.mesh is None else self._canonical_shardings(cfg, run)
+        self._to_saved = jax.jit(to_saved, out_shardings=(
+            spread, None) if spread is not None else None)
+
+    def _canonical_shardings(self, cfg: Config, run):
+        """spread_shardings, except that with a contiguous stage layout each layer leaf is
+        split the way the run splits its stage-stacked form (layer axis over 'pp', experts
+        over 'ep'): then stage <-> canonical is a reshape on each device, with no exchange
+        (XLA's re-layout of a gather between unrelated shardings replicates whole arrays)."""
+        spread = spread_shardings(saved_shapes(cfg), run.mesh)
+        if run.layout is None or not run.layout.contiguous:
+            return spread
+
+        def layer(x):
+            spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
+            return NamedSharding(run.mesh, P(spec[1], *spec[3:]))  # [V=1, S, Y, ...] -> [L, ...]
+
+        layers = jax.tree.map(layer, run.state.params["layers"])
+        return map_state(lambda params: {**params, "layers": layers}, spread["step"],
+                         spread["params"], spread["opt_state"], self.optimizer)
 
     def sharding(self):
-        """Where restored canonical arrays land before they are laid out for the run."""
+        """Where restored canonical arrays land before they are laid out for the run: one
+        device's, or split over the mesh (spread_shardings)."""
         if self.run.mesh is None:
             return jax.tree.leaves(self.run.state.params)[0].sharding
-        return NamedSharding(self.run.mesh, P())
+        return self._spread
 
     def resume(self, state: TrainState) -> tuple[TrainState, int]:
         """(state, data step) from the checkpoint train.resume names; (state, 0) if the
@@ -298,12 +346,14 @@ class Checkpoints:
         to_run = (lambda p: to_stage(p, layout)) if layout is not None else (lambda p: p)
         out_sh = jax.tree.map(lambda x: x.sharding, state)
 
-        def from_saved(saved):
+        def from_saved(saved, fresh):
+            del fresh  # donated: its buffers hold the result (no third copy of the state)
             s = map_state(to_run, saved["step"], saved["params"], saved["opt_state"],
                           self.optimizer)
             return TrainState(s["step"], s["params"], s["opt_state"])
 
-        state = jax.jit(from_saved, out_shardings=out_sh)(saved)
+        state = jax.jit(from_saved, out_shardings=out_sh, donate_argnums=1)(saved, state)
+        del saved
         data_step = meta["data"]["step"]
         print(f"jmamba: resuming from checkpoint {self.directory}/{step} (data position "
               f"{data_step}, {self.cfg.train.steps - step} steps to go)", flush=True)

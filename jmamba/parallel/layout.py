@@ -116,6 +116,12 @@ class StageLayout:
         return idx.reshape(self.virtual, self.pp, self.ymax)
 
     @functools.cached_property
+    def contiguous(self) -> bool:
+        """Stage slots hold the layers in order with no padding: [V, S, Y] is a reshape of
+        the layer axis, so stage <-> canonical moves no data between devices."""
+        return bool(np.array_equal(self.index_VxSxY.reshape(-1), np.arange(self.n_layer)))
+
+    @functools.cached_property
     def position(self) -> np.ndarray:
         """Flat stage-slot position of each global layer (inverse of index_VxSxY)."""
         flat = self.index_VxSxY.reshape(-1)
@@ -130,6 +136,8 @@ def to_stage(params: dict, layout: StageLayout) -> dict:
     valid = jnp.asarray(idx >= 0)
 
     def stack(leaf):
+        if layout.contiguous:
+            return leaf.reshape(idx.shape + leaf.shape[1:])
         rows = leaf[np.maximum(idx, 0)]  # [V_, S, Ymax, ...]
         return jnp.where(valid.reshape(valid.shape + (1,) * (leaf.ndim - 1)), rows, 0)
 
@@ -149,7 +157,8 @@ def to_canonical(stage_params: dict, layout: StageLayout) -> dict:
     pos = layout.position
 
     def unstack(leaf):
-        return leaf.reshape((-1,) + leaf.shape[3:])[pos]
+        flat = leaf.reshape((-1,) + leaf.shape[3:])
+        return flat if layout.contiguous else flat[pos]
 
     table = stage_params["io"]["table"]
     out = {"embed": {"embedding": table[0]},
