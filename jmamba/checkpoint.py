@@ -346,13 +346,16 @@ class Checkpoints:
         to_run = (lambda p: to_stage(p, layout)) if layout is not None else (lambda p: p)
         out_sh = jax.tree.map(lambda x: x.sharding, state)
 
-        def from_saved(saved, fresh):
+        def from_saved(saved, fresh=None):
             del fresh  # donated: its buffers hold the result (no third copy of the state)
             s = map_state(to_run, saved["step"], saved["params"], saved["opt_state"],
                           self.optimizer)
             return TrainState(s["step"], s["params"], s["opt_state"])
 
-        state = jax.jit(from_saved, out_shardings=out_sh, donate_argnums=1)(saved, state)
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
+            state = jax.jit(from_saved, out_shardings=out_sh)(saved)  # built abstract
+        else:
+            state = jax.jit(from_saved, out_shardings=out_sh, donate_argnums=1)(saved, state)
         del saved
         data_step = meta["data"]["step"]
         print(f"jmamba: resuming from checkpoint {self.directory}/{step} (data position "

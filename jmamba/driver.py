@@ -79,11 +79,14 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     step, saving through hooks) on SIGINT/SIGTERM: SIGINT then raises SystemExit(130)."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     # Paths, data files, disk space and the resume step, before anything heavy (RunError).
-    if preflight(cfg) == t.steps:
+    resume_step = preflight(cfg)
+    if resume_step == t.steps:
         print(f"jmamba: {t.ckpt_dir} already holds step {t.steps} = --steps: nothing to "
               "train (raise --steps to train on)", flush=True)
         return []
-    run = build(cfg)
+    # A run that will restore builds its state abstract: no memory for parameters the
+    # checkpoint overwrites.
+    run = build(cfg, abstract=resume_step is not None)
     state = run.state
     # Checkpoints (jmamba/checkpoint.py): resume if ckpt_dir holds any, save every N steps,
     # at the end and on SIGINT/SIGTERM, through the driver's save hooks.

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from jmamba import model
 from jmamba.moe import moe_dropless
@@ -57,23 +57,35 @@ def is_single_device(cfg) -> bool:
     return p.pp == 1 and p.ep == 1 and p.microbatches == 1
 
 
-def build(cfg, params=None) -> Training:
-    """Initial state (fresh parameters unless given canonical ones) and the jitted step."""
+def build(cfg, params=None, abstract: bool = False) -> Training:
+    """Initial state (fresh parameters unless given canonical ones) and the jitted step.
+
+    abstract: the state is only its shapes, dtypes and shardings (ShapeDtypeStructs), for a
+    run about to restore a checkpoint: no memory goes to parameters it would overwrite."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     optimizer = make_optimizer(t)
     if params is None:
-        params = model.init_params(m, jax.random.key(t.seed))
+        init = functools.partial(model.init_params, m, jax.random.key(t.seed))
+        params = jax.eval_shape(init) if abstract else init()
     if is_single_device(cfg):
         loss = functools.partial(model.loss_fn, cfg=m, remat=p.remat)
         step = make_train_step(loss, optimizer, lr_schedule(t), t.grad_clip,
                                skip_nonfinite=t.skip_nonfinite)
-        return Training(jax.jit(step, donate_argnums=0), init_state(params, optimizer),
-                        lambda x: x)
+        if abstract:
+            one = SingleDeviceSharding(jax.devices()[0])
+            state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
+                                 jax.eval_shape(functools.partial(init_state,
+                                                                  optimizer=optimizer), params))
+        else:
+            state = init_state(params, optimizer)
+        return Training(jax.jit(step, donate_argnums=0), state, lambda x: x)
     layout = StageLayout.from_config(cfg)
     mesh = make_mesh(p.pp, p.ep)
-    stage_params = to_stage(params, layout)
+    stage_params = (jax.eval_shape(functools.partial(to_stage, layout=layout), params)
+                    if abstract else to_stage(params, layout))
     param_sh = shardings(mesh, stage_param_specs(stage_params))
-    stage_params = jax.device_put(stage_params, param_sh)
+    if not abstract:
+        stage_params = jax.device_put(stage_params, param_sh)
     step = make_train_step(pipeline_loss(cfg, layout, mesh), optimizer, lr_schedule(t),
                            t.grad_clip,
                            fix_grads=functools.partial(tie_gradients, layout=layout),
@@ -86,8 +98,12 @@ def build(cfg, params=None) -> Training:
         replicated, param_sh,
         optax.tree_map_params(optimizer, lambda _, s: s, state_shape.opt_state, param_sh,
                               transform_non_params=lambda _: replicated))
-    state = jax.jit(functools.partial(init_state, optimizer=optimizer),
-                    out_shardings=state_sh)(stage_params)
+    if abstract:
+        state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                             state_shape, state_sh)
+    else:
+        state = jax.jit(functools.partial(init_state, optimizer=optimizer),
+                        out_shardings=state_sh)(stage_params)
     batch_sh = NamedSharding(mesh, spec("batch"))
     step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, replicated), donate_argnums=0)
