@@ -120,6 +120,14 @@ def parse_config(argv: list[str]) -> Config:
             updates.setdefault(section, {})[name] = _parse_value(text, typ, flag, parser)
     cfg = cfg.replace(**{s: dataclasses.replace(getattr(cfg, s), **kw)
                          for s, kw in updates.items()})
+    t = cfg.train
+    if "warmup_steps" not in updates.get("train", {}) and t.warmup_steps > t.steps >= 1:
+        # A short run asked for with --steps alone gets one: the preset's warmup shrinks
+        # to a tenth of the run (an explicit --warmup_steps > --steps stays an error).
+        warmup = t.steps // 10
+        print(f"jmamba: --steps {t.steps} is shorter than the preset's warmup "
+              f"({t.warmup_steps} steps); warming up over {warmup}", flush=True)
+        cfg = cfg.replace(train=dataclasses.replace(t, warmup_steps=warmup))
     try:
         return validate(cfg)
     except ValueError as e:

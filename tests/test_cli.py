@@ -44,3 +44,12 @@ def test_unknown_preset_and_unusable_paths_exit_2_with_one_line(tmp_path, capsys
               "--log_dir", str(tmp_path / "logs")])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "--ckpt_dir" in err, err
+
+
+def test_short_run_shrinks_the_default_warmup_but_not_an_explicit_one(capsys):
+    cfg = parse_config(["--steps", "10"])
+    assert cfg.train.steps == 10 and cfg.train.warmup_steps == 1
+    assert "warming up over 1" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        parse_config(["--steps", "10", "--warmup_steps", "30"])
+    assert e.value.code == 2 and "train.warmup_steps" in capsys.readouterr().err
