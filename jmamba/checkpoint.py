@@ -242,8 +242,7 @@ def read_checked(manager, step: int, cfg: Config | None, sharding) -> tuple[dict
             error = e
             time.sleep(0.5)
     if error is not None:
-        e = error
-        raise CheckpointError(f"checkpoint {where}: its arrays cannot be read ({_short(e)}); "
+        raise CheckpointError(f"checkpoint {where}: its arrays cannot be read ({_short(error)}); "
                               f"files are missing, truncated or corrupt: "
                               f"{_damaged_hint(manager, step)}") from None
     prints = leaf_table(jax.device_get(_fingerprints(saved)))
@@ -296,16 +295,15 @@ class Checkpoints:
         # Saves write from arrays split evenly over all devices (measured smallest); restores
         # read into the run's own split where the layout allows (no exchange to re-lay).
         spread = None if run.mesh is None else spread_shardings(saved_shapes(cfg), run.mesh)
-        self._spread = None if run.mesh is None else self._canonical_shardings(cfg, run)
+        self._restore_sh = None if spread is None else self._restore_shardings(spread, run)
         self._to_saved = jax.jit(to_saved, out_shardings=(
             spread, None) if spread is not None else None)
 
-    def _canonical_shardings(self, cfg: Config, run):
-        """spread_shardings, except that with a contiguous stage layout each layer leaf is
-        split the way the run splits its stage-stacked form (layer axis over 'pp', experts
-        over 'ep'): then stage <-> canonical is a reshape on each device, with no exchange
-        (XLA's re-layout of a gather between unrelated shardings replicates whole arrays)."""
-        spread = spread_shardings(saved_shapes(cfg), run.mesh)
+    def _restore_shardings(self, spread, run):
+        """`spread`, except that with a contiguous stage layout each layer leaf is split the
+        way the run splits its stage-stacked form (layer axis over 'pp', experts over 'ep'):
+        then stage <-> canonical is a reshape on each device, with no exchange (XLA's
+        re-layout of a gather between unrelated shardings replicates whole arrays)."""
         if run.layout is None or not run.layout.contiguous:
             return spread
 
@@ -322,7 +320,7 @@ class Checkpoints:
         device's, or split over the mesh (spread_shardings)."""
         if self.run.mesh is None:
             return jax.tree.leaves(self.run.state.params)[0].sharding
-        return self._spread
+        return self._restore_sh
 
     def resume(self, state: TrainState) -> tuple[TrainState, int]:
         """(state, data step) from the checkpoint train.resume names; (state, 0) if the
@@ -346,16 +344,13 @@ class Checkpoints:
         to_run = (lambda p: to_stage(p, layout)) if layout is not None else (lambda p: p)
         out_sh = jax.tree.map(lambda x: x.sharding, state)
 
-        def from_saved(saved, fresh=None):
-            del fresh  # donated: its buffers hold the result (no third copy of the state)
+        def from_saved(saved):
             s = map_state(to_run, saved["step"], saved["params"], saved["opt_state"],
                           self.optimizer)
             return TrainState(s["step"], s["params"], s["opt_state"])
 
-        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state)):
-            state = jax.jit(from_saved, out_shardings=out_sh)(saved)  # built abstract
-        else:
-            state = jax.jit(from_saved, out_shardings=out_sh, donate_argnums=1)(saved, state)
+        # (only the shardings of `state` are used; train.py builds it abstract when resuming)
+        state = jax.jit(from_saved, out_shardings=out_sh)(saved)
         del saved
         data_step = meta["data"]["step"]
         print(f"jmamba: resuming from checkpoint {self.directory}/{step} (data position "

@@ -25,7 +25,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jmamba.config import ModelConfig
 from jmamba.layers import GatedMLP, Mamba2Mixer, RMSNorm, rms_norm, uniform_init
 from jmamba.moe import MoE, moe_dropless
-from jmamba.xent import token_losses  # noqa: F401 (model.token_losses for the pipelines)
+from jmamba.xent import token_losses  # (also model.token_losses for the pipelines)
 
 
 class Block(nnx.Module):
