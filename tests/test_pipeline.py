@@ -94,6 +94,22 @@ def test_relayout_is_lossless(reference):
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-6)
 
 
+def test_contiguous_relayout_reshape_equals_the_gather(reference, monkeypatch):
+    """A contiguous layout moves stage <-> canonical by reshape; the general gather (its
+    twin, forced by marking the layout non-contiguous) gives the same arrays."""
+    params = reference[False][0]
+    layout = lay.StageLayout.from_config(make_cfg(2, tied=False))
+    assert layout.contiguous and not lay.StageLayout.from_config(
+        make_cfg(2, split="3,5", tied=False)).contiguous
+    fast = lay.to_stage(params, layout)
+    fast_back = lay.to_canonical(fast, layout)
+    monkeypatch.setattr(lay.StageLayout, "contiguous", property(lambda self: False))
+    for a, b in zip(jax.tree.leaves(fast), jax.tree.leaves(lay.to_stage(params, layout))):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(fast_back), jax.tree.leaves(lay.to_canonical(fast, layout))):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_layer_rows_keep_global_index():
     layout = lay.StageLayout.from_config(make_cfg(2, split="3,5"))
     np.testing.assert_array_equal(layout.index_VxSxY[0], [[0, 1, 2, -1, -1], [3, 4, 5, 6, 7]])
