@@ -32,6 +32,7 @@ from jmamba.config import Config
 from jmamba.guard import EXIT_DISK, RunError
 from jmamba.optim import make_optimizer
 from jmamba.parallel.layout import to_canonical, to_stage
+from jmamba.parallel.mesh import canonical_layer_shardings, spread_shardings
 from jmamba.step import TrainState
 
 FORMAT = 1  # bump when the saved tree or the metadata change meaning
@@ -176,22 +177,6 @@ def _damaged_hint(manager, step: int) -> str:
     return f"move {where} out of the directory to start fresh"
 
 
-def spread_shardings(shapes, mesh):
-    """Where each canonical array lives on `mesh` while it is saved or restored: split along
-    its first axis that all the mesh's devices divide evenly, so each device holds 1/n of it
-    (replicated only where no axis divides: norm scales and the like). Saves and restores
-    then move shards: no device ever holds another's share of the state."""
-    axes, n = tuple(mesh.axis_names), mesh.size
-
-    def one(x):
-        for i, size in enumerate(x.shape):
-            if size % n == 0:
-                return NamedSharding(mesh, P(*([None] * i), axes))
-        return NamedSharding(mesh, P())
-
-    return jax.tree.map(one, shapes)
-
-
 def read_checked(manager, step: int, cfg: Config | None, sharding) -> tuple[dict, dict]:
     """Reads and checks one checkpoint: metadata, format, config (against cfg unless None),
     every array's shape and fingerprint. `sharding`: one sharding for every array, or a
@@ -307,11 +292,8 @@ class Checkpoints:
         if run.layout is None or not run.layout.contiguous:
             return spread
 
-        def layer(x):
-            spec = tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec))
-            return NamedSharding(run.mesh, P(spec[1], *spec[3:]))  # [V=1, S, Y, ...] -> [L, ...]
-
-        layers = jax.tree.map(layer, run.state.params["layers"])
+        layers = canonical_layer_shardings(
+            jax.tree.map(lambda x: x.sharding, run.state.params["layers"]), run.mesh)
         return map_state(lambda params: {**params, "layers": layers}, spread["step"],
                          spread["params"], spread["opt_state"], self.optimizer)
 

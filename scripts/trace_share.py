@@ -52,6 +52,7 @@ def device_shares(path: str, window_s: float) -> dict:
     devices = {pid for pid, name in procs.items() if re.search(r"GPU|device", name, re.I)}
     per_device: dict[int, dict[str, float]] = {}
     top: dict[str, float] = {}
+    groups: dict[str, float] = {}
     for ev in events:
         if ev.get("ph") != "X" or ev.get("pid") not in devices:
             continue
@@ -64,6 +65,8 @@ def device_shares(path: str, window_s: float) -> dict:
         d[kind] = d.get(kind, 0.0) + dur
         key = f"{kind}: {(ev.get('args') or {}).get('hlo_op', '') or ev.get('name', '')}"[:70]
         top[key] = top.get(key, 0.0) + dur
+        g = group_key(ev)
+        groups[g] = groups.get(g, 0.0) + dur
     n = max(len(per_device), 1)
     kinds = {k for d in per_device.values() for k in d}
     share = {k: sum(d.get(k, 0.0) for d in per_device.values()) / n / window_s
@@ -72,4 +75,19 @@ def device_shares(path: str, window_s: float) -> dict:
     lines = sorted({name for (pid, _), name in threads.items() if pid in devices})[:12]
     return {"devices": len(per_device), "share": share, "processes": sorted(procs.values()),
             "device_lines": lines,
-            "top_ms_all_devices": [(k, round(1e3 * v, 2)) for k, v in busiest]}
+            "top_ms_all_devices": [(k, round(1e3 * v, 2)) for k, v in busiest],
+            "groups_ms_per_device": [(k, round(1e3 * v / n, 2)) for k, v in
+                                     sorted(groups.items(), key=lambda kv: -kv[1])[:30]]}
+
+
+def group_key(event: dict) -> str:
+    """A kernel's kind of work: its HLO op without the numeric suffix (loop_gather_fusion,
+    all-to-all-start, ...), or for custom calls (Pallas, Mosaic, cuBLAS) the kernel name
+    without digits. Meaningful when XLA's command buffers are off
+    (XLA_FLAGS=--xla_gpu_enable_command_buffer=), else most time is one command_buffer."""
+    args = event.get("args") or {}
+    op = re.sub(r"[.\d]+$", "", str(args.get("hlo_op", "")))
+    if not op or op.startswith("custom-call") or op.startswith("command_buffer"):
+        name = re.sub(r"\d+", "", str(event.get("name", "")))[:48]
+        return f"{op or '?'}:{name}"
+    return op

@@ -67,3 +67,30 @@ BATCH_AXES = ("microbatch", "batch", "seq")
 def shardings(mesh, specs):
     return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                         is_leaf=lambda x: isinstance(x, P))
+
+
+def spread_shardings(shapes, mesh):
+    """Where each canonical array lives on `mesh` while it is drawn, saved or restored: split
+    along its first axis that all the mesh's devices divide evenly, so each device holds 1/n
+    of it (replicated only where no axis divides: norm scales and the like). No device then
+    holds another's share of the state."""
+    axes, n = tuple(mesh.axis_names), mesh.size
+
+    def one(x):
+        for i, size in enumerate(x.shape):
+            if size % n == 0:
+                return NamedSharding(mesh, P(*([None] * i), axes))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, shapes)
+
+
+def canonical_layer_shardings(stage_layer_shardings, mesh):
+    """For a contiguous stage layout: each canonical layer leaf [L, ...] split the way its
+    stage-stacked form [V=1, S, Y, ...] is (layer axis over 'pp', experts over 'ep'), so
+    stage <-> canonical is a reshape on each device. Takes the stage leaves' shardings."""
+    def layer(sh):
+        spec = tuple(sh.spec) + (None,) * max(3 - len(sh.spec), 0)
+        return NamedSharding(mesh, P(spec[1], *spec[3:]))
+
+    return jax.tree.map(layer, stage_layer_shardings)

@@ -21,7 +21,8 @@ from jmamba.optim import lr_schedule, make_optimizer
 from jmamba.parallel.ep import make_ep_experts_fn
 from jmamba.parallel.layout import (StageLayout, tie_gradients, to_canonical, to_stage,
                                     unique_sq_norm)
-from jmamba.parallel.mesh import make_mesh, shardings, spec, stage_param_specs
+from jmamba.parallel.mesh import (canonical_layer_shardings, make_mesh, shardings, spec,
+                                  spread_shardings, stage_param_specs)
 from jmamba.parallel.pipeline import make_pipeline_loss
 from jmamba.parallel.pipeline_1f1b import make_1f1b_loss
 from jmamba.step import TrainState, init_state, make_train_step
@@ -64,10 +65,12 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
     run about to restore a checkpoint: no memory goes to parameters it would overwrite."""
     m, t, p = cfg.model, cfg.train, cfg.parallel
     optimizer = make_optimizer(t)
-    if params is None:
-        init = functools.partial(model.init_params, m, jax.random.key(t.seed))
-        params = jax.eval_shape(init) if abstract else init()
+    # Jitted at every layout, so a fresh run draws the same values whatever its layout
+    # (eager and jitted draws differ in the last bit).
+    init = jax.jit(functools.partial(model.init_params, m, jax.random.key(t.seed)))
     if is_single_device(cfg):
+        if params is None:
+            params = jax.eval_shape(init) if abstract else init()
         loss = functools.partial(model.loss_fn, cfg=m, remat=p.remat)
         step = make_train_step(loss, optimizer, lr_schedule(t), t.grad_clip,
                                skip_nonfinite=t.skip_nonfinite)
@@ -81,11 +84,9 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
         return Training(jax.jit(step, donate_argnums=0), state, lambda x: x)
     layout = StageLayout.from_config(cfg)
     mesh = make_mesh(p.pp, p.ep)
-    stage_params = (jax.eval_shape(functools.partial(to_stage, layout=layout), params)
-                    if abstract else to_stage(params, layout))
-    param_sh = shardings(mesh, stage_param_specs(stage_params))
-    if not abstract:
-        stage_params = jax.device_put(stage_params, param_sh)
+    staged_params = functools.partial(_staged_params, init, layout)
+    stage_shape = jax.eval_shape(staged_params, params)
+    param_sh = shardings(mesh, stage_param_specs(stage_shape))
     step = make_train_step(pipeline_loss(cfg, layout, mesh), optimizer, lr_schedule(t),
                            t.grad_clip,
                            fix_grads=functools.partial(tie_gradients, layout=layout),
@@ -93,7 +94,7 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
                            skip_nonfinite=t.skip_nonfinite, ep=p.ep)
     replicated = NamedSharding(mesh, P())
     state_shape = jax.eval_shape(functools.partial(init_state, optimizer=optimizer),
-                                 stage_params)
+                                 stage_shape)
     state_sh = TrainState(
         replicated, param_sh,
         optax.tree_map_params(optimizer, lambda _, s: s, state_shape.opt_state, param_sh,
@@ -102,13 +103,36 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
         state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                              state_shape, state_sh)
     else:
-        state = jax.jit(functools.partial(init_state, optimizer=optimizer),
-                        out_shardings=state_sh)(stage_params)
+        state = sharded_init(init, layout, mesh, optimizer, state_sh)(params)
     batch_sh = NamedSharding(mesh, spec("batch"))
     step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, replicated), donate_argnums=0)
     return Training(step_fn, state, functools.partial(to_canonical, layout=layout), mesh,
                     layout, batch_sh)
+
+
+def _staged_params(init, layout, given):
+    return to_stage(init() if given is None else given, layout)
+
+
+def sharded_init(init, layout: StageLayout, mesh, optimizer, state_sh):
+    """The jitted fresh state: given canonical params (or None: draw them with `init`) ->
+    the stage-layout TrainState, laid out as state_sh.
+
+    Fresh parameters are drawn inside this one jit, constrained to be split over the mesh
+    as drawn (each layer leaf the way its stage form is, for contiguous layouts): with
+    jax's partitionable threefry (the default) each device draws only its own share, the
+    values equal the one-device init (to the last bit or so), and no device holds the whole
+    model. An eager init put all of it, and a copy for the re-layout, on the first GPU."""
+    draw_sh = spread_shardings(jax.eval_shape(init), mesh)
+    if layout.contiguous:
+        draw_sh["layers"] = canonical_layer_shardings(state_sh.params["layers"], mesh)
+
+    def draw():
+        return jax.lax.with_sharding_constraint(init(), draw_sh)
+
+    return jax.jit(lambda given: init_state(_staged_params(draw, layout, given), optimizer),
+                   out_shardings=state_sh)
 
 
 def process_rows(batch_sharding, batch_size: int, devices=None) -> tuple[int, ...]:
