@@ -16,9 +16,10 @@ and for one expert lower source ranks win. Both exchanges below obey this rule e
 
 Dropless rounds (the training default). Instead of dropping, the exchange repeats on the
 copies not yet served, each round taking at most C / R rows from each source, until none is
-left (a psum'd count decides, so every rank agrees). Balanced traffic needs one round; the
-static bound is ceil(S / (C / R)). Each round moves R slices of C / R rows and computes C
-rows, where a one-round dropless buffer would need R * S of each.
+left (a pmax'd count decides, so every rank agrees). Balanced traffic needs one round; the
+static bound is ceil(S / (C / R)). The first round moves R slices of C / R rows and computes
+C rows, where a one-round dropless buffer would need R * S of each; a later round takes the
+smallest of a few pair caps (C / R times 1/8, 1/4, 1/2, 1) that holds what is left.
 
 Two exchanges with the same result:
 - "ragged": `jax.lax.ragged_all_to_all` moves exactly the kept rows (GPU/TPU only).
@@ -290,31 +291,47 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
         capacity = capacity_rows(S, capacity_factor, ep)
         if dropless and capacity < ep * S:
             pair_rows = max(capacity // ep, 1)  # a source's share of an owner's buffer
-            slice_rows, rounds = pair_rows, -(-S // pair_rows)
+            rounds = -(-S // pair_rows)
         else:
-            pair_rows, slice_rows, rounds = None, min(S, capacity), 1
+            pair_rows, rounds = None, 1
         # 1. Sort my copies by global expert: copies for one rank become contiguous.
         order_S, _, group_sizes_E = sort_by_expert(experts_TxK, n_experts)
         owner_S = experts_TxK.reshape(-1)[order_S] // X
         x_sorted_SxD = sorted_copies(x_TxD.astype(dtype), order_S, K)
 
-        def one_round(sent_E):
+        def one_round(sent_E, pair_cap=pair_rows):
+            # A round with pair cap p moves slices of p rows into a buffer of ep * p rows;
+            # without a cap (one round that may drop), slices of min(S, C) into C rows.
+            cap_rows = capacity if pair_cap is None else ep * pair_cap
+            slice_rows = min(S, capacity) if pair_cap is None else pair_cap
             # 2. Exchange counts; settle where each copy lands and which wait or drop.
-            plan = plan_exchange(group_sizes_E, ep, capacity, axis_name, sent_E, pair_rows)
+            plan = plan_exchange(group_sizes_E, ep, cap_rows, axis_name, sent_E, pair_cap)
             # 3. Send the copies (in the compute dtype) to their experts' ranks.
-            buf_CxD = there(x_sorted_SxD, plan, capacity, owner_S, axis_name, slice_rows)
+            buf_CxD = there(x_sorted_SxD, plan, cap_rows, owner_S, axis_name, slice_rows)
             # 4. Local experts on the buffer; rows past the kept ones stay zero.
             y_buf_CxD = swiglu_ragged(buf_CxD, plan.group_sizes_X, w_gate, w_up, w_down,
                                       dtype, matmul)
             # 5. Bring results home (copies not sent this round stay zero).
-            y_SxD = back(y_buf_CxD, plan, owner_S, axis_name, slice_rows, capacity)
+            y_SxD = back(y_buf_CxD, plan, owner_S, axis_name, slice_rows, cap_rows)
             return y_SxD, sent_E + plan.send_keep_E
 
         y_sorted_SxD, sent_E = one_round(jnp.zeros_like(group_sizes_E))
-        for _ in range(rounds - 1):  # later rounds run only while some rank has copies left
-            left = jax.lax.psum(S - jnp.sum(sent_E), axis_name)
-            y_more, sent_E = jax.lax.cond(
-                left > 0, one_round, lambda sent: (jnp.zeros_like(y_sorted_SxD), sent), sent_E)
+        if rounds > 1:
+            # Later rounds carry only what round 1 left over, usually a few rows: each runs
+            # the smallest pair cap in `caps` that holds the largest leftover of any (source,
+            # owner) pair, or skips when nothing is left. Every static size costs its full
+            # rows (the grouped-matmul kernel computes padding rows too), so a full-size
+            # second round cost about as much as the first on skewed routing.
+            caps = sorted({min(pair_rows, -(-math.ceil(pair_rows / d) // 8) * 8)
+                           for d in (8, 4, 2, 1)})
+            branches = [lambda sent: (jnp.zeros_like(y_sorted_SxD), sent)] + [
+                functools.partial(one_round, pair_cap=c) for c in caps]
+        for _ in range(rounds - 1):
+            left_RxX = (group_sizes_E - sent_E).reshape(ep, X)
+            need = jax.lax.pmax(jnp.max(jnp.sum(left_RxX, axis=1)), axis_name)
+            pick = jnp.where(need > 0, 1 + jnp.minimum(
+                jnp.searchsorted(jnp.asarray(caps), need), len(caps) - 1), 0)
+            y_more, sent_E = jax.lax.switch(pick, branches, sent_E)
             y_sorted_SxD = y_sorted_SxD + y_more
         dropped = (S - jnp.sum(sent_E)).astype(jnp.int32)
         # 6. Unsort, weight and sum.
