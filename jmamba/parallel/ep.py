@@ -18,8 +18,8 @@ Dropless rounds (the training default). Instead of dropping, the exchange repeat
 copies not yet served, each round taking at most C / R rows from each source, until none is
 left (a pmax'd count decides, so every rank agrees). Balanced traffic needs one round; the
 static bound is ceil(S / (C / R)). The first round moves R slices of C / R rows and computes
-C rows, where a one-round dropless buffer would need R * S of each; a later round takes the
-smallest of a few pair caps (C / R times 1/8, 1/4, 1/2, 1) that holds what is left.
+C rows, where a one-round dropless buffer would need R * S of each; the second round takes
+the smallest of three pair caps (C / R times 1/8, 1/2, 1) that holds what is left.
 
 Two exchanges with the same result:
 - "ragged": `jax.lax.ragged_all_to_all` moves exactly the kept rows (GPU/TPU only).
@@ -316,22 +316,29 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
             return y_SxD, sent_E + plan.send_keep_E
 
         y_sorted_SxD, sent_E = one_round(jnp.zeros_like(group_sizes_E))
-        if rounds > 1:
-            # Later rounds carry only what round 1 left over, usually a few rows: each runs
-            # the smallest pair cap in `caps` that holds the largest leftover of any (source,
-            # owner) pair, or skips when nothing is left. Every static size costs its full
-            # rows (the grouped-matmul kernel computes padding rows too), so a full-size
-            # second round cost about as much as the first on skewed routing.
-            caps = sorted({min(pair_rows, -(-math.ceil(pair_rows / d) // 8) * 8)
-                           for d in (8, 4, 2, 1)})
-            branches = [lambda sent: (jnp.zeros_like(y_sorted_SxD), sent)] + [
-                functools.partial(one_round, pair_cap=c) for c in caps]
-        for _ in range(rounds - 1):
+
+        def skip(sent):
+            return jnp.zeros_like(y_sorted_SxD), sent
+
+        # Round 2 carries only what round 1 left over, usually a few rows: it runs the
+        # smallest pair cap in `caps` that holds the largest leftover of any (source, owner)
+        # pair, or skips when nothing is left. Every static size costs its full rows (the
+        # grouped-matmul kernel computes padding rows too), so a full-size second round cost
+        # about as much as the first on skewed routing. Rounds 3+ run only when a leftover
+        # exceeded the full cap, so they keep it (and compile one copy each).
+        caps = sorted({min(pair_rows, -(-math.ceil(pair_rows / d) // 8) * 8)
+                       for d in (8, 2, 1)}) if rounds > 1 else []
+        for r in range(rounds - 1):
             left_RxX = (group_sizes_E - sent_E).reshape(ep, X)
             need = jax.lax.pmax(jnp.max(jnp.sum(left_RxX, axis=1)), axis_name)
-            pick = jnp.where(need > 0, 1 + jnp.minimum(
-                jnp.searchsorted(jnp.asarray(caps), need), len(caps) - 1), 0)
-            y_more, sent_E = jax.lax.switch(pick, branches, sent_E)
+            if r == 0:
+                pick = jnp.where(need > 0, 1 + jnp.minimum(
+                    jnp.searchsorted(jnp.asarray(caps), need), len(caps) - 1), 0)
+                y_more, sent_E = jax.lax.switch(
+                    pick, [skip] + [functools.partial(one_round, pair_cap=c) for c in caps],
+                    sent_E)
+            else:
+                y_more, sent_E = jax.lax.cond(need > 0, one_round, skip, sent_E)
             y_sorted_SxD = y_sorted_SxD + y_more
         dropped = (S - jnp.sum(sent_E)).astype(jnp.int32)
         # 6. Unsort, weight and sum.
