@@ -11,8 +11,8 @@ from jmamba import flops
 from jmamba.checkpoint import Checkpoints
 from jmamba.config import Config
 from jmamba.data import RecallData
-from jmamba.guard import (Hooks, NonFiniteLoss, RunError, SkipLimit, StopSignals,
-                          check_finite)
+from jmamba.guard import (EXIT_BAD_INPUT, Hooks, NonFiniteLoss, RunError, SkipLimit,
+                          StopSignals, check_finite)
 from jmamba.metrics import (Profiler, RunLog, compiled_memory, device_memory,
                             device_pool_bytes, fit_warning, write_memory_report)
 from jmamba.parallel.setup import build, process_rows
@@ -51,6 +51,15 @@ def use_grain(loader: str) -> bool:
                              "pip install grain, or pass --loader numpy (same batches)")
         return False
     return True
+
+
+def next_batch(data):
+    """The loader's next batch; a bad token file (an id outside the vocabulary, ...) stops
+    the run with one line and exit 2, after the checkpoints already written are closed."""
+    try:
+        return next(data)
+    except ValueError as e:
+        raise RunError(f"--data: {e}", EXIT_BAD_INPUT) from None
 
 
 def to_device(batch, run, rows, batch_size):
@@ -110,7 +119,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
              f"{jax.default_backend()}, {p.microbatches} microbatch(es), {t.steps} steps of "
              f"{t.batch_size}x{t.seq_len} tokens of {source}, logging to {t.log_dir}")
     peak = peak_tflops(cfg)
-    if peak is None:
+    if peak is None and jax.default_backend() != "cpu":
         log.note("jmamba: unknown peak FLOP/s for this device; pass --peak_tflops for MFU")
     # MFU counts the devices of the mesh, not every visible one (a 1-GPU run on a 4-GPU host).
     rate = RateMeter(t.batch_size * t.seq_len, flops.flops_per_token(m, t.seq_len), peak,
@@ -120,7 +129,13 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     skips = SkipLimit(t.max_skipped_steps)
     # Compile before the first step and say what it needs per device, so a layout that
     # cannot fit is known before it runs out of memory. The loop runs this executable.
-    first = to_device(next(data), run, rows, t.batch_size)
+    try:
+        first = to_device(next_batch(data), run, rows, t.batch_size)
+    except RunError:
+        log.close()
+        if ckpt is not None:
+            ckpt.close()
+        raise
     step_fn = run.step_fn.lower(state, first).compile()
     memory = compiled_memory(step_fn)
     if memory and main:
@@ -147,7 +162,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     with StopSignals() as signals:
         try:
             for step in range(start + 1, t.steps + 1):
-                batch = first if step == start + 1 else to_device(next(data), run, rows,
+                batch = first if step == start + 1 else to_device(next_batch(data), run, rows,
                                                                   t.batch_size)
                 with profiler.step(step):
                     state, metrics = step_fn(state, batch)

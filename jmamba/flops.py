@@ -22,9 +22,6 @@ from jmamba.config import ModelConfig
 
 # Peak dense bf16 FLOP/s per device, by device kind (datasheet figures, no sparsity).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
-# A CPU has no datasheet figure we can rely on; MFU on CPU is a nominal ratio only, taken
-# against 0.1 TFLOP/s per (simulated) device so the number stays readable.
-CPU_NOMINAL_TFLOPS = 0.1
 
 
 def mixer_params(m: ModelConfig) -> int:
@@ -94,12 +91,11 @@ def flops_per_token(m: ModelConfig, seq_len: int) -> float:
 
 def peak_tflops(device_kind: str, platform: str) -> float | None:
     """Peak dense bf16 TFLOP/s of one device, from its kind ('NVIDIA H100 80GB HBM3');
-    None when unknown (the driver then asks for --peak_tflops and reports no MFU)."""
+    None when unknown, CPUs included (no MFU is reported then; --peak_tflops sets it)."""
+    del platform  # a CPU has no datasheet peak to count against
     for name, tflops in PEAK_TFLOPS.items():
         if name in device_kind:
             return tflops
-    if platform == "cpu":
-        return CPU_NOMINAL_TFLOPS
     return None
 
 

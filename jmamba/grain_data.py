@@ -53,12 +53,7 @@ class GrainTokenData:
         self.restore({"step": step})  # opened lazily: restore() may move it before any read
 
     def _collate(self, seqs) -> dict[str, np.ndarray]:
-        seqs = np.stack(seqs)
-        if seqs.max() >= self.reader.vocab:
-            raise ValueError(f"token id {int(seqs.max())} is outside the model's vocabulary "
-                             f"({self.reader.vocab}); the data and --model.vocab_size "
-                             "disagree")
-        seqs = seqs.astype(np.int32)
+        seqs = np.stack(seqs).astype(np.int32)  # ids were checked by TokenData.sample
         return {"inputs": seqs[:, :-1], "targets": seqs[:, 1:],
                 "mask": np.ones((len(seqs), self.reader.seq_len), np.float32)}
 

@@ -61,7 +61,15 @@ class TokenFile:
             if not os.path.exists(p):
                 raise FileNotFoundError(f"token file {p} not found (make one with "
                                         "scripts/prepare_data.py)")
-        meta = json.load(open(meta_path))
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{meta_path} cannot be read as a token-file sidecar ({e}); "
+                             "re-make it with scripts/prepare_data.py") from None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{meta_path} is not a token-file sidecar (expected a JSON "
+                             "object); re-make it with scripts/prepare_data.py")
         if meta.get("dtype") not in DTYPES:
             raise ValueError(f"{meta_path}: dtype must be one of {DTYPES}, got "
                              f"{meta.get('dtype')!r}")
@@ -82,9 +90,17 @@ class TokenFile:
                              f"seq_len + 1 = {seq_len + 1}; lower --seq_len or add data")
         self.tokens = np.memmap(self.path, dtype=dtype, mode="r")
         self.n_windows = (n - 1) // seq_len
+        self.vocab_size = vocab_size
 
     def window(self, j: int, seq_len: int) -> np.ndarray:
-        return np.asarray(self.tokens[j * seq_len: j * seq_len + seq_len + 1], np.int64)
+        """Window j; an id outside the model's vocabulary raises, naming where it is."""
+        w = np.asarray(self.tokens[j * seq_len: j * seq_len + seq_len + 1], np.int64)
+        if w.max() >= self.vocab_size:
+            at = int(np.argmax(w >= self.vocab_size))
+            raise ValueError(f"token id {int(w[at])} at token {j * seq_len + at} of "
+                             f"{self.path} is outside the model's vocabulary "
+                             f"({self.vocab_size}); the data and --model.vocab_size disagree")
+        return w
 
 
 def mix_slots(weights: list[float]) -> np.ndarray:
@@ -138,19 +154,20 @@ class TokenData:
         return np.random.default_rng([self.seed, d, epoch]).permutation(self.files[d].n_windows)
 
     def sample(self, g: int) -> np.ndarray:
-        """Global sample g: its dataset's k-th window, in that epoch's order."""
+        """Global sample g: its dataset's k-th window, in that epoch's order. A bad id
+        raises ValueError naming its file, position and the training step whose batch
+        holds it (data step s feeds training step s + 1), whichever loader reads it."""
         cycle, slot = divmod(g, MIX_SLOTS)
         d = int(self.slots[slot])
         k = cycle * int(self.before[-1, d]) + int(self.before[slot, d])
         epoch, i = divmod(k, self.files[d].n_windows)
-        return self.files[d].window(int(self._epoch_order(d, epoch)[i]), self.seq_len)
+        try:
+            return self.files[d].window(int(self._epoch_order(d, epoch)[i]), self.seq_len)
+        except ValueError as e:
+            raise ValueError(f"{e} (in the batch of step {g // self.batch_size + 1})") from None
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         seqs = np.stack([self.sample(step * self.batch_size + r) for r in self.rows])
-        if seqs.max() >= self.vocab:
-            raise ValueError(f"token id {int(seqs.max())} at step {step} is outside the "
-                             f"model's vocabulary ({self.vocab}); the data and "
-                             "--model.vocab_size disagree")
         seqs = seqs.astype(np.int32)
         return {"inputs": seqs[:, :-1], "targets": seqs[:, 1:],
                 "mask": np.ones((len(self.rows), self.seq_len), np.float32)}

@@ -16,19 +16,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
+
+EXIT_BAD_INPUT, EXIT_DISK = 2, 3  # as train.py (jmamba/guard.py)
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
 
 BYTE_EOS, BYTE_PAD, BYTE_VOCAB = 256, 257, 258
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 
 
 def documents(paths, mode):
+    """Non-empty documents: whole files, or non-blank lines (an empty file is none)."""
     for path in paths:
         text = open(path, encoding="utf-8", errors="replace").read()
         if mode == "file":
-            yield text
+            if text.strip():
+                yield text
         else:
             yield from (line for line in text.splitlines() if line.strip())
 
@@ -41,13 +51,13 @@ def hf_encoder(path, eos_id):
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        sys.exit("error: --tokenizer needs the `tokenizers` package (pip install tokenizers)")
+        fail("--tokenizer needs the `tokenizers` package (pip install tokenizers)")
     tok = Tokenizer.from_file(path)
     if eos_id is None:
         eos_id = next((tok.token_to_id(n) for n in EOS_NAMES
                        if tok.token_to_id(n) is not None), None)
         if eos_id is None:
-            sys.exit(f"error: no EOS token among {EOS_NAMES} in {path}; pass --eos_id")
+            fail(f"no EOS token among {EOS_NAMES} in {path}; pass --eos_id")
     encode = lambda text: tok.encode(text, add_special_tokens=False).ids
     return encode, eos_id, tok.get_vocab_size(), path
 
@@ -60,22 +70,47 @@ def main(argv=None):
     ap.add_argument("--eos_id", type=int, help="EOS id (default: found in the tokenizer)")
     ap.add_argument("--docs", choices=("file", "lines"), default="file")
     args = ap.parse_args(argv)
+    # Every check before the output is touched: a failed run leaves an existing dataset
+    # as it was.
+    for path in args.inputs:
+        if not os.path.isfile(path) or not os.access(path, os.R_OK):
+            fail(f"input {path} is not a readable file; nothing was written")
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        fail(f"--out {args.out}: directory {out_dir} does not exist; create it first")
     encode, eos, vocab, name = (hf_encoder(args.tokenizer, args.eos_id) if args.tokenizer
                                 else byte_encoder())
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     n_tokens = n_docs = 0
-    with open(args.out + ".bin", "wb") as f:
-        for doc in documents(args.inputs, args.docs):
-            ids = np.asarray(encode(doc) + [eos], dtype=np.int64)
-            if ids.max() >= vocab:
-                sys.exit(f"error: id {ids.max()} >= vocab_size {vocab}")
-            f.write(ids.astype(dtype).tobytes())
-            n_tokens, n_docs = n_tokens + len(ids), n_docs + 1
-    if n_tokens == 0:
-        sys.exit("error: no documents found in the inputs")
-    meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "n_tokens": n_tokens,
-            "n_documents": n_docs, "eos_id": eos, "tokenizer": name}
-    json.dump(meta, open(args.out + ".json", "w"), indent=1)
+    # Written to temporary names in the same directory, moved into place only when both
+    # are complete (os.replace is atomic on one filesystem).
+    tmp_bin, tmp_json = args.out + ".bin.tmp", args.out + ".json.tmp"
+    try:
+        with open(tmp_bin, "wb") as f:
+            for doc in documents(args.inputs, args.docs):
+                ids = np.asarray(encode(doc) + [eos], dtype=np.int64)
+                if ids.max() >= vocab:
+                    raise ValueError(f"id {ids.max()} >= vocab_size {vocab}")
+                f.write(ids.astype(dtype).tobytes())
+                n_tokens, n_docs = n_tokens + len(ids), n_docs + 1
+            f.flush()
+            os.fsync(f.fileno())
+        if n_docs == 0:
+            raise ValueError("the inputs hold no non-empty document")
+        meta = {"dtype": np.dtype(dtype).name, "vocab_size": vocab, "n_tokens": n_tokens,
+                "n_documents": n_docs, "eos_id": eos, "tokenizer": name}
+        with open(tmp_json, "w") as f:
+            json.dump(meta, f, indent=1)
+        os.replace(tmp_bin, args.out + ".bin")
+        os.replace(tmp_json, args.out + ".json")
+    except (ValueError, OSError) as e:
+        for tmp in (tmp_bin, tmp_json):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        disk = isinstance(e, OSError)
+        fail(f"{e.strerror if disk and e.strerror else e} (writing {args.out}.bin); nothing "
+             "was replaced" + ("; free space or pass another --out" if disk else ""),
+             EXIT_DISK if disk else EXIT_BAD_INPUT)
     print(f"wrote {args.out}.bin: {n_tokens} tokens, {n_docs} documents, vocab {vocab}")
 
 

@@ -111,3 +111,31 @@ def test_rate_meter_does_not_time_the_steps_after_a_wait():
     assert laps[1] == laps[2] == laps[5] == laps[6] == {}
     for step in (3, 4, 7, 8):
         assert laps[step]["tokens_per_s"] == pytest.approx(1000.0, rel=1e-2), step
+
+
+def test_a_bad_token_id_stops_the_run_with_one_line_and_keeps_the_checkpoints(tmp_path):
+    """An id outside the vocabulary deep in a token file: exit 2, one line naming the file,
+    the position and the step; every checkpoint before that step is kept."""
+    import json
+    import re
+
+    import numpy as np
+    from jmamba.tokens import TokenData
+    tokens = np.random.default_rng(0).integers(0, 64, 40 * 16 + 1)
+    tokens.astype(np.uint16).tofile(tmp_path / "d.bin")
+    json.dump({"dtype": "uint16", "vocab_size": 64, "n_tokens": len(tokens)},
+              open(tmp_path / "d.json", "w"))
+    # The bad id goes into the first window that step 3 reads (global sample 8).
+    window = int(TokenData(str(tmp_path / "d"), 4, 40, 64, seed=0)._epoch_order(0, 0)[8])
+    bad_at = window * 40 + 5
+    tokens[bad_at] = 99
+    tokens.astype(np.uint16).tofile(tmp_path / "d.bin")
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(RunError) as e:
+        train(tiny(tmp_path, data=str(tmp_path / "d"), loader="numpy", ckpt_dir=str(ckpt),
+                   ckpt_every=1))
+    msg = str(e.value)
+    assert e.value.exit_code == EXIT_BAD_INPUT and "\n" not in msg
+    assert re.search(rf"--data: token id 99 at token {bad_at} of .*d\.bin", msg), msg
+    assert "in the batch of step 3" in msg
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [1, 2]

@@ -74,6 +74,6 @@ def test_forward_formula_matches_the_models_matmuls():
 def test_peak_and_mfu():
     assert flops.peak_tflops("NVIDIA H100 80GB HBM3", "gpu") == 989.0
     assert flops.peak_tflops("NVIDIA H200", "gpu") == 989.0
-    assert flops.peak_tflops("cpu", "cpu") == flops.CPU_NOMINAL_TFLOPS
+    assert flops.peak_tflops("cpu", "cpu") is None  # no MFU on a CPU unless --peak_tflops
     assert flops.peak_tflops("Mystery 9000", "gpu") is None
     np.testing.assert_allclose(flops.mfu(1e4, 1e9, 10.0, 2), 1e13 / 2e13)

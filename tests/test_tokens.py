@@ -35,6 +35,27 @@ def test_prepare_data_byte_fallback(tmp_path):
     assert ids.tolist() == expected and meta["n_tokens"] == len(expected)
 
 
+def test_prepare_data_failures_keep_the_old_dataset(tmp_path):
+    """A re-run that fails (a missing input, inputs with no document) exits 2 with one line
+    and leaves the previous <out>.bin/.json as they were, with no temporary files."""
+    def prepare(*inputs):
+        return subprocess.run([sys.executable, "scripts/prepare_data.py", "--out",
+                               str(tmp_path / "d"), *map(str, inputs)],
+                              cwd=REPO, capture_output=True, text=True)
+
+    (tmp_path / "a.txt").write_text("some text")
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert prepare(tmp_path / "a.txt").returncode == 0
+    before = {f: (tmp_path / f).read_bytes() for f in ("d.bin", "d.json")}
+    for inputs in ([tmp_path / "a.txt", tmp_path / "missing.txt"], [tmp_path / "empty.txt"]):
+        proc = prepare(*inputs)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and "nothing was" in proc.stderr
+        assert {f: (tmp_path / f).read_bytes() for f in before} == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "a.txt", "d.bin", "d.json", "empty.txt"]
+
+
 def test_mixing_is_exact_and_even():
     slots = mix_slots([0.7, 0.3])
     assert len(slots) == MIX_SLOTS and np.sum(slots == 1) == 300
@@ -84,11 +105,19 @@ def test_bad_files_raise_clear_errors(tmp_path):
         TokenData(write_tokens(tmp_path / "v", np.arange(40), vocab=1000), 2, 8, 64, 0)
     liar = write_tokens(tmp_path / "l", np.arange(40) + 40)  # ids to 79; sidecar says 64
     liar_data = TokenData(liar, 2, 8, 64, 0)
-    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+    # The first id >= 64 is token 24 of the file (id 64); the message names the file, the
+    # position and the training step whose batch holds it.
+    with pytest.raises(ValueError, match=r"token id 64 at token 24 of .*l\.bin is outside "
+                       r"the model's vocabulary \(64\).*\(in the batch of step [12]\)"):
         for _ in range(2):  # two batches of two cover all four windows
             next(liar_data)
     with pytest.raises(FileNotFoundError, match="prepare_data"):
         TokenData(str(tmp_path / "missing"), 2, 8, 64, 0)
+    garbage = write_tokens(tmp_path / "g", np.arange(40))
+    for text in ("not json", "[1, 2]"):
+        (tmp_path / "g.json").write_text(text)
+        with pytest.raises(ValueError, match=r"g\.json .*prepare_data"):
+            TokenData(garbage, 2, 8, 64, 0)
 
 
 def test_training_on_token_files(tmp_path):
@@ -129,7 +158,8 @@ def test_grain_loader_equals_numpy_reader(tmp_path):
     np.testing.assert_array_equal(next(resumed)["inputs"],
                                   TokenData(spec, 4, 8, 64, seed=5).batch(7)["inputs"])
     liar = write_tokens(tmp_path / "l", np.arange(40) + 40)  # ids to 79; sidecar says 64
-    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+    with pytest.raises(ValueError, match=r"outside the model's vocabulary.*\(in the batch "
+                       r"of step [12]\)"):
         bad = GrainTokenData(liar, 2, 8, 64, 0, n_steps=4, threads=1)
         for _ in range(2):
             next(bad)
