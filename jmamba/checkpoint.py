@@ -43,7 +43,8 @@ FORMAT = 1  # bump when the saved tree or the metadata change meaning
 MAY_DIFFER = {"train.steps", "train.log_every", "train.log_dir", "train.ckpt_dir",
               "train.ckpt_every", "train.keep", "train.resume", "train.profile_steps",
               "train.progress", "train.peak_tflops", "train.max_skipped_steps",
-              "train.skip_nonfinite", "train.loader", "model.ssm_impl", "model.dtype",
+              "train.skip_nonfinite", "train.loader", "train.eval_data", "train.eval_every",
+              "train.eval_steps", "model.ssm_impl", "model.dtype",
               "model.chunk_size"}
 MAY_DIFFER_SECTIONS = {"parallel", "dist"}
 

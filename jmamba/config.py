@@ -94,6 +94,12 @@ class TrainConfig:
     # How token files are read: "grain" (jmamba/grain_data.py), "numpy" (its twin,
     # jmamba/tokens.py; same batches), or "auto": grain when it is installed.
     loader: str = "auto"
+    # Validation (jmamba/evaluate.py): every eval_every steps and at the last, the mean
+    # cross-entropy and accuracy over eval_steps fixed batches of eval_data token files,
+    # or, when training on the embedded task, of its held-out split. 0: off.
+    eval_data: str = ""
+    eval_every: int = 100
+    eval_steps: int = 2
     skip_nonfinite: bool = False  # skip steps with a NaN/Inf loss or gradient, don't stop
     max_skipped_steps: int = 10  # with skip_nonfinite: more bad steps in a row stop the run
     # --- end issue 7 ---
@@ -238,6 +244,12 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> TrainConfig:
            t.peak_tflops)
     from jmamba.metrics import parse_profile_steps
     parse_profile_steps(t.profile_steps)
+    _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: no validation)",
+           t.eval_every)
+    _check(t.eval_steps >= 1, "train.eval_steps", "must be a positive integer", t.eval_steps)
+    if t.eval_data:
+        from jmamba.tokens import parse_data_spec
+        parse_data_spec(t.eval_data)
     if t.data:
         from jmamba.tokens import parse_data_spec
         parse_data_spec(t.data)

@@ -12,10 +12,14 @@ import numpy as np
 PAD, BOS = 0, 1
 
 
+SPLITS = {"train": (), "eval": (1,)}  # the held-out split draws from its own streams
+
+
 def recall_batch(seed: int, step: int, batch_size: int, seq_len: int, vocab_size: int,
-                 n_pairs: int) -> dict[str, np.ndarray]:
-    """Returns {'inputs', 'targets': int32 [B, L], 'mask': float32 [B, L]}."""
-    rng = np.random.default_rng([seed, step])
+                 n_pairs: int, split: str = "train") -> dict[str, np.ndarray]:
+    """Returns {'inputs', 'targets': int32 [B, L], 'mask': float32 [B, L]}. The 'eval'
+    split's batches come from random streams the training batches never use."""
+    rng = np.random.default_rng([seed, step, *SPLITS[split]])
     n_sym = (vocab_size - 2) // 2  # keys are [2, 2 + n_sym), values [2 + n_sym, 2 + 2 n_sym)
     keys_BxN = np.argsort(rng.random((batch_size, n_sym)), axis=1)[:, :n_pairs] + 2
     values_BxN = rng.integers(0, n_sym, (batch_size, n_pairs)) + 2 + n_sym
@@ -39,9 +43,10 @@ def recall_batch(seed: int, step: int, batch_size: int, seq_len: int, vocab_size
 class RecallData:
     """Deterministic iterator over recall batches; `step` is its whole position."""
 
-    def __init__(self, seed, batch_size, seq_len, vocab_size, n_pairs, step=0, rows=None):
+    def __init__(self, seed, batch_size, seq_len, vocab_size, n_pairs, step=0, rows=None,
+                 split="train"):
         """rows: the global rows to return (a process's share); all by default."""
-        self.args = (batch_size, seq_len, vocab_size, n_pairs)
+        self.args = (batch_size, seq_len, vocab_size, n_pairs, split)
         self.seed, self.step = seed, step
         self.rows = None if rows is None or len(rows) == batch_size else np.asarray(rows)
 

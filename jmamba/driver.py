@@ -7,7 +7,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jmamba import flops
+from jmamba import evaluate, flops
 from jmamba.checkpoint import Checkpoints
 from jmamba.config import Config
 from jmamba.data import RecallData
@@ -53,13 +53,13 @@ def use_grain(loader: str) -> bool:
     return True
 
 
-def next_batch(data):
+def next_batch(data, flag: str = "--data"):
     """The loader's next batch; a bad token file (an id outside the vocabulary, ...) stops
     the run with one line and exit 2, after the checkpoints already written are closed."""
     try:
         return next(data)
     except ValueError as e:
-        raise RunError(f"--data: {e}", EXIT_BAD_INPUT) from None
+        raise RunError(f"{flag}: {e}", EXIT_BAD_INPUT) from None
 
 
 def to_device(batch, run, rows, batch_size):
@@ -131,6 +131,11 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     # cannot fit is known before it runs out of memory. The loop runs this executable.
     try:
         first = to_device(next_batch(data), run, rows, t.batch_size)
+        # Validation batches (fixed, held out) placed once; None when validation is off.
+        held_out = evaluate.eval_source(cfg, rows)
+        evaluator = None if held_out is None else evaluate.Evaluator(run.eval_fn, [
+            to_device(next_batch(held_out, "--eval_data"), run, rows, t.batch_size)
+            for _ in range(t.eval_steps)])
     except RunError:
         log.close()
         if ckpt is not None:
@@ -144,7 +149,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
         if warning:
             log.note(warning)
 
-    def flush(pending):  # read a dispatched step's metrics (syncs on that step only)
+    def flush(pending, evaluated=None):  # read a dispatched step's metrics (syncs on it)
         step, metrics, dispatched_at = pending
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}
         rate.see(step, dispatched_at)
@@ -152,9 +157,9 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
         if bad:
             log.note(f"jmamba: skipped step {step} (non-finite loss or gradient)")
         skips.see(step, bad, values)
-        if step % t.log_every == 0 or step == t.steps:
+        if step % t.log_every == 0 or step == t.steps or evaluated:
             record = {"step": step, **values, **rate.lap(step, dispatched_at),
-                      **device_memory()}
+                      **device_memory(), **(evaluated or {})}
             log.write(record)
             records.append(record)
             hooks.after_log(record)
@@ -176,6 +181,10 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
                 # time whether dispatch returns at once or only when the device is done
                 # (timing at flush would give the last step ~0 s in the second case).
                 pending = (step, metrics, dispatched_at)
+                if evaluator is not None and evaluate.is_due(cfg, step):
+                    flush(pending, evaluator(state.params))  # logged with this step
+                    pending = None
+                    rate.restart(step)  # the evaluation is not a step's time
                 profiler.after(step, state)
                 log.step_done(step)
                 if ckpt is not None:

@@ -14,7 +14,8 @@ import jax
 
 # Keys every logged step carries (more may come from the step: ce, accuracy, aux_loss...).
 SHOWN = (("loss", "loss {:.4f}"), ("accuracy", "acc {:.3f}"), ("grad_norm", "gnorm {:.3f}"),
-         ("lr", "lr {:.2e}"), ("tokens_per_s", "{:.0f} tok/s"), ("mfu", "mfu {:.1%}"))
+         ("lr", "lr {:.2e}"), ("tokens_per_s", "{:.0f} tok/s"), ("mfu", "mfu {:.1%}"),
+         ("eval_loss", "eval_loss {:.4f}"), ("eval_accuracy", "eval_acc {:.3f}"))
 
 
 def device_memory() -> dict[str, float]:
@@ -132,7 +133,8 @@ class RunLog:
         if self.tb is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+                    tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                    self.tb.add_scalar(tag, value, record["step"])
         if self.bar:
             self._draw(record["step"])
         else:

@@ -45,15 +45,16 @@ def checkpoint_bytes(cfg) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(saved_shapes(cfg)))
 
 
-def check_data_files(cfg) -> None:
-    """Every token file of --data opens and holds at least one sequence."""
+def check_data_files(cfg, spec: str, flag: str) -> None:
+    """Every token file of `spec` (--data or --eval_data) opens and holds at least one
+    sequence."""
     from jmamba.tokens import TokenFile, parse_data_spec
     t = cfg.train
-    for path, _ in parse_data_spec(t.data):
+    for path, _ in parse_data_spec(spec):
         try:
             TokenFile(path, cfg.model.vocab_size, t.seq_len)
         except (OSError, ValueError) as e:
-            raise RunError(f"--data: {e}", EXIT_BAD_INPUT) from None
+            raise RunError(f"{flag}: {e}", EXIT_BAD_INPUT) from None
 
 
 def check_resume_step(cfg) -> int | None:
@@ -84,7 +85,9 @@ def preflight(cfg) -> int | None:
     t = cfg.train
     check_writable_dir(t.log_dir, "--log_dir")
     if t.data:
-        check_data_files(cfg)
+        check_data_files(cfg, t.data, "--data")
+    if t.eval_data and t.eval_every:
+        check_data_files(cfg, t.eval_data, "--eval_data")
     if not t.ckpt_dir:
         return None
     check_writable_dir(t.ckpt_dir, "--ckpt_dir")

@@ -33,12 +33,14 @@ def tiny(tmp_path, **train_fields):
 
 def test_run_writes_metrics_tensorboard_and_trace(tmp_path):
     # A CPU has no known peak, so MFU shows only with --peak_tflops (given here).
-    records = train(tiny(tmp_path, profile_steps="3:5", peak_tflops=0.05))
+    # Validation every 3 steps: its steps are logged too, with the held-out loss.
+    records = train(tiny(tmp_path, profile_steps="3:5", peak_tflops=0.05, eval_every=3))
     lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-    assert [r["step"] for r in lines] == [2, 4, 6] == [r["step"] for r in records]
+    assert [r["step"] for r in lines] == [2, 3, 4, 6] == [r["step"] for r in records]
     for key in ("loss", "grad_norm", "lr", "tokens_per_s", "mfu", "step_time_s",
-                "expert_load_max_over_mean", "dropped_tokens"):
+                "expert_load_max_over_mean", "dropped_tokens", "eval_loss", "eval_accuracy"):
         assert key in lines[-1] and math.isfinite(lines[-1][key]), key
+    assert "eval_loss" in lines[1] and "eval_loss" not in {**lines[0], **lines[2]}
     assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
     assert glob.glob(str(tmp_path / "plugins/profile/*/*.xplane.pb"))
     memory = json.load(open(tmp_path / "memory.json"))  # XLA's estimate, before step 1

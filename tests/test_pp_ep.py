@@ -149,3 +149,24 @@ def test_fresh_state_is_drawn_sharded_and_equals_the_one_device_init(pp, ep, spl
         None).compile().memory_analysis()
     whole = sum(x.nbytes for x in jax.tree.leaves(run_.state))
     assert mem.output_size_in_bytes + mem.temp_size_in_bytes < 0.6 * whole
+
+
+def test_validation_loss_is_the_one_device_loss_at_pp_x_ep():
+    """Training.eval_fn (the pipeline's forward, no gradient) at (2, 2) with microbatches
+    gives the one-device loss and accuracy on the same parameters and held-out batch; the
+    Evaluator averages over its batches."""
+    from jmamba.data import recall_batch
+    from jmamba.evaluate import Evaluator
+    from jmamba.parallel.setup import build
+    cfg = make_cfg(2, 2)
+    pipe = build(cfg)
+    one = build(make_cfg(1, 1, M=1), params=pipe.canonical(pipe.state.params))
+    held_out = [{k: jnp.asarray(v) for k, v in recall_batch(0, s, 8, 24, 40, 4, "eval").items()}
+                for s in range(2)]
+    assert not np.array_equal(held_out[0]["inputs"], the_batch()["inputs"])
+    got = Evaluator(pipe.eval_fn, held_out)(pipe.state.params)
+    want = Evaluator(one.eval_fn, held_out)(one.state.params)
+    np.testing.assert_allclose(got["eval_loss"], want["eval_loss"], rtol=1e-5)
+    np.testing.assert_allclose(got["eval_accuracy"], want["eval_accuracy"], atol=1e-6)
+    by_hand = [model.loss_fn(one.state.params, b, MODEL)[1]["ce"] for b in held_out]
+    np.testing.assert_allclose(want["eval_loss"], np.mean(by_hand), rtol=1e-6)

@@ -127,13 +127,16 @@ def test_training_on_token_files(tmp_path):
         model=ModelConfig(d_model=16, n_layer=1, headdim=8, d_state=8, chunk_size=16),
         train=dataclasses.replace(TrainConfig(), data=f"{stem}:1", steps=2, warmup_steps=0,
                                   batch_size=2, seq_len=16, log_every=1,
-                                  log_dir=str(tmp_path / "run"), progress="lines")))
+                                  log_dir=str(tmp_path / "run"), progress="lines",
+                                  eval_data=stem, eval_every=2)))
     records = train(cfg)
     assert [r["step"] for r in records] == [1, 2] and np.isfinite(records[-1]["loss"])
+    assert "eval_loss" not in records[0] and np.isfinite(records[-1]["eval_loss"])
     # The other loader (grain <-> numpy twin) trains on the same batches: same losses.
     other = dataclasses.replace(cfg.train, loader="numpy", log_dir=str(tmp_path / "run2"))
     again = train(dataclasses.replace(cfg, train=other))
     assert [r["loss"] for r in again] == [r["loss"] for r in records]
+    assert again[-1]["eval_loss"] == records[-1]["eval_loss"]
 
 
 def test_grain_loader_equals_numpy_reader(tmp_path):

@@ -36,6 +36,8 @@ class Training:
     mesh: Any = None
     layout: StageLayout | None = None
     batch_sharding: Any = None  # the [B, ...] batch split over 'ep' (None: one device)
+    # jitted (params, batch) -> (loss, metrics), forward only: validation (evaluate.py)
+    eval_fn: Callable | None = None
 
 
 def experts_fn_for(cfg):
@@ -81,7 +83,8 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
                                                                   optimizer=optimizer), params))
         else:
             state = init_state(params, optimizer)
-        return Training(jax.jit(step, donate_argnums=0), state, lambda x: x)
+        return Training(jax.jit(step, donate_argnums=0), state, lambda x: x,
+                        eval_fn=jax.jit(functools.partial(model.loss_fn, cfg=m)))
     layout = StageLayout.from_config(cfg)
     mesh = make_mesh(p.pp, p.ep)
     staged_params = functools.partial(_staged_params, init, layout)
@@ -107,8 +110,11 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
     batch_sh = NamedSharding(mesh, spec("batch"))
     step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh),
                       out_shardings=(state_sh, replicated), donate_argnums=0)
+    # The pipelined loss without differentiation runs the forward only (GPipe order, for
+    # every schedule): the one-device loss.
+    eval_fn = jax.jit(pipeline_loss(cfg, layout, mesh), in_shardings=(param_sh, batch_sh))
     return Training(step_fn, state, functools.partial(to_canonical, layout=layout), mesh,
-                    layout, batch_sh)
+                    layout, batch_sh, eval_fn)
 
 
 def _staged_params(init, layout, given):
