@@ -190,7 +190,8 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
                 if ckpt is not None:
                     ckpt.check()  # a failed asynchronous save stops the run now
                 if hooks.wants_save(step) or signals.received is not None:
-                    flush(pending)
+                    if pending is not None:  # (an evaluation may have flushed it)
+                        flush(pending)
                     pending = None
                     if hooks.save is not None:
                         hooks.save(step, state)
