@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jmamba.config import ModelConfig
-from jmamba.ssd import ssd
+from jmamba.ssd import segments, ssd
 
 
 def uniform_init(bound):
@@ -80,32 +80,43 @@ class Mamba2Mixer(nnx.Module):
         self.norm = RMSNorm(I, cfg.rms_norm_eps, groups=G)
         self.out_proj = dense(rngs, I, D, scale=out_scale, use_bias=cfg.bias)
 
-    def causal_conv(self, xBC_BxLxX):
-        """Depthwise causal conv1d: out[t] = sum_k w[k] * in[t - (K-1) + k] (+ bias)."""
+    def causal_conv(self, xBC_BxLxX, seq_idx_BxL=None):
+        """Depthwise causal conv1d: out[t] = sum_k w[k] * in[t - (K-1) + k] (+ bias). With
+        seq_idx, inputs from another document than token t's count as zero (as before the
+        sequence's start)."""
         K = self.cfg.d_conv
         L = xBC_BxLxX.shape[1]
         padded = jnp.pad(xBC_BxLxX, [(0, 0), (K - 1, 0), (0, 0)])
         w_KxX = self.conv1d_kernel[...].astype(xBC_BxLxX.dtype)
-        out = sum(padded[:, k:k + L] * w_KxX[k] for k in range(K))
+        if seq_idx_BxL is None:
+            out = sum(padded[:, k:k + L] * w_KxX[k] for k in range(K))
+        else:
+            seg_BxL = segments(seq_idx_BxL)
+            seg_pad = jnp.pad(seg_BxL, [(0, 0), (K - 1, 0)], constant_values=-1)
+            out = sum(jnp.where((seg_pad[:, k:k + L] == seg_BxL)[..., None],
+                                padded[:, k:k + L] * w_KxX[k], 0) for k in range(K))
         if self.conv1d_bias is not None:
             out = out + self.conv1d_bias[...].astype(out.dtype)
         return out
 
-    def __call__(self, u_BxLxD):
+    def __call__(self, u_BxLxD, seq_idx_BxL=None):
+        """seq_idx_BxL: packed documents' index per token (ssd.py); None: one sequence."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         Bsz, L, _ = u_BxLxD.shape
         I, H, P, G, N = cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
         zxbcdt = linear(self.in_proj, u_BxLxD, dtype)
         z_BxLxI = zxbcdt[..., :I]
-        xBC_BxLxX = jax.nn.silu(self.causal_conv(zxbcdt[..., I:2 * I + 2 * G * N]))
+        xBC_BxLxX = jax.nn.silu(self.causal_conv(zxbcdt[..., I:2 * I + 2 * G * N],
+                                                 seq_idx_BxL))
         dt_BxLxH = zxbcdt[..., 2 * I + 2 * G * N:]
         x_BxLxHxP = xBC_BxLxX[..., :I].reshape(Bsz, L, H, P)
         B_BxLxGxN = xBC_BxLxX[..., I:I + G * N].reshape(Bsz, L, G, N)
         C_BxLxGxN = xBC_BxLxX[..., I + G * N:].reshape(Bsz, L, G, N)
         A_H = -jnp.exp(self.A_log[...])
         y_BxLxHxP, _ = ssd(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, self.D[...],
-                           self.dt_bias[...], chunk_size=cfg.chunk_size, impl=cfg.ssm_impl)
+                           self.dt_bias[...], None, seq_idx_BxL, chunk_size=cfg.chunk_size,
+                           impl=cfg.ssm_impl)
         # Gated RMSNorm, norm_before_gate=False as in mamba_ssm: norm(y * silu(z)).
         y_BxLxI = y_BxLxHxP.reshape(Bsz, L, I).astype(jnp.float32)
         y_BxLxI = self.norm(y_BxLxI * jax.nn.silu(z_BxLxI.astype(jnp.float32)), dtype)

@@ -9,6 +9,11 @@ Both functions compute, for every head h with its group g = h // R (Mamba-2 pape
     y_t     = state_t @ C_t + D * x_t
 The sequential form is obviously right and slow; the chunked form (paper, section 6 /
 mamba_ssm's ssd_minimal) is what trains. A GPU kernel plugs in behind `ssd`.
+
+Packed documents (mamba_ssm's `seq_idx`): seq_idx_BxL is an int32 document index per
+token; where it changes, a new document starts and the state restarts from zero (the
+decay into that step is 0), so no state flows from one document into the next. An
+initial state flows into the first document only.
 """
 
 from __future__ import annotations
@@ -24,8 +29,19 @@ def _prep(x_BxLxHxP, dt_BxLxH, A_H, dt_bias_H):
     return x_BxLxHxP.astype(f32), dt_BxLxH, A_H.astype(f32)
 
 
+def starts(seq_idx_BxL):
+    """True where a document starts after the first position (seq_idx changes)."""
+    return jnp.pad(seq_idx_BxL[:, 1:] != seq_idx_BxL[:, :-1], [(0, 0), (1, 0)])
+
+
+def segments(seq_idx_BxL):
+    """A non-decreasing segment id per token (0 for the first document): equal ids mean no
+    document starts in between, whatever values seq_idx uses."""
+    return jnp.cumsum(starts(seq_idx_BxL).astype(jnp.int32), axis=1)
+
+
 def ssd_reference(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
-                  initial_state_BxHxPxN=None):
+                  initial_state_BxHxPxN=None, seq_idx_BxL=None):
     """Step-by-step recurrence with lax.scan over time. Returns (y_BxLxHxP, final_state)."""
     Bsz, L, H, P = x_BxLxHxP.shape
     G, N = B_BxLxGxN.shape[2:]
@@ -38,9 +54,12 @@ def ssd_reference(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H
         # zeros_like keeps x's per-device type under shard_map (a scan carry must match).
         initial_state_BxHxPxN = jnp.zeros_like(x, shape=(Bsz, H, P, N))
 
+    new_doc_BxL = (jnp.zeros(x.shape[:2], bool) if seq_idx_BxL is None
+                   else starts(seq_idx_BxL))
+
     def step(state_BxHxPxN, inputs):
-        x_BxHxP, dt_BxH, B_BxHxN, C_BxHxN = inputs
-        decay_BxH = jnp.exp(dt_BxH * A)
+        x_BxHxP, dt_BxH, B_BxHxN, C_BxHxN, new_doc_B = inputs
+        decay_BxH = jnp.where(new_doc_B[:, None], 0.0, jnp.exp(dt_BxH * A))
         state_BxHxPxN = (decay_BxH[..., None, None] * state_BxHxPxN
                          + (dt_BxH[..., None] * x_BxHxP)[..., None] * B_BxHxN[:, :, None, :])
         y_BxHxP = jnp.einsum("bhpn,bhn->bhp", state_BxHxPxN, C_BxHxN)
@@ -49,7 +68,8 @@ def ssd_reference(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H
     time_major = lambda a: jnp.moveaxis(a, 1, 0)
     final, y_LxBxHxP = jax.lax.scan(
         step, initial_state_BxHxPxN.astype(jnp.float32),
-        (time_major(x), time_major(dt), time_major(B_BxLxHxN), time_major(C_BxLxHxN)))
+        (time_major(x), time_major(dt), time_major(B_BxLxHxN), time_major(C_BxLxHxN),
+         time_major(new_doc_BxL)))
     y = jnp.moveaxis(y_LxBxHxP, 0, 1) + D_H.astype(jnp.float32)[:, None] * x
     return y.astype(x_BxLxHxP.dtype), final
 
@@ -67,8 +87,12 @@ def _segsum_exp(a_xQ):
 
 
 def ssd_chunked(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
-                initial_state_BxHxPxN=None, chunk_size=64):
-    """The chunked SSD algorithm. Returns (y_BxLxHxP, final_state_BxHxPxN)."""
+                initial_state_BxHxPxN=None, chunk_size=64, seq_idx_BxL=None):
+    """The chunked SSD algorithm. Returns (y_BxLxHxP, final_state_BxHxPxN).
+
+    With seq_idx, every decay between two positions (and chunk ends) of different
+    segments is masked to zero: within a chunk, into a chunk's own state, across chunks,
+    and from the state a chunk starts with."""
     Bsz, L, H, P = x_BxLxHxP.shape
     G, N = B_BxLxGxN.shape[2:]
     R, Q = H // G, chunk_size
@@ -81,6 +105,18 @@ def ssd_chunked(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
         padL = lambda a: jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
         x, dt, Bm, Cm = padL(x), padL(dt), padL(Bm), padL(Cm)
     C_ = (L + pad) // Q
+    seg_BxCxQ = seg_end_BxC1 = None
+    if seq_idx_BxL is not None:  # padded steps continue the last segment (no effect anyway)
+        seg_BxCxQ = jnp.pad(segments(seq_idx_BxL), [(0, 0), (0, pad)], mode="edge").reshape(
+            Bsz, C_, Q)
+        # Segment at each chunk end; the initial state counts as the first token's.
+        seg_end_BxC1 = jnp.concatenate([seg_BxCxQ[:, :1, 0], seg_BxCxQ[:, :, -1]], axis=1)
+
+    def mask(same):  # same(seg_BxCxQ, seg_end_BxC1) -> bool [B, C, ...] as [B, 1, 1, C, ...]
+        if seg_BxCxQ is None:
+            return 1.0
+        return same(seg_BxCxQ, seg_end_BxC1)[:, None, None].astype(jnp.float32)
+
     X_BxCxQxGxRxP = (x * dt[..., None]).reshape(Bsz, C_, Q, G, R, P)
     a_BxGxRxCxQ = (dt * A).reshape(Bsz, C_, Q, G, R).transpose(0, 3, 4, 1, 2)
     B_BxCxQxGxN = Bm.reshape(Bsz, C_, Q, G, N)
@@ -88,13 +124,15 @@ def ssd_chunked(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
     acs_BxGxRxCxQ = jnp.cumsum(a_BxGxRxCxQ, axis=-1)
 
     # 1. Intra-chunk outputs (diagonal blocks): y = (C B^T o decay) X within each chunk.
-    decay_BxGxRxCxQxQ = _segsum_exp(a_BxGxRxCxQ)
+    decay_BxGxRxCxQxQ = _segsum_exp(a_BxGxRxCxQ) * mask(
+        lambda seg, _: seg[..., :, None] == seg[..., None, :])
     CB_BxCxGxQxQ = jnp.einsum("bclgn,bcsgn->bcgls", C_BxCxQxGxN, B_BxCxQxGxN)
     y_diag = jnp.einsum("bcgls,bgrcls,bcsgrp->bclgrp", CB_BxCxGxQxQ, decay_BxGxRxCxQxQ,
                         X_BxCxQxGxRxP)
 
     # 2. The state each chunk produces on its own (input B, decayed to the chunk's end).
-    decay_to_end_BxGxRxCxQ = jnp.exp(acs_BxGxRxCxQ[..., -1:] - acs_BxGxRxCxQ)
+    decay_to_end_BxGxRxCxQ = jnp.exp(acs_BxGxRxCxQ[..., -1:] - acs_BxGxRxCxQ) * mask(
+        lambda seg, _: seg == seg[..., -1:])
     states_BxCxGxRxPxN = jnp.einsum("bclgn,bgrcl,bclgrp->bcgrpn", B_BxCxQxGxN,
                                     decay_to_end_BxGxRxCxQ, X_BxCxQxGxRxP)
 
@@ -105,14 +143,15 @@ def ssd_chunked(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
     init_Bx1xGxRxPxN = initial_state_BxHxPxN.astype(jnp.float32).reshape(Bsz, 1, G, R, P, N)
     states_BxC1xGxRxPxN = jnp.concatenate([init_Bx1xGxRxPxN, states_BxCxGxRxPxN], axis=1)
     chunk_a_BxGxRxC1 = jnp.pad(acs_BxGxRxCxQ[..., -1], [(0, 0)] * 3 + [(1, 0)])
-    chunk_decay_BxGxRxC1xC1 = _segsum_exp(chunk_a_BxGxRxC1)
+    chunk_decay_BxGxRxC1xC1 = _segsum_exp(chunk_a_BxGxRxC1) * mask(
+        lambda _, end: end[:, :, None] == end[:, None, :])
     new_states = jnp.einsum("bgrzc,bcgrpn->bzgrpn", chunk_decay_BxGxRxC1xC1,
                             states_BxC1xGxRxPxN)
     states_in_BxCxGxRxPxN, final_BxGxRxPxN = new_states[:, :-1], new_states[:, -1]
 
     # 4. State -> output: each chunk reads the state it started with, decayed to position l.
     y_off = jnp.einsum("bclgn,bcgrpn,bgrcl->bclgrp", C_BxCxQxGxN, states_in_BxCxGxRxPxN,
-                       jnp.exp(acs_BxGxRxCxQ))
+                       jnp.exp(acs_BxGxRxCxQ) * mask(lambda seg, end: seg == end[:, :-1, None]))
 
     y = (y_diag + y_off).reshape(Bsz, C_ * Q, H, P)[:, :L]
     y = y + D_H.astype(jnp.float32)[:, None] * x[:, :L]
@@ -145,15 +184,24 @@ def resolve_impl(impl: str, P: int, N: int, chunk_size: int) -> str:
 
 
 def ssd(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
-        initial_state_BxHxPxN=None, *, chunk_size=64, impl="auto"):
-    """The one entry point the mixer calls; `impl` picks reference, chunked, kernel or auto."""
+        initial_state_BxHxPxN=None, seq_idx_BxL=None, *, chunk_size=64, impl="auto"):
+    """The one entry point the mixer calls; `impl` picks reference, chunked, kernel or auto.
+
+    With seq_idx (packed documents), 'auto' takes the chunked path: the Pallas kernel does
+    not take seq_idx yet, and 'kernel' with seq_idx is an error."""
     args = (x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
             initial_state_BxHxPxN)
+    asked = impl
     impl = resolve_impl(impl, x_BxLxHxP.shape[-1], B_BxLxGxN.shape[-1], chunk_size)
+    if seq_idx_BxL is not None and impl == "kernel":
+        if asked != "auto":
+            raise ValueError("ssm_impl 'kernel' does not take seq_idx (packed documents) "
+                             "yet; use ssm_impl 'auto' or 'chunked'")
+        impl = "chunked"
     if impl == "reference":
-        return ssd_reference(*args)
+        return ssd_reference(*args, seq_idx_BxL=seq_idx_BxL)
     if impl == "chunked":
-        return ssd_chunked(*args, chunk_size=chunk_size)
+        return ssd_chunked(*args, chunk_size=chunk_size, seq_idx_BxL=seq_idx_BxL)
     if impl == "kernel":
         from jmamba.kernels.ssd_pallas import ssd_pallas  # Pallas only when asked for
         return ssd_pallas(*args, chunk_size=chunk_size)

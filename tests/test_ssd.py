@@ -75,3 +75,87 @@ def test_extreme_dt_and_A_stay_finite():
     assert np.all(np.isfinite(y)) and np.all(np.isfinite(s)) and np.all(np.isfinite(g))
     y_ref, _ = ssd_reference(x, dt, A, Bm, Cm, D, db, s0)
     np.testing.assert_allclose(y, y_ref, rtol=1e-3, atol=1e-3)
+
+
+# Packed documents (seq_idx): one row of three documents, of lengths that cross the chunk
+# boundaries (chunk 8), against each document run alone.
+DOCS = (5, 11, 8)
+
+
+def _packed_vs_alone(fn, with_state):
+    """(packed outputs, final state and gradients; the same assembled from each document run
+    alone). The initial state goes to the first document only; the final state is the last
+    document's; per-token gradients line up; per-head ones (A, D, dt_bias) add up."""
+    L = sum(DOCS)
+    args = random_inputs(jax.random.key(11), 1, L, 4, 8, 2, 6, with_state=with_state)
+    w = jax.random.normal(jax.random.key(12), (1, L, 4, 8))
+    seq_idx = jnp.asarray(np.repeat([7, 3, 9], DOCS)[None], jnp.int32)  # any values work
+    bounds = np.cumsum((0,) + DOCS)
+
+    def loss_packed(x, dt, A, Bm, Cm, D, dtb, s0):
+        y, s = fn(x, dt, A, Bm, Cm, D, dtb, s0, seq_idx_BxL=seq_idx)
+        return jnp.sum(y * w) + jnp.sum(s ** 2), (y, s)
+
+    def loss_alone(x, dt, A, Bm, Cm, D, dtb, s0):
+        total, ys, s = 0.0, [], None
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            cut = lambda t: t[:, a:b]
+            y, s = fn(cut(x), cut(dt), A, cut(Bm), cut(Cm), D, dtb, s0 if i == 0 else None)
+            total, ys = total + jnp.sum(y * w[:, a:b]), ys + [y]
+        return total + jnp.sum(s ** 2), (jnp.concatenate(ys, axis=1), s)
+
+    n = 8 if with_state else 7
+    grad = lambda f: jax.grad(f, argnums=tuple(range(n)), has_aux=True)(*args)
+    return grad(loss_packed), grad(loss_alone)
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("twin", ["reference", "chunked"])
+def test_packed_documents_equal_each_document_alone(twin, with_state):
+    fn = ssd_reference if twin == "reference" else (
+        lambda *a, **k: ssd_chunked(*a, chunk_size=8, **k))
+    (g_packed, (y_p, s_p)), (g_alone, (y_a, s_a)) = _packed_vs_alone(fn, with_state)
+    np.testing.assert_allclose(y_p, y_a, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(s_p, s_a, rtol=1e-4, atol=1e-4)
+    for a, b in zip(g_packed, g_alone):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_documents_leak_without_seq_idx():
+    """The test above can fail: without seq_idx, the packed row differs from the documents
+    run alone (state flows from one document into the next)."""
+    args = random_inputs(jax.random.key(11), 1, sum(DOCS), 4, 8, 2, 6, with_state=False)
+    y_packed, _ = ssd_chunked(*args, chunk_size=8)
+    y_second, _ = ssd_chunked(*(a[:, 5:16] if a is not None and a.ndim > 1 else a
+                                for a in args), chunk_size=8)
+    assert not np.allclose(y_packed[:, 5:16], y_second, atol=1e-3)
+
+
+def test_the_conv_does_not_see_across_documents():
+    """The mixer's causal conv1d with seq_idx: each document's outputs equal the document's
+    conv run alone."""
+    from flax import nnx
+    from jmamba.config import ModelConfig
+    from jmamba.layers import Mamba2Mixer
+    mixer = Mamba2Mixer(ModelConfig(d_model=16, headdim=8, d_state=8, chunk_size=8),
+                        nnx.Rngs(0))
+    L = sum(DOCS)
+    x = jax.random.normal(jax.random.key(4), (2, L, mixer.conv1d_kernel.shape[1]))
+    seq_idx = jnp.asarray(np.tile(np.repeat([0, 1, 2], DOCS), (2, 1)), jnp.int32)
+    packed = mixer.causal_conv(x, seq_idx)
+    bounds = np.cumsum((0,) + DOCS)
+    alone = jnp.concatenate([mixer.causal_conv(x[:, a:b]) for a, b in
+                             zip(bounds[:-1], bounds[1:])], axis=1)
+    np.testing.assert_allclose(packed, alone, rtol=1e-6, atol=1e-6)
+    assert not np.allclose(mixer.causal_conv(x), alone, atol=1e-3)
+
+
+def test_dispatcher_passes_seq_idx_and_refuses_the_kernel_with_it():
+    from jmamba.ssd import ssd
+    args = random_inputs(jax.random.key(11), 1, sum(DOCS), 4, 8, 2, 6, with_state=False)
+    seq_idx = jnp.asarray(np.repeat([0, 1, 2], DOCS)[None], jnp.int32)
+    want, _ = ssd_reference(*args, seq_idx_BxL=seq_idx)
+    got, _ = ssd(*args, seq_idx, chunk_size=8, impl="auto")
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="seq_idx"):
+        ssd(*args, seq_idx, chunk_size=8, impl="kernel")
