@@ -290,8 +290,8 @@ class Checkpoints:
         way the run splits its stage-stacked form (layer axis over 'pp', experts over 'ep'):
         then stage <-> canonical is a reshape on each device, with no exchange (XLA's
         re-layout of a gather between unrelated shardings replicates whole arrays)."""
-        if run.layout is None or not run.layout.contiguous:
-            return spread
+        if run.layout is None or not run.layout.contiguous or run.layout.virtual > 1:
+            return spread  # (with V > 1 a device's stage rows are not one block of layers)
 
         layers = canonical_layer_shardings(
             jax.tree.map(lambda x: x.sharding, run.state.params["layers"]), run.mesh)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import jax
@@ -206,6 +207,9 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
             log.close()
             raise SystemExit(f"jmamba: {e}") from None
         except RunError:
+            if pending is not None:  # the step before a bad batch still gets its record
+                with contextlib.suppress(Exception):
+                    flush(pending)
             log.close()
             raise
         finally:

@@ -70,6 +70,11 @@ class TokenFile:
         if not isinstance(meta, dict):
             raise ValueError(f"{meta_path} is not a token-file sidecar (expected a JSON "
                              "object); re-make it with scripts/prepare_data.py")
+        for key in ("vocab_size", "n_tokens"):
+            if key in meta and (not isinstance(meta[key], int) or isinstance(meta[key], bool)
+                                or meta[key] < 0):
+                raise ValueError(f"{meta_path}: {key} must be a non-negative integer, got "
+                                 f"{meta[key]!r}; re-make it with scripts/prepare_data.py")
         if meta.get("dtype") not in DTYPES:
             raise ValueError(f"{meta_path}: dtype must be one of {DTYPES}, got "
                              f"{meta.get('dtype')!r}")

@@ -35,7 +35,11 @@ EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 def documents(paths, mode):
     """Non-empty documents: whole files, or non-blank lines (an empty file is none)."""
     for path in paths:
-        text = open(path, encoding="utf-8", errors="replace").read()
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError as e:  # bad input (exit 2), not a failing output disk
+            raise ValueError(f"cannot read input {path} ({e.strerror or e})") from None
         if mode == "file":
             if text.strip():
                 yield text
@@ -52,7 +56,10 @@ def hf_encoder(path, eos_id):
         from tokenizers import Tokenizer
     except ImportError:
         fail("--tokenizer needs the `tokenizers` package (pip install tokenizers)")
-    tok = Tokenizer.from_file(path)
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # the tokenizers package raises its own types
+        fail(f"--tokenizer {path} cannot be loaded ({e}); pass a tokenizer.json")
     if eos_id is None:
         eos_id = next((tok.token_to_id(n) for n in EOS_NAMES
                        if tok.token_to_id(n) is not None), None)
@@ -72,9 +79,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     # Every check before the output is touched: a failed run leaves an existing dataset
     # as it was.
-    for path in args.inputs:
+    for path in args.inputs + ([args.tokenizer] if args.tokenizer else []):
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
-            fail(f"input {path} is not a readable file; nothing was written")
+            fail(f"{path} is not a readable file; nothing was written")
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
         fail(f"--out {args.out}: directory {out_dir} does not exist; create it first")
@@ -85,12 +92,14 @@ def main(argv=None):
     # Written to temporary names in the same directory, moved into place only when both
     # are complete (os.replace is atomic on one filesystem).
     tmp_bin, tmp_json = args.out + ".bin.tmp", args.out + ".json.tmp"
+    replaced = False
     try:
         with open(tmp_bin, "wb") as f:
             for doc in documents(args.inputs, args.docs):
                 ids = np.asarray(encode(doc) + [eos], dtype=np.int64)
-                if ids.max() >= vocab:
-                    raise ValueError(f"id {ids.max()} >= vocab_size {vocab}")
+                if ids.max() >= vocab or ids.min() < 0:
+                    raise ValueError(f"ids must lie in [0, vocab_size {vocab}); got "
+                                     f"{ids.min()}..{ids.max()} (check --eos_id)")
                 f.write(ids.astype(dtype).tobytes())
                 n_tokens, n_docs = n_tokens + len(ids), n_docs + 1
             f.flush()
@@ -101,15 +110,20 @@ def main(argv=None):
                 "n_documents": n_docs, "eos_id": eos, "tokenizer": name}
         with open(tmp_json, "w") as f:
             json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp_bin, args.out + ".bin")
+        replaced = True
         os.replace(tmp_json, args.out + ".json")
-    except (ValueError, OSError) as e:
+    except Exception as e:  # any failure: remove the partial files and say what is left
         for tmp in (tmp_bin, tmp_json):
             if os.path.exists(tmp):
                 os.remove(tmp)
         disk = isinstance(e, OSError)
-        fail(f"{e.strerror if disk and e.strerror else e} (writing {args.out}.bin); nothing "
-             "was replaced" + ("; free space or pass another --out" if disk else ""),
+        left = (f"{args.out}.bin is new but {args.out}.json is old: re-run to make them agree"
+                if replaced else "nothing was replaced")
+        fail(f"{e.strerror if disk and e.strerror else e} (writing {args.out}); {left}"
+             + ("; free space or pass another --out" if disk else ""),
              EXIT_DISK if disk else EXIT_BAD_INPUT)
     print(f"wrote {args.out}.bin: {n_tokens} tokens, {n_docs} documents, vocab {vocab}")
 

@@ -237,7 +237,7 @@ def test_missing_checkpoint_or_step_is_refused(written, tmp_path):
 TINY = ["--d_model", "16", "--n_layer", "2", "--n_experts", "4", "--headdim", "8", "--d_state",
         "8", "--chunk_size", "8", "--d_expert", "16", "--vocab_size", "40", "--batch_size", "8",
         "--seq_len", "24", "--n_pairs", "4", "--warmup_steps", "2", "--log_every", "10",
-        "--steps", "30", "--ckpt_every", "5", "--keep", "2"]
+        "--steps", "30", "--ckpt_every", "5", "--keep", "2", "--eval_every", "0"]
 
 
 def train_cmd(tmp_path, name):

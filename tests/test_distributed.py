@@ -34,6 +34,10 @@ def losses(log_dir):
     return [json.loads(l)["loss"] for l in open(os.path.join(log_dir, "metrics.jsonl"))]
 
 
+def last_eval(log_dir):
+    return [json.loads(l) for l in open(os.path.join(log_dir, "metrics.jsonl"))][-1]["eval_loss"]
+
+
 def test_two_processes_match_one(tmp_path):
     """~1.5 minutes on 2 cores: five train.py processes compile at once.
 
@@ -66,4 +70,7 @@ def test_two_processes_match_one(tmp_path):
     single = losses(tmp_path / "single")
     assert losses(tmp_path / "pipe0") == pytest.approx(single, rel=1e-5)
     assert losses(tmp_path / "ep0") == pytest.approx(single, rel=1e-5)
+    # Validation at the last step (default), with each process placing its own rows.
+    evals = [last_eval(tmp_path / name) for name in ("single", "pipe0", "ep0")]
+    assert evals[1:] == pytest.approx([evals[0]] * 2, rel=1e-5)
     assert not os.path.exists(tmp_path / "pipe1" / "metrics.jsonl")  # only process 0 writes

@@ -19,7 +19,7 @@ TINY = ModelConfig(d_model=16, n_layer=2, headdim=8, d_state=8, chunk_size=16, d
 
 def tiny(tmp_path, **train_fields):
     fields = dict(steps=4, warmup_steps=1, batch_size=4, seq_len=40, log_every=1,
-                  log_dir=str(tmp_path / "logs"), progress="lines")
+                  log_dir=str(tmp_path / "logs"), progress="lines", eval_every=0)
     return validate(Config(model=TINY, train=dataclasses.replace(
         TrainConfig(), **{**fields, **train_fields})))
 
@@ -139,3 +139,5 @@ def test_a_bad_token_id_stops_the_run_with_one_line_and_keeps_the_checkpoints(tm
     assert re.search(rf"--data: token id 99 at token {bad_at} of .*d\.bin", msg), msg
     assert "in the batch of step 3" in msg
     assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [1, 2]
+    logged = [json.loads(line)["step"] for line in open(tmp_path / "logs" / "metrics.jsonl")]
+    assert logged == [1, 2]  # the step before the bad batch is logged too

@@ -47,7 +47,8 @@ def test_prepare_data_failures_keep_the_old_dataset(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     assert prepare(tmp_path / "a.txt").returncode == 0
     before = {f: (tmp_path / f).read_bytes() for f in ("d.bin", "d.json")}
-    for inputs in ([tmp_path / "a.txt", tmp_path / "missing.txt"], [tmp_path / "empty.txt"]):
+    for inputs in ([tmp_path / "a.txt", tmp_path / "missing.txt"], [tmp_path / "empty.txt"],
+                   ["--tokenizer", tmp_path / "no_tokenizer.json", tmp_path / "a.txt"]):
         proc = prepare(*inputs)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and "nothing was" in proc.stderr
@@ -114,9 +115,9 @@ def test_bad_files_raise_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare_data"):
         TokenData(str(tmp_path / "missing"), 2, 8, 64, 0)
     garbage = write_tokens(tmp_path / "g", np.arange(40))
-    for text in ("not json", "[1, 2]"):
+    for text in ("not json", "[1, 2]", '{"dtype": "uint16", "vocab_size": "64"}'):
         (tmp_path / "g.json").write_text(text)
-        with pytest.raises(ValueError, match=r"g\.json .*prepare_data"):
+        with pytest.raises(ValueError, match=r"g\.json.*prepare_data"):
             TokenData(garbage, 2, 8, 64, 0)
 
 

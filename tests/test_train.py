@@ -38,3 +38,5 @@ def test_short_run_lowers_loss(tmp_path):
                 "z_loss", "expert_load_max_over_mean"):
         assert key in lines[-1]
     assert all(np.isfinite(r["loss"]) for r in lines)
+    # The default run validates on the embedded task's held-out split, at the last step.
+    assert np.isfinite(lines[-1]["eval_loss"]) and "eval_loss" not in lines[0]

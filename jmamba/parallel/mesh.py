@@ -86,7 +86,8 @@ def spread_shardings(shapes, mesh):
 
 
 def canonical_layer_shardings(stage_layer_shardings, mesh):
-    """For a contiguous stage layout: each canonical layer leaf [L, ...] split the way its
+    """For a contiguous stage layout with one stage per device (V = 1; with V > 1 a
+    device's rows are V separate blocks): each canonical layer leaf [L, ...] split the way its
     stage-stacked form [V=1, S, Y, ...] is (layer axis over 'pp', experts over 'ep'), so
     stage <-> canonical is a reshape on each device. Takes the stage leaves' shardings."""
     def layer(sh):

@@ -112,7 +112,8 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
                       out_shardings=(state_sh, replicated), donate_argnums=0)
     # The pipelined loss without differentiation runs the forward only (GPipe order, for
     # every schedule): the one-device loss.
-    eval_fn = jax.jit(pipeline_loss(cfg, layout, mesh), in_shardings=(param_sh, batch_sh))
+    eval_fn = jax.jit(pipeline_loss(cfg, layout, mesh), in_shardings=(param_sh, batch_sh),
+                      out_shardings=replicated)
     return Training(step_fn, state, functools.partial(to_canonical, layout=layout), mesh,
                     layout, batch_sh, eval_fn)
 
@@ -131,7 +132,7 @@ def sharded_init(init, layout: StageLayout, mesh, optimizer, state_sh):
     values equal the one-device init (to the last bit or so), and no device holds the whole
     model. An eager init put all of it, and a copy for the re-layout, on the first GPU."""
     draw_sh = spread_shardings(jax.eval_shape(init), mesh)
-    if layout.contiguous:
+    if layout.contiguous and layout.virtual == 1:
         draw_sh["layers"] = canonical_layer_shardings(state_sh.params["layers"], mesh)
 
     def draw():
