@@ -299,3 +299,25 @@ def test_damaged_latest_step_says_to_move_it_and_names_the_earlier_one(tmp_path)
                            capture_output=True, text=True)
     assert again.returncode == 2, again.stderr[-2000:]
     assert again.stderr.count("\n") == 1 and "resume from step 2" in again.stderr, again.stderr
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_whole_state_from_another_step_is_caught_only_by_the_fingerprints(written,
+                                                                             tmp_path):
+    """What the per-leaf fingerprints catch that Orbax's checksums do not: a step's `state`
+    directory replaced by another step's (a copy or sync gone wrong). Every file is intact
+    and self-consistent, so Orbax reads it without complaint; only the fingerprints
+    recorded in the step's own metadata show that the arrays are not the ones saved."""
+    directory = copy_of(written, tmp_path)
+    cfg = make_cfg(directory, pp=2, ep=2, M=2)
+    run = build(cfg)
+    saver = ck.Checkpoints(cfg, run)
+    state, _ = saver.resume(run.state)
+    later = state._replace(step=state.step + 1,
+                           params=jax.tree.map(lambda x: x * 1.5, state.params))
+    assert saver.maybe_save(3, later, last=True)
+    saver.close()
+    shutil.rmtree(directory / "3" / "state")
+    shutil.copytree(directory / "2" / "state", directory / "3" / "state")
+    with pytest.raises(ck.CheckpointError, match="does not match the fingerprint"):
+        ck.load(str(directory))
