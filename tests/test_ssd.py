@@ -105,7 +105,7 @@ def _packed_vs_alone(fn, with_state):
         return total + jnp.sum(s ** 2), (jnp.concatenate(ys, axis=1), s)
 
     n = 8 if with_state else 7
-    grad = lambda f: jax.grad(f, argnums=tuple(range(n)), has_aux=True)(*args)
+    grad = lambda f: jax.jit(jax.grad(f, argnums=tuple(range(n)), has_aux=True))(*args)
     return grad(loss_packed), grad(loss_alone)
 
 
