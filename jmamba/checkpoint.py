@@ -286,12 +286,13 @@ class Checkpoints:
             spread, None) if spread is not None else None)
 
     def _restore_shardings(self, spread, run):
-        """`spread`, except that with a contiguous stage layout each layer leaf is split the
-        way the run splits its stage-stacked form (layer axis over 'pp', experts over 'ep'):
-        then stage <-> canonical is a reshape on each device, with no exchange (XLA's
-        re-layout of a gather between unrelated shardings replicates whole arrays)."""
-        if run.layout is None or not run.layout.contiguous or run.layout.virtual > 1:
-            return spread  # (with V > 1 a device's stage rows are not one block of layers)
+        """`spread`, except that where the layout splits like the canonical form (contiguous,
+        one stage per device) each layer leaf is split the way the run splits its
+        stage-stacked form (layer axis over 'pp', experts over 'ep'): then stage <->
+        canonical is a reshape on each device, with no exchange (XLA's re-layout of a gather
+        between unrelated shardings replicates whole arrays)."""
+        if run.layout is None or not run.layout.splits_like_canonical:
+            return spread
 
         layers = canonical_layer_shardings(
             jax.tree.map(lambda x: x.sharding, run.state.params["layers"]), run.mesh)

@@ -247,11 +247,10 @@ def validate_train(t: TrainConfig, m: ModelConfig) -> TrainConfig:
     _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: no validation)",
            t.eval_every)
     _check(t.eval_steps >= 1, "train.eval_steps", "must be a positive integer", t.eval_steps)
+    from jmamba.tokens import parse_data_spec
     if t.eval_data:
-        from jmamba.tokens import parse_data_spec
         parse_data_spec(t.eval_data)
     if t.data:
-        from jmamba.tokens import parse_data_spec
         parse_data_spec(t.data)
         return t  # the recall task's limits below do not apply to token files
     # --- end issue 7 ---

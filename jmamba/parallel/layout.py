@@ -122,6 +122,13 @@ class StageLayout:
         return bool(np.array_equal(self.index_VxSxY.reshape(-1), np.arange(self.n_layer)))
 
     @functools.cached_property
+    def splits_like_canonical(self) -> bool:
+        """Contiguous with one stage per device (V = 1): each device's stage rows are one
+        block of the layer axis, so a canonical [L, ...] array split over 'pp' in blocks
+        is already each device's share (with V > 1 a device holds V separate blocks)."""
+        return self.contiguous and self.virtual == 1
+
+    @functools.cached_property
     def position(self) -> np.ndarray:
         """Flat stage-slot position of each global layer (inverse of index_VxSxY)."""
         flat = self.index_VxSxY.reshape(-1)

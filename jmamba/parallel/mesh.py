@@ -86,10 +86,10 @@ def spread_shardings(shapes, mesh):
 
 
 def canonical_layer_shardings(stage_layer_shardings, mesh):
-    """For a contiguous stage layout with one stage per device (V = 1; with V > 1 a
-    device's rows are V separate blocks): each canonical layer leaf [L, ...] split the way its
-    stage-stacked form [V=1, S, Y, ...] is (layer axis over 'pp', experts over 'ep'), so
-    stage <-> canonical is a reshape on each device. Takes the stage leaves' shardings."""
+    """For a layout that splits like the canonical form (StageLayout.splits_like_canonical):
+    each canonical layer leaf [L, ...] split the way its stage-stacked form [V=1, S, Y, ...]
+    is (layer axis over 'pp', experts over 'ep'), so stage <-> canonical is a reshape on
+    each device. Takes the stage leaves' shardings."""
     def layer(sh):
         spec = tuple(sh.spec) + (None,) * max(3 - len(sh.spec), 0)
         return NamedSharding(mesh, P(spec[1], *spec[3:]))

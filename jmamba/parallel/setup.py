@@ -127,12 +127,13 @@ def sharded_init(init, layout: StageLayout, mesh, optimizer, state_sh):
     the stage-layout TrainState, laid out as state_sh.
 
     Fresh parameters are drawn inside this one jit, constrained to be split over the mesh
-    as drawn (each layer leaf the way its stage form is, for contiguous layouts): with
+    as drawn (each layer leaf the way its stage form is, where the layout splits like the
+    canonical form): with
     jax's partitionable threefry (the default) each device draws only its own share, the
     values equal the one-device init (to the last bit or so), and no device holds the whole
     model. An eager init put all of it, and a copy for the re-layout, on the first GPU."""
     draw_sh = spread_shardings(jax.eval_shape(init), mesh)
-    if layout.contiguous and layout.virtual == 1:
+    if layout.splits_like_canonical:
         draw_sh["layers"] = canonical_layer_shardings(state_sh.params["layers"], mesh)
 
     def draw():
