@@ -115,7 +115,7 @@ PROGRESS = ("auto", "bar", "lines")  # issue 7
 LOADERS = ("auto", "grain", "numpy")  # issue 7
 PP_SCHEDULES = ("1f1b", "gpipe", "circular")
 PP_COMMS = ("pair", "sum")
-REMATS = ("none", "full", "dots")
+REMATS = ("none", "full", "full_with_comm", "dots")
 EP_DISPATCH = ("auto", "ragged", "dense")
 
 
@@ -137,7 +137,10 @@ class ParallelConfig:
     # What crosses a stage boundary: "sum" (hidden + residual, in the residual's dtype; the
     # next block adds them first anyway, so it is exact) or the "pair" (one more array)
     pp_comm: str = "sum"
-    remat: str = "none"  # per-layer rematerialisation: none, full, or dots (save matmuls)
+    # per-layer rematerialisation: none; full (all but what crossed the network, i.e. the
+    # expert-parallel exchange's results); full_with_comm (those too: least memory); dots
+    # (save matmuls)
+    remat: str = "none"
     # Expert parallelism: receive-buffer rows per ep rank = factor * tokens * top_k (>= 1
     # fits balanced traffic). Dropless (the default): copies that do not fit wait for the
     # next exchange round, so every layout computes the one-device function; with

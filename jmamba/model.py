@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jmamba.config import ModelConfig
 from jmamba.layers import GatedMLP, Mamba2Mixer, RMSNorm, rms_norm, uniform_init
-from jmamba.moe import MoE, moe_dropless
+from jmamba.moe import EXCHANGED, MoE, moe_dropless
 from jmamba.xent import token_losses  # (also model.token_losses for the pipelines)
 
 
@@ -96,10 +96,16 @@ def embed(embed_params, tokens_BxL, cfg: ModelConfig):
     return hidden, jnp.zeros(hidden.shape, res_dtype)
 
 
+# full: recompute every layer in the backward except what crossed the network (values named
+# moe.EXCHANGED: at ep=2 that drops 2 of the 6 all-to-alls a layer and the exchange's
+# packing, for about the size of the MoE input and output a layer); full_with_comm: recompute
+# those as well (least memory). Without expert parallelism the two are the same.
+_cp = jax.checkpoint_policies
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _cp.save_only_these_names(EXCHANGED),
+    "full_with_comm": _cp.nothing_saveable,
+    "dots": _cp.dots_with_no_batch_dims_saveable,
 }
 
 

@@ -16,6 +16,11 @@ from jmamba.config import ModelConfig
 from jmamba.kernels.grouped_matmul import grouped_matmul
 from jmamba.layers import uniform_init
 
+# The name of values an experts_fn brought over the network (the expert-parallel exchange's
+# receive buffers, plan and returned results). `--remat full` keeps them, so the backward
+# recomputes the layer's math but never repeats its all-to-alls (see jmamba/model.py).
+EXCHANGED = "moe_exchanged"
+
 
 def route(logits_TxE, top_k: int, renormalize: bool):
     """Softmax over experts in fp32, then top-k. Returns (weights_TxK, experts_TxK, probs_TxE)."""

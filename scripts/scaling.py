@@ -18,6 +18,8 @@ estimate of the compiled step (memory.json), and dropped copies (0 when dropless
     python3 scripts/scaling.py --out $OUT --only "ep=2, 2x experts, 2x batch" \
         --flags "--ep_capacity_factor 2"                   # an A/B against the defaults
     python3 scripts/scaling.py --out $OUT --random_tokens  # near-even routing
+    python3 scripts/scaling.py --out $OUT --only "1 GPU;ep=2, 2x experts, 2x batch" \
+        --also "--remat full_with_comm"                    # both in one table
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def main():
                     "skew on the recall data")
     ap.add_argument("--flags", default="", help="more train.py flags for every row (A/B runs; "
                     "the table of record uses none)")
+    ap.add_argument("--also", default="", help="train.py flags for a second run of every "
+                    "selected multi-GPU row, in the same table (an A/B against the defaults "
+                    "with the same 1 GPU baseline)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="jmamba_scaling_")  # train.py log dirs
@@ -78,17 +83,20 @@ def main():
     if args.random_tokens:
         extra += ["--data", random_token_file(work)]
     rows = {}
-    for name, (gpus, layers, experts, B, pp, ep, M) in runs(args, n).items():
-        if args.only and name not in args.only.split(";"):
-            continue
+    todo = [(name, shape, []) for name, shape in runs(args, n).items()
+            if not args.only or name in args.only.split(";")]
+    if args.also:
+        todo += [(f"{name}, `{args.also}`", shape, args.also.split())
+                 for name, shape, _ in list(todo) if shape[0] > 1]
+    for name, (gpus, layers, experts, B, pp, ep, M), more in todo:
         flags = ["--config", "moe_1b", "--n_layer", str(layers), "--n_experts", str(experts),
                  "--batch_size", str(B), "--pp", str(pp), "--ep", str(ep), "--microbatches",
                  str(M), "--steps", str(args.steps), "--warmup_steps", "4", "--log_every", "1",
-                 "--progress", "lines", *extra]
+                 "--progress", "lines", *extra, *more]
         profiled = name in args.profile.split(";")
         if profiled:
             flags += ["--profile_steps", "6:8"]
-        run_name = name.replace(" ", "").replace(",", "_")
+        run_name = "".join(c if c.isalnum() or c in "=_" else "_" for c in name)
         rows[name] = {**train_run(run_name, flags, work),
                       "gpus": gpus, "layers": layers, "experts": experts, "batch": B, "M": M}
         trace = find_trace(os.path.join(work, run_name)) if profiled else None

@@ -170,3 +170,20 @@ def test_validation_loss_is_the_one_device_loss_at_pp_x_ep():
     np.testing.assert_allclose(got["eval_accuracy"], want["eval_accuracy"], atol=1e-6)
     by_hand = [model.loss_fn(one.state.params, b, MODEL)[1]["ce"] for b in held_out]
     np.testing.assert_allclose(want["eval_loss"], np.mean(by_hand), rtol=1e-6)
+
+
+def test_full_remat_keeps_the_exchange_and_equals_one_device(reference):
+    """`--remat full` at ep=2 keeps what crossed the network, so the backward runs fewer
+    all-to-alls than `full_with_comm`, which recomputes it; both equal one device."""
+    params, loss_ref, _, grads_ref = reference
+    n_all_to_all = {}
+    for remat in ("full", "full_with_comm"):
+        cfg = make_cfg(1, 2, 1, remat=remat)
+        layout, value_and_grad, stage_params = pipeline_parts(cfg, params)
+        compiled = jax.jit(value_and_grad).lower(stage_params, the_batch()).compile()
+        n_all_to_all[remat] = compiled.as_text().count(" all-to-all(")
+        (loss, _), grads = compiled(stage_params, the_batch())
+        grads = lay.to_canonical(lay.tie_gradients(grads, layout), layout)
+        np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+        assert_grads_match(grads, grads_ref, atol=1e-5)
+    assert 0 < n_all_to_all["full"] < n_all_to_all["full_with_comm"], n_all_to_all

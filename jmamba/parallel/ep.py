@@ -36,10 +36,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.lax import ragged_all_to_all
 
 from jmamba.kernels.grouped_matmul import grouped_matmul
-from jmamba.moe import combine, sort_by_expert, sorted_copies, swiglu_ragged
+from jmamba.moe import EXCHANGED, combine, sort_by_expert, sorted_copies, swiglu_ragged
 
 IMPLS = ("auto", "ragged", "dense")
 
@@ -299,15 +300,21 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
         owner_S = experts_TxK.reshape(-1)[order_S] // X
         x_sorted_SxD = sorted_copies(x_TxD.astype(dtype), order_S, K)
 
-        def one_round(sent_E, pair_cap=pair_rows):
+        def one_round(sent_E, pair_cap=pair_rows, keep=False):
             # A round with pair cap p moves slices of p rows into a buffer of ep * p rows;
             # without a cap (one round that may drop), slices of min(S, C) into C rows.
+            # keep: name what arrived (the first round's) so `--remat full` saves it rather
+            # than exchanging again in the backward; later rounds run inside a switch, whose
+            # saved values would be held for every branch, so they are recomputed.
+            name = (lambda v: checkpoint_name(v, EXCHANGED)) if keep else (lambda v: v)
             cap_rows = capacity if pair_cap is None else ep * pair_cap
             slice_rows = min(S, capacity) if pair_cap is None else pair_cap
             # 2. Exchange counts; settle where each copy lands and which wait or drop.
-            plan = plan_exchange(group_sizes_E, ep, cap_rows, axis_name, sent_E, pair_cap)
+            plan = name(plan_exchange(group_sizes_E, ep, cap_rows, axis_name, sent_E,
+                                      pair_cap))
             # 3. Send the copies (in the compute dtype) to their experts' ranks.
-            buf_CxD = there(x_sorted_SxD, plan, cap_rows, owner_S, axis_name, slice_rows)
+            buf_CxD = name(there(x_sorted_SxD, plan, cap_rows, owner_S, axis_name,
+                                 slice_rows))
             # 4. Local experts on the buffer; rows past the kept ones stay zero.
             y_buf_CxD = swiglu_ragged(buf_CxD, plan.group_sizes_X, w_gate, w_up, w_down,
                                       dtype, matmul)
@@ -315,7 +322,7 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
             y_SxD = back(y_buf_CxD, plan, owner_S, axis_name, slice_rows, cap_rows)
             return y_SxD, sent_E + plan.send_keep_E
 
-        y_sorted_SxD, sent_E = one_round(jnp.zeros_like(group_sizes_E))
+        y_sorted_SxD, sent_E = one_round(jnp.zeros_like(group_sizes_E), keep=True)
 
         def skip(sent):
             return jnp.zeros_like(y_sorted_SxD), sent
@@ -340,6 +347,7 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
             else:
                 y_more, sent_E = jax.lax.cond(need > 0, one_round, skip, sent_E)
             y_sorted_SxD = y_sorted_SxD + y_more
+        y_sorted_SxD = checkpoint_name(y_sorted_SxD, EXCHANGED)  # every round's results
         dropped = (S - jnp.sum(sent_E)).astype(jnp.int32)
         # 6. Unsort, weight and sum.
         return combine(y_sorted_SxD, order_S, weights_TxK), dropped

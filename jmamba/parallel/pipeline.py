@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from jmamba import model
 from jmamba.kernels.vma import to_varying
-from jmamba.moe import moe_dropless
+from jmamba.moe import EXCHANGED, moe_dropless
 from jmamba.parallel.layout import StageLayout
 from jmamba.parallel.mesh import BATCH_AXES, MESH_AXES, spec, stage_param_specs
 
@@ -39,7 +39,8 @@ from jmamba.parallel.mesh import BATCH_AXES, MESH_AXES, spec, stage_param_specs
 _cp = jax.checkpoint_policies
 STAGE_POLICIES = {
     "none": _cp.everything_saveable,
-    "full": _cp.save_only_these_names(model.LAYER_INPUT),
+    "full": _cp.save_only_these_names(model.LAYER_INPUT, EXCHANGED),
+    "full_with_comm": _cp.save_only_these_names(model.LAYER_INPUT),
     "dots": _cp.save_from_both_policies(_cp.save_only_these_names(model.LAYER_INPUT),
                                         _cp.dots_with_no_batch_dims_saveable),
 }

@@ -50,8 +50,14 @@ def experts_fn_for(cfg):
 
 
 def pipeline_loss(cfg, layout: StageLayout, mesh) -> Callable:
-    """The pipelined loss of cfg's schedule: loss_fn(stage_params, batch) -> (loss, metrics)."""
-    make = make_1f1b_loss if cfg.parallel.pp_schedule == "1f1b" else make_pipeline_loss
+    """The pipelined loss of cfg's schedule: loss_fn(stage_params, batch) -> (loss, metrics).
+
+    One stage and one microbatch have no schedule to choose: the loss is then plain autodiff
+    under --remat (the GPipe loop of one iteration), not 1F1B's per-layer recompute, which
+    repeats every layer's exchange whatever --remat keeps."""
+    p = cfg.parallel
+    one_pass = p.pp == 1 and p.microbatches == 1
+    make = make_1f1b_loss if p.pp_schedule == "1f1b" and not one_pass else make_pipeline_loss
     return make(cfg, layout, mesh, experts_fn_for(cfg))
 
 
