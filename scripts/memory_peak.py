@@ -4,6 +4,7 @@ with XLA's dumps on, print XLA's memory analysis and the largest values live at 
 
     python3 scripts/memory_peak.py --out $OUT --n_layer 32 --pp 2 --microbatches 8 --rows 16
     python3 scripts/memory_peak.py --out runs/peak --n_layer 16 --rows 16   # one device
+    python3 scripts/memory_peak.py --out runs/peak --rows 8 --remat none    # no remat
 
 --rows is the microbatch's rows (batch = rows x microbatches). Parameters and optimizer
 state are abstract (jax.eval_shape), so only the compile runs. On the CPU it needs
@@ -59,6 +60,7 @@ def main():
     ap.add_argument("--microbatches", type=int, default=1)
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--remat", default=None, help="override the preset's --remat")
     args = ap.parse_args()
     dump = os.path.abspath(os.path.join(args.out, "xla_dump"))
     flags = os.environ.get("XLA_FLAGS", "")
@@ -79,7 +81,8 @@ def main():
         base, model=dataclasses.replace(base.model, n_layer=args.n_layer),
         train=dataclasses.replace(base.train, batch_size=B, warmup_steps=0),
         parallel=dataclasses.replace(base.parallel, pp=args.pp, ep=args.ep,
-                                     microbatches=args.microbatches)))
+                                     microbatches=args.microbatches,
+                                     remat=args.remat or base.parallel.remat)))
     t = cfg.train
     batch = recall_batch(0, 0, B, t.seq_len, cfg.model.vocab_size, t.n_pairs)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}

@@ -1,0 +1,106 @@
+"""One GPU, the moe_1b step (issue 17): jmamba through train.py against the PyTorch peer
+(scripts/peer_moe_torch.py), side by side in one device call.
+
+    python3 scripts/moe_step.py --out $OUT --mamba_src .peer           # batch 8 and 16
+    python3 scripts/moe_step.py --out $OUT --mamba_src .peer --batches 8 \
+        --variants "default;--remat none"                              # fewer rows
+
+Rows: the peer (no recomputation) at each batch, then train.py --config moe_1b at each batch
+with the default flags and each variant's extra flags. MFU for every row uses
+jmamba/flops.py's FLOPs per token for the moe_1b shape (the peer computes the same model),
+against the device's datasheet peak. Each run is its own process, so the two frameworks
+never share the GPU's memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from gpu_layouts import train_run  # noqa: E402
+
+
+def peer_run(args, batch: int, work: str) -> dict:
+    out = os.path.join(work, f"peer_b{batch}.json")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "peer_moe_torch.py"),
+                           "--mamba_src", args.mamba_src, "--batch", str(batch),
+                           "--steps", str(args.steps), "--out", out],
+                          capture_output=True, text=True)
+    if not os.path.exists(out):
+        return {"error": f"rc={proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}"}
+    with open(out) as f:
+        row = json.load(f)
+    print(f"== peer batch {batch}: {row}", flush=True)
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--mamba_src", default=".peer")
+    ap.add_argument("--batches", default="8,16")
+    ap.add_argument("--variants", default="default;--remat none",
+                    help="train.py flag sets separated by ; ('default' adds none)")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--no_peer", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="jmamba_moe_step_")
+
+    import jax
+
+    from jmamba.cli import load_preset
+    from jmamba.flops import flops_per_token, peak_tflops
+    cfg = load_preset("moe_1b")
+    flops_tok = flops_per_token(cfg.model, cfg.train.seq_len)
+    dev = jax.devices()[0]
+    peak = peak_tflops(dev.device_kind, dev.platform)
+    print(f"device {dev.device_kind}, moe_1b {flops_tok / 1e9:.2f} GFLOP/token, peak {peak}",
+          flush=True)
+
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        if not args.no_peer:
+            rows.append({"run": "PyTorch peer (no remat)", "batch": b,
+                         **peer_run(args, b, work)})
+        for variant in args.variants.split(";"):
+            extra = [] if variant.strip() == "default" else variant.split()
+            flags = ["--config", "moe_1b", "--batch_size", str(b), "--steps", str(args.steps),
+                     "--warmup_steps", "4", "--log_every", "1", "--progress", "lines",
+                     "--eval_every", "0", *extra]
+            name = f"jmamba b{b} {variant}"
+            r = train_run("".join(c if c.isalnum() else "_" for c in name), flags, work)
+            rows.append({"run": f"jmamba `{variant}`", "batch": b, **r})
+        with open(os.path.join(args.out, "moe_step.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+    lines = ["| run | batch | step ms | tokens/s | MFU | peak GB | vs peer |", "|" + "---|" * 7]
+    peer_tps = {r["batch"]: r.get("tokens_per_s") for r in rows if r["run"].startswith("Py")}
+    for r in rows:
+        tps = r.get("tokens_per_s")
+        if not tps:
+            err = r.get("error") or f"rc={r.get('rc')}: " + r.get("tail", "")[-200:]
+            lines.append(f"| {r['run']} | {r['batch']} | {err.splitlines()[-1][:120]} "
+                         "| - | - | - | - |")
+            continue
+        mfu = f"{100 * tps * flops_tok / (peak * 1e12):.1f}%" if peak else "-"
+        vs = (f"{tps / peer_tps[r['batch']]:.2f}x" if peer_tps.get(r["batch"])
+              and not r["run"].startswith("Py") else "-")
+        lines.append(f"| {r['run']} | {r['batch']} | {r['step_ms']} | {tps} | {mfu} | "
+                     f"{r.get('peak_gb', '-')} | {vs} |")
+    text = "\n".join(lines)
+    print("\n" + text, flush=True)
+    with open(os.path.join(args.out, "moe_step.md"), "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
