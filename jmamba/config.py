@@ -100,6 +100,12 @@ class TrainConfig:
     eval_data: str = ""
     eval_every: int = 100
     eval_steps: int = 2
+    # Packed documents: token files whose sidecar names an eos_id (prepare_data.py writes
+    # it) are cut into their documents: the Mamba state (SSD and conv1d) restarts after each
+    # EOS, and unless loss_across_documents the target after an EOS (the next document's
+    # first token) is not scored. False: windows run as one sequence each (fms-fsdp's way).
+    documents: bool = True
+    loss_across_documents: bool = False
     skip_nonfinite: bool = False  # skip steps with a NaN/Inf loss or gradient, don't stop
     max_skipped_steps: int = 10  # with skip_nonfinite: more bad steps in a row stop the run
     # --- end issue 7 ---

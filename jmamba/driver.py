@@ -18,6 +18,7 @@ from jmamba.metrics import (Profiler, RunLog, compiled_memory, device_memory,
                             device_pool_bytes, fit_warning, write_memory_report)
 from jmamba.parallel.setup import build, process_rows
 from jmamba.preflight import preflight
+from jmamba.tokens import mark_documents
 
 
 def count_params(params) -> int:
@@ -54,13 +55,19 @@ def use_grain(loader: str) -> bool:
     return True
 
 
-def next_batch(data, flag: str = "--data"):
+def next_batch(data, flag: str = "--data", t=None):
     """The loader's next batch; a bad token file (an id outside the vocabulary, ...) stops
-    the run with one line and exit 2, after the checkpoints already written are closed."""
+    the run with one line and exit 2, after the checkpoints already written are closed.
+    With t (the train config) and token files that record document ends, the batch also
+    carries their seq_idx (tokens.mark_documents)."""
     try:
-        return next(data)
+        batch = next(data)
     except ValueError as e:
         raise RunError(f"{flag}: {e}", EXIT_BAD_INPUT) from None
+    eos = getattr(data, "eos_id", None)
+    if t is not None and t.documents and eos is not None:
+        batch = mark_documents(batch, eos, t.loss_across_documents)
+    return batch
 
 
 def to_device(batch, run, rows, batch_size):
@@ -131,11 +138,11 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     # Compile before the first step and say what it needs per device, so a layout that
     # cannot fit is known before it runs out of memory. The loop runs this executable.
     try:
-        first = to_device(next_batch(data), run, rows, t.batch_size)
+        first = to_device(next_batch(data, t=t), run, rows, t.batch_size)
         # Validation batches (fixed, held out) placed once; None when validation is off.
         held_out = evaluate.eval_source(cfg, rows)
         evaluator = None if held_out is None else evaluate.Evaluator(run.eval_fn, [
-            to_device(next_batch(held_out, "--eval_data"), run, rows, t.batch_size)
+            to_device(next_batch(held_out, "--eval_data", t), run, rows, t.batch_size)
             for _ in range(t.eval_steps)])
     except RunError:
         log.close()
@@ -168,8 +175,8 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     with StopSignals() as signals:
         try:
             for step in range(start + 1, t.steps + 1):
-                batch = first if step == start + 1 else to_device(next_batch(data), run, rows,
-                                                                  t.batch_size)
+                batch = (first if step == start + 1 else
+                         to_device(next_batch(data, t=t), run, rows, t.batch_size))
                 with profiler.step(step):
                     state, metrics = step_fn(state, batch)
                 dispatched_at = time.perf_counter()

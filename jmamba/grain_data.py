@@ -57,6 +57,10 @@ class GrainTokenData:
         return {"inputs": seqs[:, :-1], "targets": seqs[:, 1:],
                 "mask": np.ones((len(seqs), self.reader.seq_len), np.float32)}
 
+    @property
+    def eos_id(self):
+        return self.reader.eos_id
+
     def state(self) -> dict:
         return {"step": self.step}
 

@@ -43,13 +43,15 @@ class Block(nnx.Module):
             self.mlp = (MoE(cfg, rngs, out_scale) if cfg.mlp == "moe"
                         else GatedMLP(cfg, rngs, out_scale))
 
-    def __call__(self, hidden_BxLxD, residual_BxLxD, experts_fn=moe_dropless):
-        """Returns (hidden, residual, aux_B, z_B, counts_E, dropped); all plain arrays."""
+    def __call__(self, hidden_BxLxD, residual_BxLxD, experts_fn=moe_dropless,
+                 seq_idx_BxL=None):
+        """Returns (hidden, residual, aux_B, z_B, counts_E, dropped); all plain arrays.
+        seq_idx_BxL: packed documents' index per token (jmamba/ssd.py); None: one each."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         res_dtype = jnp.float32 if cfg.residual_in_fp32 else dtype
         residual = hidden_BxLxD.astype(res_dtype) + residual_BxLxD.astype(res_dtype)
-        hidden = self.mixer(self.norm(residual, dtype))
+        hidden = self.mixer(self.norm(residual, dtype), seq_idx_BxL)
         # zeros_like(hidden, ...) keeps hidden's per-device type when run under shard_map.
         aux_B = z_B = jnp.zeros_like(hidden, shape=hidden.shape[:1], dtype=jnp.float32)
         counts_E = jnp.zeros_like(hidden, shape=(max(cfg.n_experts, 1),), dtype=jnp.int32)
@@ -115,7 +117,7 @@ LAYER_INPUT = "layer_input"
 
 
 def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "none",
-               experts_fn=moe_dropless, n_active=None):
+               experts_fn=moe_dropless, n_active=None, seq_idx_BxL=None):
     """Scans the blocks of a [Y, ...] parameter stack over (hidden, residual).
 
     With n_active (a traced int), rows >= n_active are padding and are skipped by a cond, so
@@ -128,7 +130,8 @@ def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "
 
     def block(carry, layer_params):
         h, r, aux_B, z_B, dropped = checkpoint_name(carry, LAYER_INPUT)
-        h, r, a, z, counts_E, d = nnx.merge(graphdef, layer_params)(h, r, experts_fn)
+        h, r, a, z, counts_E, d = nnx.merge(graphdef, layer_params)(h, r, experts_fn,
+                                                                    seq_idx_BxL)
         return (h, r, aux_B + a, z_B + z, dropped + d), counts_E
 
     if remat != "none":
@@ -178,7 +181,7 @@ def loss_fn(params, batch, cfg: ModelConfig, remat: str = "none"):
     """Single-device loss: the reference every parallel layout must match."""
     hidden, residual = embed(params["embed"], batch["inputs"], cfg)
     hidden, residual, aux_B, z_B, counts_YxE, dropped = run_layers(
-        params["layers"], hidden, residual, cfg, remat)
+        params["layers"], hidden, residual, cfg, remat, seq_idx_BxL=batch.get("seq_idx"))
     logits = head_logits(params, hidden, residual, cfg)
     nll_sum, correct_sum = token_losses(logits, batch["targets"], batch["mask"])
     n_tokens = jnp.sum(batch["mask"].astype(jnp.float32))

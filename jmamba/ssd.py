@@ -186,24 +186,16 @@ def resolve_impl(impl: str, P: int, N: int, chunk_size: int) -> str:
 def ssd(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
         initial_state_BxHxPxN=None, seq_idx_BxL=None, *, chunk_size=64, impl="auto"):
     """The one entry point the mixer calls; `impl` picks reference, chunked, kernel or auto.
-
-    With seq_idx (packed documents), 'auto' takes the chunked path: the Pallas kernel does
-    not take seq_idx yet, and 'kernel' with seq_idx is an error."""
+    Every path takes seq_idx (packed documents)."""
     args = (x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
             initial_state_BxHxPxN)
-    asked = impl
     impl = resolve_impl(impl, x_BxLxHxP.shape[-1], B_BxLxGxN.shape[-1], chunk_size)
-    if seq_idx_BxL is not None and impl == "kernel":
-        if asked != "auto":
-            raise ValueError("ssm_impl 'kernel' does not take seq_idx (packed documents) "
-                             "yet; use ssm_impl 'auto' or 'chunked'")
-        impl = "chunked"
     if impl == "reference":
         return ssd_reference(*args, seq_idx_BxL=seq_idx_BxL)
     if impl == "chunked":
         return ssd_chunked(*args, chunk_size=chunk_size, seq_idx_BxL=seq_idx_BxL)
     if impl == "kernel":
         from jmamba.kernels.ssd_pallas import ssd_pallas  # Pallas only when asked for
-        return ssd_pallas(*args, chunk_size=chunk_size)
+        return ssd_pallas(*args, chunk_size=chunk_size, seq_idx_BxL=seq_idx_BxL)
     raise ValueError(f"unknown ssm_impl {impl!r}; use 'auto', 'reference', 'chunked' or "
                      "'kernel'")

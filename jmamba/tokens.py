@@ -93,6 +93,13 @@ class TokenFile:
         if n < seq_len + 1:
             raise ValueError(f"{self.path} holds {n} tokens, fewer than one sequence of "
                              f"seq_len + 1 = {seq_len + 1}; lower --seq_len or add data")
+        eos = meta.get("eos_id")
+        if eos is not None and (not isinstance(eos, int) or isinstance(eos, bool)
+                                or not 0 <= eos < vocab_size):
+            raise ValueError(f"{meta_path}: eos_id must be a token id below model.vocab_size "
+                             f"{vocab_size}, got {eos!r}; re-make it with "
+                             "scripts/prepare_data.py")
+        self.eos_id = eos  # None: the sidecar names no document boundaries
         self.tokens = np.memmap(self.path, dtype=dtype, mode="r")
         self.n_windows = (n - 1) // seq_len
         self.vocab_size = vocab_size
@@ -106,6 +113,19 @@ class TokenFile:
                              f"{self.path} is outside the model's vocabulary "
                              f"({self.vocab_size}); the data and --model.vocab_size disagree")
         return w
+
+
+def mark_documents(batch: dict, eos_id: int, loss_across: bool = False) -> dict:
+    """Adds 'seq_idx' (int32 [B, L], mamba_ssm's packed-documents index): the number of EOS
+    inputs before each position, so the token after an EOS starts a new document and the
+    EOS ends its own. Unless loss_across, the targets of EOS inputs (each the next
+    document's first token, which nothing in its own document precedes) are not scored."""
+    is_eos_BxL = batch["inputs"] == eos_id
+    seq_idx = (np.cumsum(is_eos_BxL, axis=1) - is_eos_BxL).astype(np.int32)
+    out = {**batch, "seq_idx": seq_idx}
+    if not loss_across:
+        out["mask"] = np.where(is_eos_BxL, 0.0, batch["mask"]).astype(batch["mask"].dtype)
+    return out
 
 
 def mix_slots(weights: list[float]) -> np.ndarray:
@@ -133,6 +153,12 @@ class TokenData:
                              f"{process_count} processes")
         items = parse_data_spec(spec)
         self.files = [TokenFile(path, vocab_size, seq_len) for path, _ in items]
+        eos_ids = {f.eos_id for f in self.files}
+        if len(eos_ids) > 1:
+            raise ValueError("the token files name different eos_id values "
+                             f"({', '.join(f'{f.path}: {f.eos_id}' for f in self.files)}); "
+                             "mix only files tokenized alike")
+        self.eos_id = eos_ids.pop()  # document boundaries (None: none recorded)
         self.slots = mix_slots([w for _, w in items])
         # before_D[s, d]: how many of the first s slots of the cycle belong to dataset d
         onehot = self.slots[:, None] == np.arange(len(self.files))[None, :]

@@ -60,3 +60,33 @@ def test_gpu_path_types_trace_in_shard_map(reference, mosaic_standin, monkeypatc
     assert loss.shape == ()
     for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(stage_params)):
         assert (g.shape, g.dtype) == (p.shape, p.dtype)
+
+
+def packed_batch():
+    """the_batch() with packed documents: boundaries at random places in every row."""
+    from jmamba.tokens import mark_documents
+    batch = {k: np.asarray(v) for k, v in the_batch().items()}
+    rng = np.random.default_rng(3)
+    inputs = batch["inputs"].copy()
+    inputs[rng.random(inputs.shape) < 0.15] = 39  # 39 plays EOS
+    batch["inputs"] = inputs
+    return {k: jnp.asarray(v) for k, v in mark_documents(batch, 39).items()}
+
+
+@pytest.mark.parametrize("pp,ep,M,schedule", [(2, 1, 2, "1f1b"), (2, 2, 2, "1f1b"),
+                                              (2, 1, 2, "gpipe")])
+def test_packed_documents_in_shard_map_equal_single_device(mosaic_standin, pp, ep, M,
+                                                           schedule):
+    """seq_idx through the pipelines' microbatches and stages, the kernel in shard_map: loss
+    and gradients equal one device's (chunked twin), which seq_idx changes."""
+    batch = packed_batch()
+    params, loss_ref, _, grads_ref = single_device(MODEL, batch)
+    no_docs = {k: v for k, v in batch.items() if k != "seq_idx"}
+    assert abs(float(single_device(MODEL, no_docs)[1]) - float(loss_ref)) > 1e-4
+    cfg = make_cfg(pp, ep, M)
+    cfg = validate(Config(model=cfg.model, train=cfg.train,
+                          parallel=ParallelConfig(pp=pp, ep=ep, microbatches=M,
+                                                  pp_schedule=schedule)))
+    loss, _, grads = run(cfg, params, batch)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+    assert_grads_match(grads, grads_ref, atol=1e-4)

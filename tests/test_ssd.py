@@ -110,10 +110,14 @@ def _packed_vs_alone(fn, with_state):
 
 
 @pytest.mark.parametrize("twin,with_state", [("reference", True), ("chunked", True),
-                                             ("chunked", False)])
+                                             ("chunked", False), ("kernel", True)])
 def test_packed_documents_equal_each_document_alone(twin, with_state):
-    fn = ssd_reference if twin == "reference" else (
-        lambda *a, **k: ssd_chunked(*a, chunk_size=8, **k))
+    """All three twins; the kernel in interpret mode, inside no shard_map (the kernels'
+    shard_map typing is tested in test_kernels_in_shard_map.py, with seq_idx too)."""
+    from jmamba.kernels.ssd_pallas import ssd_pallas
+    fn = {"reference": ssd_reference,
+          "chunked": lambda *a, **k: ssd_chunked(*a, chunk_size=8, **k),
+          "kernel": lambda *a, **k: ssd_pallas(*a, chunk_size=8, interpret=True, **k)}[twin]
     (g_packed, (y_p, s_p)), (g_alone, (y_a, s_a)) = _packed_vs_alone(fn, with_state)
     np.testing.assert_allclose(y_p, y_a, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(s_p, s_a, rtol=1e-4, atol=1e-4)
@@ -150,12 +154,11 @@ def test_the_conv_does_not_see_across_documents():
     assert not np.allclose(mixer.causal_conv(x), alone, atol=1e-3)
 
 
-def test_dispatcher_passes_seq_idx_and_refuses_the_kernel_with_it():
+@pytest.mark.parametrize("impl", ["auto", "kernel"])
+def test_dispatcher_passes_seq_idx(impl):
     from jmamba.ssd import ssd
     args = random_inputs(jax.random.key(11), 1, sum(DOCS), 4, 8, 2, 6, with_state=False)
     seq_idx = jnp.asarray(np.repeat([0, 1, 2], DOCS)[None], jnp.int32)
     want, _ = ssd_reference(*args, seq_idx_BxL=seq_idx)
-    got, _ = ssd(*args, seq_idx, chunk_size=8, impl="auto")
+    got, _ = ssd(*args, seq_idx, chunk_size=8, impl=impl)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="seq_idx"):
-        ssd(*args, seq_idx, chunk_size=8, impl="kernel")

@@ -115,7 +115,8 @@ def test_bad_files_raise_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare_data"):
         TokenData(str(tmp_path / "missing"), 2, 8, 64, 0)
     garbage = write_tokens(tmp_path / "g", np.arange(40))
-    for text in ("not json", "[1, 2]", '{"dtype": "uint16", "vocab_size": "64"}'):
+    for text in ("not json", "[1, 2]", '{"dtype": "uint16", "vocab_size": "64"}',
+                 '{"dtype": "uint16", "eos_id": 64}'):
         (tmp_path / "g.json").write_text(text)
         with pytest.raises(ValueError, match=r"g\.json.*prepare_data"):
             TokenData(garbage, 2, 8, 64, 0)
@@ -123,7 +124,9 @@ def test_bad_files_raise_clear_errors(tmp_path):
 
 def test_training_on_token_files(tmp_path):
     from jmamba.driver import train
-    stem = write_tokens(tmp_path / "d", np.random.default_rng(0).integers(0, 64, 2000))
+    # Documents end in id 63 (the sidecar's eos_id): the run resets the state at them.
+    stem = write_tokens(tmp_path / "d", np.random.default_rng(0).integers(0, 64, 2000),
+                        eos_id=63)
     cfg = validate(Config(
         model=ModelConfig(d_model=16, n_layer=1, headdim=8, d_state=8, chunk_size=16),
         train=dataclasses.replace(TrainConfig(), data=f"{stem}:1", steps=2, warmup_steps=0,
@@ -138,6 +141,9 @@ def test_training_on_token_files(tmp_path):
     again = train(dataclasses.replace(cfg, train=other))
     assert [r["loss"] for r in again] == [r["loss"] for r in records]
     assert again[-1]["eval_loss"] == records[-1]["eval_loss"]
+    # Without the boundaries the state flows across documents: other losses.
+    one_seq = dataclasses.replace(cfg.train, documents=False, log_dir=str(tmp_path / "run3"))
+    assert train(dataclasses.replace(cfg, train=one_seq))[0]["loss"] != records[0]["loss"]
 
 
 def test_grain_loader_equals_numpy_reader(tmp_path):
@@ -167,3 +173,16 @@ def test_grain_loader_equals_numpy_reader(tmp_path):
         bad = GrainTokenData(liar, 2, 8, 64, 0, n_steps=4, threads=1)
         for _ in range(2):
             next(bad)
+
+
+def test_mark_documents_indexes_and_masks_the_cross_document_targets():
+    from jmamba.tokens import mark_documents
+    E = 9  # EOS
+    inputs = np.array([[4, 5, E, 6, E, E, 7]], np.int32)
+    batch = {"inputs": inputs, "targets": np.roll(inputs, -1, 1),
+             "mask": np.ones((1, 7), np.float32)}
+    out = mark_documents(batch, E)
+    np.testing.assert_array_equal(out["seq_idx"], [[0, 0, 0, 1, 1, 2, 3]])
+    np.testing.assert_array_equal(out["mask"], [[1, 1, 0, 1, 0, 0, 1]])
+    across = mark_documents(batch, E, loss_across=True)
+    np.testing.assert_array_equal(across["mask"], batch["mask"])

@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jmamba.kernels import ssd_pallas_kernels as bodies
 from jmamba.kernels.vma import (cotangent_like, out_struct, to_varying, untyped,
                                 varying_axes)
-from jmamba.ssd import kernel_fits
+from jmamba.ssd import kernel_fits, starts
 
 f32 = jnp.float32
 
@@ -236,13 +236,27 @@ def launch_cfg(chunk_size, P, interpret, block_t=64, num_warps=4, fine="bf16", r
                 num_stages=num_stages, **kw)
 
 
+# The log decay given to a step where a document starts (seq_idx): every decay the kernels
+# form across it is exp(<= -RESET) = 0 in fp32 (which underflows below exp(-104)), so no
+# state crosses; decays within a document subtract it out. No exponent the kernels take is
+# positive (all are sums of steps' a <= 0, or masked to -inf), so no inf is formed.
+RESET = 128.0
+
+
 def ssd_pallas(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
-               initial_state_BxHxPxN=None, chunk_size=64, interpret=None, **launch):
+               initial_state_BxHxPxN=None, chunk_size=64, interpret=None,
+               seq_idx_BxL=None, **launch):
     """The chunked SSD through Pallas kernels. Returns (y_BxLxHxP, final_state_BxHxPxN).
 
     interpret=None picks interpret mode on CPU. On GPU, chunk_size, P and N must be powers of
     two >= 16 (Triton tiles); L need not be a multiple of chunk_size. `launch`: block_t,
     num_warps, fine, rect, num_stages (see launch_cfg for their defaults).
+
+    seq_idx_BxL (packed documents, mamba_ssm's semantics): a step whose index differs from
+    the previous step's starts a new document: its decay of the state before it is zero
+    (RESET), so neither the state nor its gradient crosses. The kernels are unchanged; the
+    step's own input (dt x B) still counts, and the decay's gradient there is zero, as in
+    the twins.
     """
     Bsz, L, H, P = x_BxLxHxP.shape
     G, N = B_BxLxGxN.shape[2:]
@@ -266,6 +280,9 @@ def ssd_pallas(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, D_H, dt_bias_H,
     Lp = L + pad
     dt_BxHxL = dt_BxLxH.transpose(0, 2, 1)
     a_BxHxL = dt_BxHxL * A_H.astype(f32)[:, None]  # log decay of each step
+    if seq_idx_BxL is not None:
+        start_BxL = jnp.pad(starts(seq_idx_BxL), [(0, 0), (0, pad)])
+        a_BxHxL = jnp.where(start_BxL[:, None, :], -RESET, a_BxHxL)
     if initial_state_BxHxPxN is None:
         initial_state_BxHxPxN = jnp.zeros((Bsz, H, P, N), f32)
     y, final = _ssd_core(x, dt_BxHxL, a_BxHxL, Bm, Cm, D_H.astype(f32),

@@ -90,6 +90,13 @@ def microbatch(batch: dict, M: int, ep: int = 1) -> dict:
     return jax.tree.map(split, batch)
 
 
+def batch_parts(mbs: dict) -> tuple:
+    """The per-device loops' batch arguments: inputs, targets, mask, then seq_idx where the
+    batch has one (packed documents)."""
+    keys = ("inputs", "targets", "mask") + (("seq_idx",) if "seq_idx" in mbs else ())
+    return tuple(mbs[k] for k in keys)
+
+
 def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless,
                        elide_conds: bool = True):
     """Returns loss_fn(stage_params, batch) -> (loss, metrics), the pipelined twin of
@@ -112,7 +119,7 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless,
     ring = [(j, (j + 1) % pp) for j in range(pp)]
     res_dtype = jnp.float32 if m.residual_in_fp32 else jnp.dtype(m.dtype)
 
-    def per_device(layers, io, inputs_MxBxL, targets_MxBxL, mask_MxBxL):
+    def per_device(layers, io, inputs_MxBxL, targets_MxBxL, mask_MxBxL, seq_MxBxL=None):
         s = lax.axis_index("pp")
         layers_VxY = jax.tree.map(lambda a: a[:, 0], layers)  # this device's stages
         table, scale = io["table"], io["scale"]
@@ -139,7 +146,9 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless,
 
             def run(h, res):
                 return model.run_layers(stage_layers, h, res, m, p.remat, experts_fn,
-                                        n_active=counts_VxS[r, s] if padded else None)
+                                        n_active=counts_VxS[r, s] if padded else None,
+                                        seq_idx_BxL=None if seq_MxBxL is None
+                                        else seq_MxBxL[mb])
 
             def skip(h, res):
                 zB = jnp.zeros((Bm,), jnp.float32)
@@ -187,15 +196,13 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless,
     batch_spec = spec(*BATCH_AXES)
 
     def loss_fn(stage_params, batch):
-        mbs = microbatch(batch, M, p.ep)
+        parts = batch_parts(microbatch(batch, M, p.ep))
         param_specs = stage_param_specs(stage_params)
         fn = jax.shard_map(
             per_device, mesh=mesh,
-            in_specs=(param_specs["layers"], param_specs["io"], batch_spec, batch_spec,
-                      batch_spec),
+            in_specs=(param_specs["layers"], param_specs["io"]) + (batch_spec,) * len(parts),
             out_specs=(P(), P()))
-        return fn(stage_params["layers"], stage_params["io"], mbs["inputs"], mbs["targets"],
-                  mbs["mask"])
+        return fn(stage_params["layers"], stage_params["io"], *parts)
 
     return loss_fn
 

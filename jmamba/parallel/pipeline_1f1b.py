@@ -38,7 +38,8 @@ from jmamba import model
 from jmamba.moe import moe_dropless
 from jmamba.parallel.layout import StageLayout
 from jmamba.parallel.mesh import BATCH_AXES, MESH_AXES, spec, stage_param_specs
-from jmamba.parallel.pipeline import _vary, make_pipeline_loss, microbatch, tied_head_config
+from jmamba.parallel.pipeline import (_vary, batch_parts, make_pipeline_loss, microbatch,
+                                      tied_head_config)
 
 
 def n_ticks(pp: int, M: int) -> int:
@@ -71,11 +72,11 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
     head_cfg = m if m.tie_embeddings else tied_head_config(m)
     moe = m.mlp == "moe"
 
-    def block(p_y, h, r):
-        h, r, a, z, counts_E, dropped = nnx.merge(graphdef, p_y)(h, r, experts_fn)
+    def block(p_y, h, r, seq_BxL):
+        h, r, a, z, counts_E, dropped = nnx.merge(graphdef, p_y)(h, r, experts_fn, seq_BxL)
         return (h, r, a, z), (counts_E.astype(jnp.int32), dropped)
 
-    def per_device(layers, io, inputs_MxBxL, targets_MxBxL, mask_MxBxL):
+    def per_device(layers, io, inputs_MxBxL, targets_MxBxL, mask_MxBxL, seq_MxBxL=None):
         s = lax.axis_index("pp")
         is_first, is_last = s == 0, s == pp - 1
         # Varying from the start, so the loop's gradients stay per device and are summed
@@ -104,7 +105,11 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
         def to_msg(h, r):
             return (h.astype(res_dtype) + r) if p.pp_comm == "sum" else (h, r)
 
-        def stage_forward(h, r, stash=None, k=None):
+        def seq_of(i):
+            """Microbatch i's document indices (None: one document a row)."""
+            return None if seq_MxBxL is None else seq_MxBxL[i]
+
+        def stage_forward(h, r, seq, stash=None, k=None):
             """Layers of this stage; returns the output pair, the MoE sums and the stash
             with every layer's input written into slot k (pp > 1: in place, one layer at a
             time, so no stage-sized buffer of layer inputs is live next to the stash), or,
@@ -114,7 +119,7 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 j, p_y = xs
 
                 def run():
-                    (h2, r2, a, z), (counts_E, d) = block(p_y, h, r)
+                    (h2, r2, a, z), (counts_E, d) = block(p_y, h, r, seq)
                     return (h2, r2, aux_B + a, z_B + z, dropped + d), counts_E
 
                 def skip():
@@ -137,7 +142,7 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             return ((h, r), (jnp.sum(aux_B), jnp.sum(z_B), counts_YxE, dropped),
                     inputs_Y if stash is None else stash)
 
-        def stage_backward(inputs, k, ct_h, ct_r, acc_Y):
+        def stage_backward(inputs, k, ct_h, ct_r, acc_Y, seq):
             """Per layer, last first: recompute the layer from its stashed input sum and
             pull the cotangent through it. inputs: the stash (pp > 1; slot k, read one layer
             at a time, so no slot-sized copy) or, at pp = 1, this tick's [Y, ...] layer
@@ -154,7 +159,8 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 r = inputs[j] if pp == 1 else inputs[k, j]
 
                 def run():
-                    _, pull, _ = jax.vjp(block, p_y, h0, r, has_aux=True)
+                    _, pull, _ = jax.vjp(lambda *a: block(*a, seq), p_y, h0, r,
+                                         has_aux=True)
                     g, ct_h, ct_r = pull((ct[0], ct[1], c_aux * ones_B, c_z * ones_B))
                     acc_new = jax.tree.map(
                         lambda a, g_: lax.dynamic_update_index_in_dim(a, a[j] + g_, j, 0),
@@ -184,10 +190,10 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             in slot i mod K; at pp = 1 the layer inputs)."""
             if pp == 1:
                 h, r = _vary(embed(io, inputs_MxBxL[i]))
-                return stage_forward(h, r)
+                return stage_forward(h, r, seq_of(i))
             h, r = lax.cond(is_first, lambda: _vary(embed(io, inputs_MxBxL[i])),
                             lambda: _vary(to_pair(msg)))
-            return stage_forward(h, r, stash, i % K)
+            return stage_forward(h, r, seq_of(i), stash, i % K)
 
         def no_forward(stash):
             zB = jnp.zeros((), jnp.float32)
@@ -246,8 +252,9 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
 
             # 2. Backward of microbatch i_b (the last stage: the one it just ran forward).
             def backward(acc_Y):
-                acc_Y, (ct_h, ct_r) = (stage_backward(fout[2], None, *ct_out, acc_Y) if pp == 1
-                                       else stage_backward(stash, i_b % K, *ct_out, acc_Y))
+                acc_Y, (ct_h, ct_r) = (
+                    stage_backward(fout[2], None, *ct_out, acc_Y, seq_of(i_b)) if pp == 1
+                    else stage_backward(stash, i_b % K, *ct_out, acc_Y, seq_of(i_b)))
 
                 def embed_grads():  # the residual out of the embedding is a constant zero
                     pull = jax.vjp(lambda io_: embed(io_, inputs_MxBxL[i_b])[0], io)[1]
@@ -319,21 +326,20 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
 
     def run(stage_params, batch):
         mbs = microbatch(batch, M, p.ep)
+        parts = batch_parts(mbs)
         param_specs = stage_param_specs(stage_params)
 
-        def device_fn(layers, io, inputs, targets, mask):
-            out, grads = per_device(layers, io, inputs, targets, mask)
+        def device_fn(layers, io, *batch_parts):
+            out, grads = per_device(layers, io, *batch_parts)
             # Sum each gradient over the mesh axes its parameter is replicated on.
             return out, jax.tree.map(_sum_to_spec, grads,
                                      {"layers": param_specs["layers"], "io": param_specs["io"]})
 
         fn = jax.shard_map(
             device_fn, mesh=mesh,
-            in_specs=(param_specs["layers"], param_specs["io"], batch_spec, batch_spec,
-                      batch_spec),
+            in_specs=(param_specs["layers"], param_specs["io"]) + (batch_spec,) * len(parts),
             out_specs=((P(), P()), {"layers": param_specs["layers"], "io": param_specs["io"]}))
-        return fn(stage_params["layers"], stage_params["io"], mbs["inputs"], mbs["targets"],
-                  mbs["mask"])
+        return fn(stage_params["layers"], stage_params["io"], *parts)
 
     return run
 
