@@ -99,6 +99,36 @@ def build_parser(cfg: Config) -> tuple[argparse.ArgumentParser, dict]:
     return parser, dests
 
 
+def sidecar_vocab(spec: str) -> int | None:
+    """The largest vocab_size the sidecars of a token-file spec record; None when any of
+    them cannot be read (preflight then reports that file in one line)."""
+    from jmamba.tokens import parse_data_spec, sidecar
+    try:
+        metas = [sidecar(path) for path, _ in parse_data_spec(spec)]
+    except (OSError, ValueError):  # a bad spec or sidecar: validate(), preflight say which
+        return None
+    vocabs = [m.get("vocab_size") for m in metas]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in vocabs):
+        return None
+    return max(vocabs)
+
+
+def vocab_from_token_files(cfg: Config) -> Config:
+    """Token files record the vocabulary they were tokenized with: without --vocab_size the
+    model takes it (with a notice), so byte-level data needs no flag."""
+    t = cfg.train
+    specs = [t.data] + ([t.eval_data] if t.eval_data and t.eval_every else [])
+    if not t.data:
+        return cfg
+    vocabs = [sidecar_vocab(spec) for spec in specs]
+    if None in vocabs or max(vocabs) == cfg.model.vocab_size:
+        return cfg
+    vocab = max(vocabs)
+    print(f"jmamba: model.vocab_size {cfg.model.vocab_size} -> {vocab}, as the token files "
+          "record (pass --vocab_size to choose another)", flush=True)
+    return cfg.replace(model=dataclasses.replace(cfg.model, vocab_size=vocab))
+
+
 def parse_config(argv: list[str]) -> Config:
     """argv -> a validated Config. Exits with status 2 and a clear message on bad input."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -120,6 +150,8 @@ def parse_config(argv: list[str]) -> Config:
             updates.setdefault(section, {})[name] = _parse_value(text, typ, flag, parser)
     cfg = cfg.replace(**{s: dataclasses.replace(getattr(cfg, s), **kw)
                          for s, kw in updates.items()})
+    if "vocab_size" not in updates.get("model", {}):
+        cfg = vocab_from_token_files(cfg)
     t = cfg.train
     if "warmup_steps" not in updates.get("train", {}) and t.warmup_steps > t.steps >= 1:
         # A short run asked for with --steps alone gets one: the preset's warmup shrinks

@@ -50,6 +50,26 @@ def parse_data_spec(spec: str) -> list[tuple[str, float]]:
     return out
 
 
+def sidecar(path: str) -> dict:
+    """The JSON object next to a token file (`<stem>.json`); ValueError naming the file
+    when it is missing or is not one."""
+    stem = path[:-4] if path.endswith(".bin") else path
+    meta_path = stem + ".json"
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"token file {meta_path} not found (make one with "
+                                "scripts/prepare_data.py)")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{meta_path} cannot be read as a token-file sidecar ({e}); "
+                         "re-make it with scripts/prepare_data.py") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} is not a token-file sidecar (expected a JSON "
+                         "object); re-make it with scripts/prepare_data.py")
+    return meta
+
+
 class TokenFile:
     """One memory-mapped token file, checked against its sidecar."""
 
@@ -57,19 +77,10 @@ class TokenFile:
         stem = path[:-4] if path.endswith(".bin") else path
         self.path = stem + ".bin"
         meta_path = stem + ".json"
-        for p in (self.path, meta_path):
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"token file {p} not found (make one with "
-                                        "scripts/prepare_data.py)")
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{meta_path} cannot be read as a token-file sidecar ({e}); "
-                             "re-make it with scripts/prepare_data.py") from None
-        if not isinstance(meta, dict):
-            raise ValueError(f"{meta_path} is not a token-file sidecar (expected a JSON "
-                             "object); re-make it with scripts/prepare_data.py")
+        if not os.path.exists(self.path):
+            raise FileNotFoundError(f"token file {self.path} not found (make one with "
+                                    "scripts/prepare_data.py)")
+        meta = sidecar(path)
         for key in ("vocab_size", "n_tokens"):
             if key in meta and (not isinstance(meta[key], int) or isinstance(meta[key], bool)
                                 or meta[key] < 0):

@@ -82,11 +82,14 @@ def main(argv=None):
     for path in args.inputs + ([args.tokenizer] if args.tokenizer else []):
         if not os.path.isfile(path) or not os.access(path, os.R_OK):
             fail(f"{path} is not a readable file; nothing was written")
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    if not os.path.isdir(out_dir):
-        fail(f"--out {args.out}: directory {out_dir} does not exist; create it first")
     encode, eos, vocab, name = (hf_encoder(args.tokenizer, args.eos_id) if args.tokenizer
                                 else byte_encoder())
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    try:  # the output folder is made for the user, as `train.py --ckpt_dir` does
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        fail(f"--out {args.out}: cannot create directory {out_dir} ({e.strerror}); pass "
+             "another --out", EXIT_DISK)
     dtype = np.uint16 if vocab <= 2**16 else np.uint32
     n_tokens = n_docs = 0
     # Written to temporary names in the same directory, moved into place only when both

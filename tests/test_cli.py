@@ -53,3 +53,22 @@ def test_short_run_shrinks_the_default_warmup_but_not_an_explicit_one(capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(["--steps", "10", "--warmup_steps", "30"])
     assert e.value.code == 2 and "train.warmup_steps" in capsys.readouterr().err
+
+
+def test_token_files_set_the_vocab_unless_the_flag_does(tmp_path, capsys):
+    """A sidecar's vocab_size becomes model.vocab_size (with a notice) when --vocab_size is
+    not given; an explicit flag wins; a bad sidecar leaves the preset's for preflight."""
+    import json
+
+    import numpy as np
+    np.arange(100, dtype=np.uint16).tofile(tmp_path / "d.bin")
+    json.dump({"dtype": "uint16", "vocab_size": 258, "n_tokens": 100, "eos_id": 256},
+              open(tmp_path / "d.json", "w"))
+    cfg = parse_config(["--data", str(tmp_path / "d"), "--steps", "2"])
+    assert cfg.model.vocab_size == 258
+    assert "model.vocab_size 64 -> 258" in capsys.readouterr().out
+    cfg = parse_config(["--data", str(tmp_path / "d"), "--steps", "2", "--vocab_size", "300"])
+    assert cfg.model.vocab_size == 300 and "->" not in capsys.readouterr().out
+    (tmp_path / "d.json").write_text("not json")
+    cfg = parse_config(["--data", str(tmp_path / "d"), "--steps", "2"])
+    assert cfg.model.vocab_size == 64

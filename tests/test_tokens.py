@@ -25,12 +25,13 @@ def write_tokens(stem, tokens, vocab=64, dtype="uint16", **meta):
 def test_prepare_data_byte_fallback(tmp_path):
     (tmp_path / "a.txt").write_text("hi\nthere\n\n")
     (tmp_path / "b.txt").write_text("é")
-    subprocess.run([sys.executable, "scripts/prepare_data.py", "--out", str(tmp_path / "d"),
+    out = tmp_path / "new" / "folder" / "d"  # prepare_data makes the folder
+    subprocess.run([sys.executable, "scripts/prepare_data.py", "--out", str(out),
                     "--docs", "lines", str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
                    cwd=REPO, check=True, capture_output=True)
-    meta = json.load(open(tmp_path / "d.json"))
+    meta = json.load(open(f"{out}.json"))
     assert meta["vocab_size"] == 258 and meta["eos_id"] == 256 and meta["n_documents"] == 3
-    ids = np.fromfile(tmp_path / "d.bin", np.uint16)
+    ids = np.fromfile(f"{out}.bin", np.uint16)
     expected = [*b"hi", 256, *b"there", 256, *"é".encode(), 256]
     assert ids.tolist() == expected and meta["n_tokens"] == len(expected)
 

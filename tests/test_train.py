@@ -40,3 +40,23 @@ def test_short_run_lowers_loss(tmp_path):
     assert all(np.isfinite(r["loss"]) for r in lines)
     # The default run validates on the embedded task's held-out split, at the last step.
     assert np.isfinite(lines[-1]["eval_loss"]) and "eval_loss" not in lines[0]
+
+
+def test_validation_leaves_training_as_it_was(tmp_path):
+    """Eval reads its own held-out batches and no training state: a run that validates at
+    every step logs the same training losses, bit for bit, as one that never does."""
+    from jmamba.config import ModelConfig
+
+    def run(eval_every, name):
+        return train(validate(Config(
+            model=ModelConfig(d_model=16, n_layer=2, headdim=8, d_state=8, chunk_size=16,
+                              d_expert=16),
+            train=dataclasses.replace(TrainConfig(), steps=4, warmup_steps=1, batch_size=4,
+                                      seq_len=40, log_every=1, eval_every=eval_every,
+                                      progress="lines", log_dir=str(tmp_path / name)))))
+
+    with_eval, without = run(1, "with"), run(0, "without")
+    assert all(np.isfinite(r["eval_loss"]) for r in with_eval)
+    assert not any("eval_loss" in r for r in without)
+    assert [r["loss"] for r in with_eval] == [r["loss"] for r in without]
+    assert [r["grad_norm"] for r in with_eval] == [r["grad_norm"] for r in without]
