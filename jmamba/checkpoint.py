@@ -263,9 +263,12 @@ def load(directory: str, step: int | None = None) -> tuple[dict, Config, dict]:
 class Checkpoints:
     """Saves every train.ckpt_every steps and at the end; resumes at the start of a run."""
 
-    def __init__(self, cfg: Config, run):
+    def __init__(self, cfg: Config, run, data_order: str | None = None):
+        """data_order: the token-file loader's order ('grain' or 'numpy'; None for the
+        embedded task), recorded with each save and required of a resume."""
         t = cfg.train
         self.cfg, self.run, self.directory = cfg, run, t.ckpt_dir
+        self.data_order = data_order
         self.optimizer = make_optimizer(t)
         self.manager = open_manager(t.ckpt_dir, keep=t.keep)
         # Fresh arrays (copies where the layout is canonical already): the step donates the
@@ -337,6 +340,12 @@ class Checkpoints:
         state = jax.jit(from_saved, out_shardings=out_sh)(saved)
         del saved
         data_step = meta["data"]["step"]
+        order = meta["data"].get("order")
+        if order is not None and self.data_order is not None and order != self.data_order:
+            raise CheckpointError(
+                f"checkpoint {self.directory}/{step} was trained on the {order} loader's data "
+                f"order, and this run reads with the {self.data_order} loader (another "
+                f"order): pass --loader {order} to resume it")
         print(f"jmamba: resuming from checkpoint {self.directory}/{step} (data position "
               f"{data_step}, {self.cfg.train.steps - step} steps to go)", flush=True)
         return state, data_step
@@ -379,7 +388,8 @@ class Checkpoints:
                   for name, x in leaf_table(saved).items()}
         meta = {"format": FORMAT, "step": step, "config": config_to_dict(self.cfg),
                 # Batches are a pure function of (seed, step): the step is the data position.
-                "data": {"task": t.task, "seed": t.seed, "step": step},
+                "data": {"task": t.task, "seed": t.seed, "step": step,
+                         **({"order": self.data_order} if self.data_order else {})},
                 "rng": {"init_seed": t.seed},
                 "leaves": leaves}
         try:

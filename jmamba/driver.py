@@ -40,9 +40,15 @@ def make_data(cfg: Config, rows=None):
     return RecallData(t.seed, t.batch_size, t.seq_len, m.vocab_size, t.n_pairs, rows=rows)
 
 
+def data_order(cfg: Config) -> str | None:
+    """Which loader's order the token files are read in ('grain' or 'numpy'; the two
+    shuffle differently); None for the embedded task."""
+    return None if not cfg.train.data else "grain" if use_grain(cfg.train.loader) else "numpy"
+
+
 def use_grain(loader: str) -> bool:
     """grain for loader 'grain' (an error names the fix if it is missing) or 'auto' when it
-    is installed; the numpy twin otherwise (same batches)."""
+    is installed; the numpy twin otherwise (the same data definition, another order)."""
     if loader == "numpy":
         return False
     try:
@@ -50,7 +56,7 @@ def use_grain(loader: str) -> bool:
     except ImportError:
         if loader == "grain":
             raise SystemExit("error: --loader grain, but grain is not installed: "
-                             "pip install grain, or pass --loader numpy (same batches)")
+                             "pip install grain, or pass --loader numpy")
         return False
     return True
 
@@ -107,7 +113,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     state = run.state
     # Checkpoints (jmamba/checkpoint.py): resume if ckpt_dir holds any, save every N steps,
     # at the end and on SIGINT/SIGTERM, through the driver's save hooks.
-    ckpt = Checkpoints(cfg, run) if t.ckpt_dir else None
+    ckpt = Checkpoints(cfg, run, data_order(cfg)) if t.ckpt_dir else None
     start = 0
     if ckpt is not None:
         state, start = ckpt.resume(state)
@@ -121,8 +127,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     n_params = count_params(run.canonical(state.params))
     main = jax.process_index() == 0
     log = RunLog(t.log_dir, t.steps, t.progress, enabled=main)
-    source = (f"token files via {'grain' if type(data).__name__.startswith('Grain') else 'numpy'}"
-              if t.data else "the embedded recall task")
+    source = f"token files via {data.ORDER}" if t.data else "the embedded recall task"
     log.note(f"jmamba: {n_params / 1e6:.2f}M params, mesh pp={p.pp} x ep={p.ep} on "
              f"{jax.default_backend()}, {p.microbatches} microbatch(es), {t.steps} steps of "
              f"{t.batch_size}x{t.seq_len} tokens of {source}, logging to {t.log_dir}")

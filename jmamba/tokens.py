@@ -139,6 +139,14 @@ def mark_documents(batch: dict, eos_id: int, loss_across: bool = False) -> dict:
     return out
 
 
+def as_batch(windows) -> dict[str, np.ndarray]:
+    """Windows of seq_len + 1 tokens -> {'inputs', 'targets': int32 [R, seq_len], 'mask'}
+    (ids were checked against the vocabulary by TokenFile.window)."""
+    seqs = np.stack(windows).astype(np.int32)
+    return {"inputs": seqs[:, :-1], "targets": seqs[:, 1:],
+            "mask": np.ones(seqs[:, 1:].shape, np.float32)}
+
+
 def mix_slots(weights: list[float]) -> np.ndarray:
     """A cycle of MIX_SLOTS dataset ids, counts proportional to the weights (largest
     remainder), each dataset's slots spread evenly over the cycle."""
@@ -154,6 +162,8 @@ def mix_slots(weights: list[float]) -> np.ndarray:
 class TokenData:
     """Iterator over {'inputs', 'targets', 'mask'} batches of this process's rows."""
 
+    ORDER = "numpy"  # the data order it gives, as checkpoints record it (grain_data.py)
+
     def __init__(self, spec: str, batch_size: int, seq_len: int, vocab_size: int, seed: int,
                  process_index: int = 0, process_count: int = 1, step: int = 0,
                  rows=None):
@@ -163,6 +173,7 @@ class TokenData:
             raise ValueError(f"train.batch_size {batch_size} must split evenly over "
                              f"{process_count} processes")
         items = parse_data_spec(spec)
+        self.items = items
         self.files = [TokenFile(path, vocab_size, seq_len) for path, _ in items]
         eos_ids = {f.eos_id for f in self.files}
         if len(eos_ids) > 1:
@@ -209,10 +220,7 @@ class TokenData:
             raise ValueError(f"{e} (in the batch of step {g // self.batch_size + 1})") from None
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        seqs = np.stack([self.sample(step * self.batch_size + r) for r in self.rows])
-        seqs = seqs.astype(np.int32)
-        return {"inputs": seqs[:, :-1], "targets": seqs[:, 1:],
-                "mask": np.ones((len(self.rows), self.seq_len), np.float32)}
+        return as_batch([self.sample(step * self.batch_size + r) for r in self.rows])
 
     def __iter__(self):
         return self

@@ -2,6 +2,7 @@
 position, and clear errors on bad files."""
 
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -133,45 +134,76 @@ def test_training_on_token_files(tmp_path):
         train=dataclasses.replace(TrainConfig(), data=f"{stem}:1", steps=2, warmup_steps=0,
                                   batch_size=2, seq_len=16, log_every=1,
                                   log_dir=str(tmp_path / "run"), progress="lines",
-                                  eval_data=stem, eval_every=2)))
+                                  eval_data=stem, eval_every=2, loader="numpy",
+                                  ckpt_dir=str(tmp_path / "ckpt"))))
     records = train(cfg)
     assert [r["step"] for r in records] == [1, 2] and np.isfinite(records[-1]["loss"])
     assert "eval_loss" not in records[0] and np.isfinite(records[-1]["eval_loss"])
-    # The other loader (grain <-> numpy twin) trains on the same batches: same losses.
-    other = dataclasses.replace(cfg.train, loader="numpy", log_dir=str(tmp_path / "run2"))
-    again = train(dataclasses.replace(cfg, train=other))
-    assert [r["loss"] for r in again] == [r["loss"] for r in records]
-    assert again[-1]["eval_loss"] == records[-1]["eval_loss"]
+    # The checkpoint records the numpy loader's order: resuming through grain (another
+    # order) is refused, naming the flag.
+    if importlib.util.find_spec("grain"):
+        from jmamba.checkpoint import CheckpointError
+        other = dataclasses.replace(cfg.train, loader="grain", steps=3)
+        with pytest.raises(CheckpointError, match="pass --loader numpy"):
+            train(dataclasses.replace(cfg, train=other))
     # Without the boundaries the state flows across documents: other losses.
-    one_seq = dataclasses.replace(cfg.train, documents=False, log_dir=str(tmp_path / "run3"))
+    one_seq = dataclasses.replace(cfg.train, documents=False, log_dir=str(tmp_path / "run3"),
+                                  ckpt_dir="")
     assert train(dataclasses.replace(cfg, train=one_seq))[0]["loss"] != records[0]["loss"]
 
 
-def test_grain_loader_equals_numpy_reader(tmp_path):
-    """The grain path (jmamba/grain_data.py) and its twin give the same batches: mixed,
-    split over processes, and resumed mid-stream; bad ids raise the same clear error."""
-    pytest.importorskip("grain")
-    from jmamba.grain_data import GrainTokenData
-    spec = (write_tokens(tmp_path / "a", np.arange(300) % 64) + ":0.7,"
-            + write_tokens(tmp_path / "b", (np.arange(200) * 7) % 64) + ":0.3")
-    for p in range(2):
-        ref = TokenData(spec, 4, 8, 64, seed=5, process_index=p, process_count=2)
-        got = GrainTokenData(spec, 4, 8, 64, seed=5, n_steps=12, process_index=p,
-                             process_count=2, threads=2)
-        for _ in range(12):
-            a, b = next(ref), next(got)
-            assert a.keys() == b.keys()
-            for k in a:
-                np.testing.assert_array_equal(a[k], b[k])
-        assert got.state() == {"step": 12}
-    resumed = GrainTokenData(spec, 4, 8, 64, seed=5, n_steps=12, threads=2)
-    resumed.restore({"step": 7})
-    np.testing.assert_array_equal(next(resumed)["inputs"],
-                                  TokenData(spec, 4, 8, 64, seed=5).batch(7)["inputs"])
-    liar = write_tokens(tmp_path / "l", np.arange(40) + 40)  # ids to 79; sidecar says 64
+def which_windows(loader, n_steps):
+    """(file, window) of every row of the next n_steps batches, for files whose token at
+    position i is 1000 * file + i (so a row's first token names its window)."""
+    out = []
+    for _ in range(n_steps):
+        first = next(loader)["inputs"][:, 0]
+        out += [(int(t) // 1000, int(t) % 1000 // 8) for t in first]
+    return out
+
+
+@pytest.mark.parametrize("loader", ["numpy", "grain"])
+def test_loaders_share_the_data_definition(tmp_path, loader):
+    """Both loaders (grain's own shuffle, mix and batch in jmamba/grain_data.py; the numpy
+    twin) read every window once per epoch per file, mix by the weights exactly, split the
+    rows over processes, resume at a step, and name a bad id's file, position and step."""
+    if loader == "grain":
+        pytest.importorskip("grain")
+        from jmamba.grain_data import GrainTokenData
+
+        def make(spec, B, seed, **kw):
+            return GrainTokenData(spec, B, 8, 2000, seed, n_steps=40, threads=2, **kw)
+    else:
+        def make(spec, B, seed, **kw):
+            return TokenData(spec, B, 8, 2000, seed, **kw)
+    a = write_tokens(tmp_path / "a", np.arange(8 * 30 + 1), vocab=2000)  # 30 windows
+    b = write_tokens(tmp_path / "b", 1000 + np.arange(8 * 20 + 1), vocab=2000)  # 20
+    seen = which_windows(make(f"{a}:0.7,{b}:0.3", 4, seed=5), 25)
+    assert sum(f == 0 for f, _ in seen) == 70  # exact over the first 100 samples
+    for f, n in ((0, 30), (1, 20)):  # the first epoch of each file: each window once
+        first_epoch = [w for g, w in seen if g == f][:n]
+        assert sorted(first_epoch) == list(range(n))
+    seen2 = [w for g, w in seen if g == 1][20:30]  # the second epoch: another order
+    assert seen2 != [w for g, w in seen if g == 1][:10] and len(set(seen2)) == 10
+    assert which_windows(make(a, 4, seed=6), 5) != which_windows(make(a, 4, seed=5), 5)
+    # Two processes read the halves of the one-process batches; a resumed loader goes on
+    # where the first left off.
+    whole = [next(make(a, 4, seed=5))["inputs"]]
+    halves = [next(make(a, 4, seed=5, process_index=p, process_count=2))["inputs"]
+              for p in range(2)]
+    np.testing.assert_array_equal(np.concatenate(halves), whole[0])
+    straight = make(a, 4, seed=5)
+    batches = [next(straight) for _ in range(8)]
+    resumed = make(a, 4, seed=5)
+    resumed.restore({"step": 6})
+    again = next(resumed)
+    for k in ("inputs", "targets", "mask"):
+        np.testing.assert_array_equal(again[k], batches[6][k])
+    assert straight.state() == {"step": 8} and resumed.state() == {"step": 7}
+    liar = write_tokens(tmp_path / "l", np.arange(40) + 1990, vocab=2000)  # ids to 2029
     with pytest.raises(ValueError, match=r"outside the model's vocabulary.*\(in the batch "
                        r"of step [12]\)"):
-        bad = GrainTokenData(liar, 2, 8, 64, 0, n_steps=4, threads=1)
+        bad = make(liar, 2, 0)
         for _ in range(2):
             next(bad)
 
