@@ -6,6 +6,7 @@ N d_state, G groups, K conv width, X conv channels (I + 2 G N), F MLP hidden.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -81,23 +82,9 @@ class Mamba2Mixer(nnx.Module):
         self.out_proj = dense(rngs, I, D, scale=out_scale, use_bias=cfg.bias)
 
     def causal_conv(self, xBC_BxLxX, seq_idx_BxL=None):
-        """Depthwise causal conv1d: out[t] = sum_k w[k] * in[t - (K-1) + k] (+ bias). With
-        seq_idx, inputs from another document than token t's count as zero (as before the
-        sequence's start)."""
-        K = self.cfg.d_conv
-        L = xBC_BxLxX.shape[1]
-        padded = jnp.pad(xBC_BxLxX, [(0, 0), (K - 1, 0), (0, 0)])
-        w_KxX = self.conv1d_kernel[...].astype(xBC_BxLxX.dtype)
-        if seq_idx_BxL is None:
-            out = sum(padded[:, k:k + L] * w_KxX[k] for k in range(K))
-        else:
-            seg_BxL = segments(seq_idx_BxL)
-            seg_pad = jnp.pad(seg_BxL, [(0, 0), (K - 1, 0)], constant_values=-1)
-            out = sum(jnp.where((seg_pad[:, k:k + L] == seg_BxL)[..., None],
-                                padded[:, k:k + L] * w_KxX[k], 0) for k in range(K))
-        if self.conv1d_bias is not None:
-            out = out + self.conv1d_bias[...].astype(out.dtype)
-        return out
+        """Depthwise causal conv1d (causal_conv1d below) with this mixer's weights."""
+        bias = None if self.conv1d_bias is None else self.conv1d_bias[...]
+        return causal_conv1d(xBC_BxLxX, self.conv1d_kernel[...], bias, seq_idx_BxL)
 
     def __call__(self, u_BxLxD, seq_idx_BxL=None):
         """seq_idx_BxL: packed documents' index per token (ssd.py); None: one sequence."""
@@ -107,8 +94,9 @@ class Mamba2Mixer(nnx.Module):
         I, H, P, G, N = cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
         zxbcdt = linear(self.in_proj, u_BxLxD, dtype)
         z_BxLxI = zxbcdt[..., :I]
-        xBC_BxLxX = jax.nn.silu(self.causal_conv(zxbcdt[..., I:2 * I + 2 * G * N],
-                                                 seq_idx_BxL))
+        bias = None if self.conv1d_bias is None else self.conv1d_bias[...]
+        xBC_BxLxX = conv_silu(zxbcdt[..., I:2 * I + 2 * G * N], self.conv1d_kernel[...], bias,
+                              seq_idx_BxL)
         dt_BxLxH = zxbcdt[..., 2 * I + 2 * G * N:]
         x_BxLxHxP = xBC_BxLxX[..., :I].reshape(Bsz, L, H, P)
         B_BxLxGxN = xBC_BxLxX[..., I:I + G * N].reshape(Bsz, L, G, N)
@@ -117,10 +105,48 @@ class Mamba2Mixer(nnx.Module):
         y_BxLxHxP, _ = ssd(x_BxLxHxP, dt_BxLxH, A_H, B_BxLxGxN, C_BxLxGxN, self.D[...],
                            self.dt_bias[...], None, seq_idx_BxL, chunk_size=cfg.chunk_size,
                            impl=cfg.ssm_impl)
-        # Gated RMSNorm, norm_before_gate=False as in mamba_ssm: norm(y * silu(z)).
-        y_BxLxI = y_BxLxHxP.reshape(Bsz, L, I).astype(jnp.float32)
-        y_BxLxI = self.norm(y_BxLxI * jax.nn.silu(z_BxLxI.astype(jnp.float32)), dtype)
+        y_BxLxI = gated_rms_norm(y_BxLxHxP.reshape(Bsz, L, I), z_BxLxI, self.norm.scale[...],
+                                 self.norm.eps, dtype, self.norm.groups)
         return linear(self.out_proj, y_BxLxI, dtype)
+
+
+# The mixer's elementwise chains, each recomputed in the backward from its inputs (which
+# are saved anyway: matmul outputs). Saving their insides would keep several fp32
+# [B, L, d_inner] arrays a layer (a 16-layer moe_1b step at batch 8 without remat: ~12 GiB
+# of the gated norm's alone); recomputing them is a few elementwise passes. mamba_ssm's
+# fused kernels do the same in their backward.
+
+def causal_conv1d(xBC_BxLxX, w_KxX, bias_X=None, seq_idx_BxL=None):
+    """Depthwise causal conv1d: out[t] = sum_k w[k] * in[t - (K-1) + k] (+ bias). With
+    seq_idx, inputs from another document than token t's count as zero (as before the
+    sequence's start)."""
+    K, L = w_KxX.shape[0], xBC_BxLxX.shape[1]
+    padded = jnp.pad(xBC_BxLxX, [(0, 0), (K - 1, 0), (0, 0)])
+    w_KxX = w_KxX.astype(xBC_BxLxX.dtype)
+    if seq_idx_BxL is None:
+        out = sum(padded[:, k:k + L] * w_KxX[k] for k in range(K))
+    else:
+        seg_BxL = segments(seq_idx_BxL)
+        seg_pad = jnp.pad(seg_BxL, [(0, 0), (K - 1, 0)], constant_values=-1)
+        out = sum(jnp.where((seg_pad[:, k:k + L] == seg_BxL)[..., None],
+                            padded[:, k:k + L] * w_KxX[k], 0) for k in range(K))
+    if bias_X is not None:
+        out = out + bias_X.astype(out.dtype)
+    return out
+
+
+@jax.checkpoint
+def conv_silu(xBC_BxLxX, w_KxX, bias_X=None, seq_idx_BxL=None):
+    """SiLU(causal_conv1d(...)), recomputed in the backward."""
+    return jax.nn.silu(causal_conv1d(xBC_BxLxX, w_KxX, bias_X, seq_idx_BxL))
+
+
+@functools.partial(jax.checkpoint, static_argnums=(3, 4, 5))
+def gated_rms_norm(y_BxLxI, z_BxLxI, scale_I, eps, dtype, groups):
+    """mamba_ssm's gated RMSNorm with norm_before_gate=False, norm(y * silu(z)), in fp32;
+    recomputed in the backward."""
+    gated = y_BxLxI.astype(jnp.float32) * jax.nn.silu(z_BxLxI.astype(jnp.float32))
+    return rms_norm(gated, scale_I, eps, dtype, groups)
 
 
 class GatedMLP(nnx.Module):
