@@ -4,6 +4,8 @@
     python3 scripts/moe_step.py --out $OUT --mamba_src .peer           # batch 8 and 16
     python3 scripts/moe_step.py --out $OUT --mamba_src .peer --batches 8 \
         --variants "default;--remat none"                              # fewer rows
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 scripts/moe_step.py --out $OUT \
+        --no_peer --batches 8 --profile                                # kernel time by kind
 
 Rows: the peer (no recomputation) at each batch, then train.py --config moe_1b at each batch
 with the default flags and each variant's extra flags. MFU for every row uses
@@ -26,6 +28,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpu_layouts import train_run  # noqa: E402
+from trace_share import device_shares, find_trace  # noqa: E402
 
 
 def peer_run(args, batch: int, work: str) -> dict:
@@ -42,6 +45,24 @@ def peer_run(args, batch: int, work: str) -> dict:
     return row
 
 
+def print_profiles(profiles: dict, out: str) -> None:
+    """Milliseconds per kind of kernel over the two traced steps, one column per run."""
+    names = list(profiles)
+    kinds = sorted({k for p in profiles.values() for k in p},
+                   key=lambda k: -max(p.get(k, 0.0) for p in profiles.values()))
+    lines = ["| kernel kind (2 steps) | " + " | ".join(names) + " |",
+             "|" + "---|" * (len(names) + 1)]
+    for k in kinds[:30]:
+        lines.append(f"| {k} | " + " | ".join(f"{profiles[n].get(k, 0.0):.1f}"
+                                               for n in names) + " |")
+    lines.append("| total of these | " + " | ".join(
+        f"{sum(profiles[n].get(k, 0.0) for k in kinds[:30]):.1f}" for n in names) + " |")
+    text = "\n".join(lines)
+    print("\n" + text, flush=True)
+    with open(os.path.join(out, "moe_step_profile.md"), "w") as f:
+        f.write(text + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -51,6 +72,10 @@ def main():
                     help="train.py flag sets separated by ; ('default' adds none)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--no_peer", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="trace steps 6-7 of every jmamba run and print device time per kind "
+                    "of kernel (trace_share.group_key); run with XLA_FLAGS="
+                    "--xla_gpu_enable_command_buffer= so kernels are not one command buffer")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="jmamba_moe_step_")
@@ -66,7 +91,7 @@ def main():
     print(f"device {dev.device_kind}, moe_1b {flops_tok / 1e9:.2f} GFLOP/token, peak {peak}",
           flush=True)
 
-    rows = []
+    rows, profiles = [], {}
     for b in [int(x) for x in args.batches.split(",")]:
         if not args.no_peer:
             rows.append({"run": "PyTorch peer (no remat)", "batch": b,
@@ -77,8 +102,17 @@ def main():
                      "--warmup_steps", "4", "--log_every", "1", "--progress", "lines",
                      "--eval_every", "0", *extra]
             name = f"jmamba b{b} {variant}"
-            r = train_run("".join(c if c.isalnum() else "_" for c in name), flags, work)
+            run_name = "".join(c if c.isalnum() else "_" for c in name)
+            if args.profile:
+                flags += ["--profile_steps", "6:8"]
+            r = train_run(run_name, flags, work)
             rows.append({"run": f"jmamba `{variant}`", "batch": b, **r})
+            trace = find_trace(os.path.join(work, run_name)) if args.profile else None
+            if trace and "step_ms" in r:
+                groups = device_shares(trace, 2 * r["step_ms"] / 1e3)["groups_ms_per_device"]
+                profiles[name] = dict(groups)
+        if profiles:
+            print_profiles(profiles, args.out)
         with open(os.path.join(args.out, "moe_step.json"), "w") as f:
             json.dump(rows, f, indent=1)
 
