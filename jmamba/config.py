@@ -33,6 +33,12 @@ class ModelConfig:
     conv_bias: bool = True
     bias: bool = False
     ssm_impl: str = "auto"  # the Pallas kernel on GPU (where its tiles fit), chunked on CPU
+    # The layer stack as one lax.scan (one compiled layer) or unrolled (MaxText's
+    # scan_layers=False: Y compiled layers, longer compiles). Without remat the scan stacks
+    # every layer's residuals into [Y, ...] arrays and reads them back, which costs more
+    # than the recompute it saves (docs/benchmarks.md, issue 17); unrolled, each layer's
+    # residuals are buffers of their own.
+    scan_layers: bool = True
     # Block and LM.
     rms_norm_eps: float = 1e-5
     residual_in_fp32: bool = True

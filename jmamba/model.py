@@ -147,8 +147,16 @@ def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "
     xs = layers_YxTree if n_active is None else (jnp.arange(n_rows), layers_YxTree)
     zeros_B = jnp.zeros_like(hidden, shape=hidden.shape[:1], dtype=jnp.float32)
     dropped0 = jnp.zeros_like(hidden, shape=(), dtype=jnp.int32)
-    (hidden, residual, aux_B, z_B, dropped), counts_YxE = jax.lax.scan(
-        body, (hidden, residual, zeros_B, zeros_B, dropped0), xs)
+    carry = (hidden, residual, zeros_B, zeros_B, dropped0)
+    if cfg.scan_layers:
+        carry, counts_YxE = jax.lax.scan(body, carry, xs)
+    else:  # the scan's twin, unrolled: the same math, layer i on row i
+        counts = []
+        for i in range(n_rows):
+            carry, counts_E = body(carry, jax.tree.map(lambda x: x[i], xs))
+            counts.append(counts_E)
+        counts_YxE = jnp.stack(counts)
+    hidden, residual, aux_B, z_B, dropped = carry
     return hidden, residual, aux_B, z_B, counts_YxE, dropped
 
 
