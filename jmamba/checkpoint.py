@@ -31,7 +31,8 @@ from jmamba import model
 from jmamba.config import Config
 from jmamba.guard import EXIT_DISK, RunError
 from jmamba.optim import make_optimizer
-from jmamba.parallel.layout import to_canonical, to_stage
+from jmamba.parallel.layout import (canonical_io, canonical_leaf, stage_io, stage_leaf,
+                                   to_stage)
 from jmamba.parallel.mesh import canonical_layer_shardings, spread_shardings
 from jmamba.step import TrainState
 
@@ -45,7 +46,7 @@ MAY_DIFFER = {"train.steps", "train.log_every", "train.log_dir", "train.ckpt_dir
               "train.progress", "train.peak_tflops", "train.max_skipped_steps",
               "train.skip_nonfinite", "train.loader", "train.eval_data", "train.eval_every",
               "train.eval_steps", "model.ssm_impl", "model.dtype",
-              "model.chunk_size"}
+              "model.chunk_size", "model.scan_layers"}
 MAY_DIFFER_SECTIONS = {"parallel", "dist"}
 
 
@@ -106,6 +107,22 @@ def map_state(convert, step, params, opt_state, optimizer) -> dict:
     return {"step": step, "params": convert(params),
             "opt_state": optax.tree_map_params(optimizer, convert, opt_state,
                                                is_leaf=_is_params)}
+
+
+def relay_leaves(tree, convert_leaf, shardings, free_sources: bool):
+    """convert_leaf on every leaf, each in its own compiled call with its own output
+    sharding; with free_sources each source is deleted once its result is dispatched.
+    Hand-made because XLA lowers a re-layout between unrelated splits (a non-contiguous
+    stage layout against the evenly split checkpoint form) by replicating whole arrays,
+    and in one program for the whole state those copies add up: one leaf at a time, the
+    extra memory is one leaf's (scripts/relayout_memory.py, docs/benchmarks.md)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    out = []
+    for leaf, sh in zip(leaves, jax.tree.leaves(shardings)):
+        out.append(jax.jit(convert_leaf, out_shardings=sh)(leaf))
+        if free_sources:
+            leaf.delete()
+    return jax.tree.unflatten(treedef, out)
 
 
 def saved_shapes(cfg: Config) -> dict:
@@ -285,8 +302,31 @@ class Checkpoints:
         # read into the run's own split where the layout allows (no exchange to re-lay).
         spread = None if run.mesh is None else spread_shardings(saved_shapes(cfg), run.mesh)
         self._restore_sh = None if spread is None else self._restore_shardings(spread, run)
-        self._to_saved = jax.jit(to_saved, out_shardings=(
-            spread, None) if spread is not None else None)
+        if run.layout is not None and not run.layout.contiguous:
+            self._to_saved = self._to_saved_by_leaf(spread)
+        else:
+            self._to_saved = jax.jit(to_saved, out_shardings=(
+                spread, None) if spread is not None else None)
+
+    def _to_saved_by_leaf(self, spread):
+        """to_saved for non-contiguous layouts: each layer leaf re-laid in its own call
+        (relay_leaves), the rest and the fingerprints after."""
+        layout = self.run.layout
+        io_fn = jax.jit(lambda p: canonical_io(p["io"], layout))
+        prints_fn = jax.jit(lambda saved: jax.tree.map(fingerprint, saved))
+
+        def to_saved(state):
+            def canonical(params, sh):
+                layers = relay_leaves(params["layers"], lambda x: canonical_leaf(x, layout),
+                                      sh["layers"], free_sources=False)
+                return {**io_fn(params), "layers": layers}
+
+            saved = map_state(lambda p: canonical(p, spread["params"]), jnp.copy(state.step),
+                              state.params, state.opt_state, self.optimizer)
+            saved = jax.device_put(saved, spread)  # (the small io leaves; the rest are)
+            return saved, prints_fn(saved)
+
+        return to_saved
 
     def _restore_shardings(self, spread, run):
         """`spread`, except that where the layout splits like the canonical form (contiguous,
@@ -309,6 +349,45 @@ class Checkpoints:
             return jax.tree.leaves(self.run.state.params)[0].sharding
         return self._restore_sh
 
+    def from_saved(self, state: TrainState):
+        """The re-layout of a restored canonical tree into the run's state, laid out like
+        `state` (whose shardings alone are used): one compiled call, or for non-contiguous
+        layouts one per layer leaf that frees each restored leaf as it goes."""
+        layout = self.run.layout
+        state_sh = jax.tree.map(lambda x: x.sharding, state)
+        if layout is not None and not layout.contiguous:
+            io_fn = jax.jit(lambda p: stage_io(p, layout), out_shardings=state_sh.params["io"])
+
+            def to_run_by_leaf(params):
+                io = io_fn(params)
+                layers = relay_leaves(params["layers"], lambda x: stage_leaf(x, layout),
+                                      state_sh.params["layers"], free_sources=True)
+                return {"layers": layers, "io": io}
+
+            def from_saved_by_leaf(saved):
+                s = map_state(to_run_by_leaf, saved["step"], saved["params"],
+                              saved["opt_state"], self.optimizer)
+                return jax.device_put(TrainState(s["step"], s["params"], s["opt_state"]),
+                                      state_sh)
+
+            return from_saved_by_leaf
+        to_run = (lambda p: to_stage(p, layout)) if layout is not None else (lambda p: p)
+
+        def from_saved(saved):
+            s = map_state(to_run, saved["step"], saved["params"], saved["opt_state"],
+                          self.optimizer)
+            return TrainState(s["step"], s["params"], s["opt_state"])
+
+        return jax.jit(from_saved, out_shardings=state_sh)
+
+    def saved_abstract(self):
+        """The canonical tree as a restore lays it out (shapes, dtypes, shardings)."""
+        sh = self.sharding()
+        shardings = sh if isinstance(sh, dict) else jax.tree.map(lambda _: sh,
+                                                                 saved_shapes(self.cfg))
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                            saved_shapes(self.cfg), shardings)
+
     def resume(self, state: TrainState) -> tuple[TrainState, int]:
         """(state, data step) from the checkpoint train.resume names; (state, 0) if the
         directory holds none."""
@@ -327,17 +406,8 @@ class Checkpoints:
                                   f"{[s for s in steps if s > step]}, which training on from "
                                   f"step {step} would have to overwrite; move them away")
         saved, meta = read_checked(self.manager, step, self.cfg, self.sharding())
-        layout = self.run.layout
-        to_run = (lambda p: to_stage(p, layout)) if layout is not None else (lambda p: p)
-        out_sh = jax.tree.map(lambda x: x.sharding, state)
-
-        def from_saved(saved):
-            s = map_state(to_run, saved["step"], saved["params"], saved["opt_state"],
-                          self.optimizer)
-            return TrainState(s["step"], s["params"], s["opt_state"])
-
         # (only the shardings of `state` are used; train.py builds it abstract when resuming)
-        state = jax.jit(from_saved, out_shardings=out_sh)(saved)
+        state = self.from_saved(state)(saved)
         del saved
         data_step = meta["data"]["step"]
         order = meta["data"].get("order")

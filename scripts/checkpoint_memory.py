@@ -11,6 +11,7 @@ size (parameters + AdamW moments, from the checkpoint's metadata), is what issue
 
     python3 scripts/checkpoint_memory.py --out runs/ckpt_mem
     python3 scripts/checkpoint_memory.py --out runs/ckpt_mem --pp 2 --ep 2 --d_model 768
+    python3 scripts/checkpoint_memory.py --out runs/ckpt_mem --pp_split 3,5   # uneven
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ def main():
     ap.add_argument("--n_experts", type=int, default=8)
     ap.add_argument("--d_expert", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--pp_split", default="", help="e.g. 3,5: an uneven (non-contiguous) "
+                    "layout, re-laid leaf by leaf")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="jmamba_ckpt_mem_")
@@ -59,7 +62,8 @@ def main():
               str(args.n_layer), "--n_experts", str(args.n_experts), "--d_expert",
               str(args.d_expert), "--vocab_size", "50277", "--batch_size", "4", "--seq_len",
               "128", "--pp", str(args.pp), "--ep", str(args.ep), "--microbatches", "2",
-              "--warmup_steps", "1", "--log_every", "1", "--progress", "lines"]
+              "--warmup_steps", "1", "--log_every", "1", "--progress", "lines",
+              "--eval_every", "0", *(["--pp_split", args.pp_split] if args.pp_split else [])]
     S = args.steps
     ckpt = os.path.join(work, "ckpt")
     fresh = peak_rss_gb(common + ["--steps", str(S), "--log_dir", os.path.join(work, "a")])
@@ -71,7 +75,8 @@ def main():
     itemsize = {"float32": 4, "bfloat16": 2, "int32": 4}
     state_gb = sum(itemsize[v["dtype"]] * max(1, __import__("math").prod(v["shape"]))
                    for v in meta["leaves"].values()) / 2**30
-    rows = {"layout": f"({args.pp},{args.ep})", "state_gb": round(state_gb, 3),
+    rows = {"layout": f"({args.pp},{args.ep})" + (f" split {args.pp_split}"
+                                                  if args.pp_split else ""), "state_gb": round(state_gb, 3),
             "fresh_gb": round(fresh, 2), "save_gb": round(save, 2),
             "resume_gb": round(resume, 2),
             "save_extra_x_state": round((save - fresh) / state_gb, 2),

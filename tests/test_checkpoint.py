@@ -28,13 +28,14 @@ MODEL = ModelConfig(d_model=16, n_layer=8, vocab_size=40, headdim=8, d_state=8, 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def make_cfg(ckpt_dir, pp=1, ep=1, M=1, schedule="gpipe", steps=4, model=MODEL, **train):
+def make_cfg(ckpt_dir, pp=1, ep=1, M=1, schedule="gpipe", steps=4, model=MODEL, split="",
+             **train):
     return validate(Config(
         model=model,
         train=TrainConfig(batch_size=8, seq_len=24, n_pairs=4, steps=steps, warmup_steps=1,
                           ckpt_dir=str(ckpt_dir), **train),
         parallel=ParallelConfig(pp=pp, ep=ep, microbatches=M, ep_capacity_factor=8.0,
-                                pp_schedule=schedule)))
+                                pp_schedule=schedule, pp_split=split)))
 
 
 def run_steps(run, state, cfg, start, n):
@@ -90,15 +91,16 @@ def copy_of(written, tmp_path):
     return tmp_path / "run"
 
 
-@pytest.mark.parametrize("pp,ep,M,schedule", [(1, 1, 1, "gpipe"), (4, 2, 4, "circular"),
-                                              (2, 4, 2, "gpipe")])
+@pytest.mark.parametrize("pp,ep,M,schedule,split", [
+    (1, 1, 1, "gpipe", ""), (4, 2, 4, "circular", ""), (2, 4, 2, "gpipe", ""),
+    (2, 2, 2, "1f1b", "3,5")])  # the last is not contiguous: re-laid leaf by leaf
 def test_restore_into_another_layout_gives_the_same_next_loss(written, tmp_path, pp, ep, M,
-                                                              schedule):
+                                                              schedule, split):
     directory, loss3 = written
     saved, _, meta = ck.load(str(directory))
     # The layout and log_dir may differ from the writer's (steps too, but they reshape the
     # learning-rate schedule).
-    cfg = make_cfg(directory, pp, ep, M, schedule, log_dir=str(tmp_path / "log"))
+    cfg = make_cfg(directory, pp, ep, M, schedule, split=split, log_dir=str(tmp_path / "log"))
     run = build(cfg)
     state, data_step = ck.Checkpoints(cfg, run).resume(run.state)
     assert data_step == meta["data"]["step"] == int(state.step) == 2
@@ -107,7 +109,8 @@ def test_restore_into_another_layout_gives_the_same_next_loss(written, tmp_path,
         np.testing.assert_array_equal(table[0], table[-1])
     # Saved again from this layout, the checkpoint holds the same arrays (params, mu, nu)
     # bit for bit.
-    saver = ck.Checkpoints(make_cfg(tmp_path / "again", pp, ep, M, schedule), run)
+    saver = ck.Checkpoints(make_cfg(tmp_path / "again", pp, ep, M, schedule, split=split),
+                           run)
     saver.maybe_save(2, state, last=True)
     saver.close()
     resaved, _, meta_again = ck.load(str(tmp_path / "again"))

@@ -137,17 +137,31 @@ class StageLayout:
         return pos
 
 
-def to_stage(params: dict, layout: StageLayout) -> dict:
-    """Canonical {'embed', 'layers', 'norm_f', ['lm_head']} -> stage-stacked {'layers', 'io'}."""
+def stage_leaf(leaf, layout: StageLayout):
+    """A canonical layer leaf [L, ...] -> its stage-stacked form [V, S, Ymax, ...] (zero
+    rows where a stage holds fewer layers). Non-contiguous layouts take each stage's block
+    of rows by a static slice: a gather with the stage index table made XLA replicate
+    whole arrays when the two sides are split over devices differently."""
     idx = layout.index_VxSxY
-    valid = jnp.asarray(idx >= 0)
+    if layout.contiguous:
+        return leaf.reshape(idx.shape + leaf.shape[1:])
+    Y = layout.ymax
+    blocks = [jnp.pad(leaf[a:b], [(0, Y - (b - a))] + [(0, 0)] * (leaf.ndim - 1))
+              for a, b in layout.splits]
+    return jnp.stack(blocks).reshape(idx.shape + leaf.shape[1:])
 
-    def stack(leaf):
-        if layout.contiguous:
-            return leaf.reshape(idx.shape + leaf.shape[1:])
-        rows = leaf[np.maximum(idx, 0)]  # [V_, S, Ymax, ...]
-        return jnp.where(valid.reshape(valid.shape + (1,) * (leaf.ndim - 1)), rows, 0)
 
+def canonical_leaf(leaf, layout: StageLayout):
+    """The inverse of stage_leaf: row i is global layer i again."""
+    if layout.contiguous:
+        return leaf.reshape((-1,) + leaf.shape[3:])
+    by_stage = leaf.reshape((-1,) + leaf.shape[2:])  # [V * S, Ymax, ...]
+    return jnp.concatenate([by_stage[k, :b - a] for k, (a, b) in enumerate(layout.splits)])
+
+
+def stage_io(params: dict, layout: StageLayout) -> dict:
+    """The stage-stacked 'io' part (embedding table per end stage, final norm scale) of
+    canonical params."""
     emb_VxD = params["embed"]["embedding"]
     out_VxD = emb_VxD if layout.tied else params["lm_head"]["kernel"].T
     n = layout.n_slots
@@ -155,25 +169,29 @@ def to_stage(params: dict, layout: StageLayout) -> dict:
         out_VxD)
     scale_D = params["norm_f"]["scale"]
     scale = jnp.zeros((n,) + scale_D.shape, scale_D.dtype).at[n - 1].set(scale_D)
-    return {"layers": jax.tree.map(stack, params["layers"]),
-            "io": {"table": table, "scale": scale}}
+    return {"table": table, "scale": scale}
+
+
+def to_stage(params: dict, layout: StageLayout) -> dict:
+    """Canonical {'embed', 'layers', 'norm_f', ['lm_head']} -> stage-stacked {'layers', 'io'}."""
+    return {"layers": jax.tree.map(lambda x: stage_leaf(x, layout), params["layers"]),
+            "io": stage_io(params, layout)}
+
+
+def canonical_io(io: dict, layout: StageLayout) -> dict:
+    """The canonical non-layer params from the stage-stacked 'io' part."""
+    table = io["table"]
+    out = {"embed": {"embedding": table[0]}, "norm_f": {"scale": io["scale"][-1]}}
+    if not layout.tied:
+        out["lm_head"] = {"kernel": table[-1].T}
+    return out
 
 
 def to_canonical(stage_params: dict, layout: StageLayout) -> dict:
     """The inverse of to_stage: row i of every layer leaf is global layer i again."""
-    pos = layout.position
-
-    def unstack(leaf):
-        flat = leaf.reshape((-1,) + leaf.shape[3:])
-        return flat if layout.contiguous else flat[pos]
-
-    table = stage_params["io"]["table"]
-    out = {"embed": {"embedding": table[0]},
-           "layers": jax.tree.map(unstack, stage_params["layers"]),
-           "norm_f": {"scale": stage_params["io"]["scale"][-1]}}
-    if not layout.tied:
-        out["lm_head"] = {"kernel": table[-1].T}
-    return out
+    return {**canonical_io(stage_params["io"], layout),
+            "layers": jax.tree.map(lambda x: canonical_leaf(x, layout),
+                                   stage_params["layers"])}
 
 
 def tie_gradients(grads: dict, layout: StageLayout) -> dict:
