@@ -163,6 +163,26 @@ def _short(e: Exception) -> str:
     return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
+_ORBAX_LOG: list = []  # the one handler that keeps Orbax's messages in the run's log dir
+
+
+def orbax_messages_to(log_dir: str) -> str:
+    """Sends the "absl" logger's records (Orbax logs through it, a failed save as pages of
+    tracebacks from its background threads) to <log_dir>/orbax.log (one file per process)
+    instead of stderr, where a failure is one line of ours. Returns the file's path."""
+    name = "orbax.log" if jax.process_count() == 1 else f"orbax.{jax.process_index()}.log"
+    path = os.path.join(log_dir, name)
+    absl = logging.getLogger("absl")
+    for handler in _ORBAX_LOG:
+        absl.removeHandler(handler)
+        handler.close()
+    _ORBAX_LOG[:] = [logging.FileHandler(path)]
+    _ORBAX_LOG[0].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    absl.addHandler(_ORBAX_LOG[0])
+    absl.propagate = False
+    return path
+
+
 def open_manager(directory: str, keep: int = 1, read_only: bool = False):
     if read_only:  # (these settings are what Orbax would force, less its warnings)
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None,
@@ -286,6 +306,8 @@ class Checkpoints:
         t = cfg.train
         self.cfg, self.run, self.directory = cfg, run, t.ckpt_dir
         self.data_order = data_order
+        os.makedirs(t.log_dir, exist_ok=True)
+        self.orbax_log = orbax_messages_to(t.log_dir)
         self.optimizer = make_optimizer(t)
         self.manager = open_manager(t.ckpt_dir, keep=t.keep)
         # Fresh arrays (copies where the layout is canonical already): the step donates the
@@ -420,9 +442,21 @@ class Checkpoints:
               f"{data_step}, {self.cfg.train.steps - step} steps to go)", flush=True)
         return state, data_step
 
+    def _to_log(self):
+        """While a failed save winds down, TensorStore's callbacks print pages of "Event
+        loop is closed" tracebacks through sys.stderr (a real full disk: ~300 lines): they
+        go to the Orbax log, and the failure stays one line of ours."""
+        self._log_file = getattr(self, "_log_file", None) or open(self.orbax_log, "a")
+        return contextlib.redirect_stderr(self._log_file)
+
     def _failed(self, e: Exception):
         """A save that failed (full or read-only disk, ...) stops the run: RunError with
         exit code 3, naming the last checkpoint that is complete on disk."""
+        self.failed = True
+        with self._to_log():
+            return self._failed_quietly(e)
+
+    def _failed_quietly(self, e: Exception):
         try:  # saves still in flight may land: wait for them (their errors are this one)
             self.manager.wait_until_finished()
         except Exception:
@@ -436,7 +470,8 @@ class Checkpoints:
         last = f"step {max(done)}" if done else "none"
         return RunError(f"saving a checkpoint to {self.directory} failed ({_short(e)}); the "
                         f"last complete checkpoint is {last}. Free space or fix the disk, then "
-                        f"run the same command to resume from it", EXIT_DISK)
+                        f"run the same command to resume from it (Orbax's messages: "
+                        f"{self.orbax_log})", EXIT_DISK)
 
     def check(self) -> None:
         """Raises RunError if an asynchronous save has failed (cheap: call every step)."""
@@ -474,15 +509,16 @@ class Checkpoints:
         failed save left threads that hung the interpreter at exit). Raises RunError if a
         save failed."""
         error = None
-        try:
-            self.manager.wait_until_finished()
-            self.manager.check_for_errors()
-        except Exception as e:
-            error = e
-        finally:
+        with self._to_log() if getattr(self, "failed", False) else contextlib.nullcontext():
             try:
-                self.manager.close()
+                self.manager.wait_until_finished()
+                self.manager.check_for_errors()
             except Exception as e:
-                error = error or e
+                error = e
+            finally:
+                try:
+                    self.manager.close()
+                except Exception as e:
+                    error = error or e
         if error is not None:
             raise self._failed(error) from None

@@ -184,10 +184,13 @@ def main(argv: list[str] | None = None) -> None:
     # --- end issue 7 ---
     from jmamba.driver import train  # imports jax only after the flags are checked
     from jmamba.checkpoint import CheckpointError
-    from jmamba.guard import EXIT_BAD_INPUT, RunError
+    from jmamba.guard import EXIT_BAD_INPUT, EXIT_DISK, RunError
     try:
         train(cfg)
     except CheckpointError as e:  # a checkpoint that cannot be used: say why, no traceback
         fail(str(e), EXIT_BAD_INPUT, hard=True)  # raised before training: nothing to flush
     except RunError as e:  # a path, file or disk that fails: one line, its exit code
-        fail(str(e), e.exit_code)
+        # After a failed save Orbax's background threads may wait forever for signals that
+        # never come (a read-only disk: a real run hung at exit, scripts/disk_faults.py);
+        # the driver has closed everything of ours by now, so leave without joining them.
+        fail(str(e), e.exit_code, hard=e.exit_code == EXIT_DISK)

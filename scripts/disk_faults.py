@@ -33,8 +33,14 @@ def sh(*cmd):
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
+OUT = "."
+
+
 def outcome(name, proc_or_none, stderr, rc, seconds, ckpt_dir):
     lines = [l for l in stderr.splitlines() if l.strip()]
+    stem = "".join(c if c.isalnum() else "_" for c in name)
+    with open(os.path.join(OUT, f"{stem}.stderr.txt"), "w") as f:
+        f.write(stderr)
     steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()) if os.path.isdir(
         ckpt_dir) else []
     row = {"case": name, "rc": rc, "seconds": round(seconds, 1), "stderr_lines": len(lines),
@@ -55,26 +61,19 @@ def run(name, flags, ckpt_dir, limit=240):
                        time.time() - t, ckpt_dir)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    rows = []
-    base = tempfile.mkdtemp(prefix="jmamba_disk_")
-    full, src, ro = (os.path.join(base, d) for d in ("full", "src", "ro"))
-    for d in (full, src, ro):
-        os.makedirs(d)
-    m = sh("mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", full)
+def full_disk(base: str, rows: list) -> None:
+    full = os.path.join(base, "full")
+    os.makedirs(full)
+    m = sh("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", full)
     if m.returncode:
         print(json.dumps({"case": "setup", "error": f"mount: {m.stderr.strip()}"}))
         return
     try:
         ckpt = os.path.join(full, "ckpt")
         # The filler leaves room for preflight's one checkpoint (and a little more), not
-        # for the three that --keep 3 would hold.
+        # for a second; without it the 16 MiB hold --keep 3 and one in flight.
         with open(os.path.join(full, "filler"), "wb") as f:
-            f.write(b"\0" * (12 * 2**20 - 6 * 2**20))
+            f.write(b"\0" * (16 * 2**20 - 6 * 2**20))
         flags = ["--steps", "12", "--ckpt_dir", ckpt, "--ckpt_every", "2", "--keep", "3",
                  "--log_dir", os.path.join(base, "log_full")]
         rows.append(run("full disk", flags, ckpt))
@@ -82,38 +81,61 @@ def main():
         rows.append(run("full disk, resumed after freeing space", flags, ckpt))
     finally:
         sh("umount", full)
+
+
+def read_only(base: str, rows: list) -> None:
+    src, ro = os.path.join(base, "src"), os.path.join(base, "ro")
+    os.makedirs(src)
+    os.makedirs(ro)
     m = sh("mount", "--bind", src, ro)
     r = sh("mount", "-o", "remount,bind,ro", ro)
     if m.returncode or r.returncode:
         print(json.dumps({"case": "setup", "error": f"bind mount: {m.stderr}{r.stderr}"}))
-    else:
+        return
+    try:
+        rows.append(run("read-only at start", ["--steps", "4", "--ckpt_dir",
+                                               os.path.join(ro, "ckpt"), "--log_dir",
+                                               os.path.join(base, "log_ro")],
+                        os.path.join(ro, "ckpt")))
+        sh("mount", "-o", "remount,bind,rw", ro)
+        ckpt = os.path.join(ro, "ckpt2")
+        p = subprocess.Popen(TRAIN + ["--steps", "400", "--ckpt_dir", ckpt, "--ckpt_every",
+                                      "2", "--log_dir", os.path.join(base, "log_ro2")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                             env=ENV, cwd=ROOT)
+        t = time.time()
+        while not os.path.isdir(os.path.join(ckpt, "2")) and time.time() - t < 180:
+            time.sleep(0.2)
+        flip = sh("mount", "-o", "remount,bind,ro", ro)
         try:
-            rows.append(run("read-only at start", ["--steps", "4", "--ckpt_dir",
-                                                   os.path.join(ro, "ckpt"), "--log_dir",
-                                                   os.path.join(base, "log_ro")],
-                            os.path.join(ro, "ckpt")))
-            sh("mount", "-o", "remount,bind,rw", ro)
-            ckpt = os.path.join(ro, "ckpt2")
-            p = subprocess.Popen(TRAIN + ["--steps", "400", "--ckpt_dir", ckpt, "--ckpt_every",
-                                          "2", "--log_dir", os.path.join(base, "log_ro2")],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                 env=ENV, cwd=ROOT)
-            t = time.time()
-            while not os.path.isdir(os.path.join(ckpt, "2")) and time.time() - t < 180:
-                time.sleep(0.2)
-            flip = sh("mount", "-o", "remount,bind,ro", ro)
-            try:
-                _, err = p.communicate(timeout=240)
-                rc = p.returncode
-            except subprocess.TimeoutExpired:
-                p.kill()
-                _, err = p.communicate()
-                rc, err = "hung", err + "\nHUNG: killed at the time limit"
-            rows.append(outcome("read-only mid-run" + (f" (remount failed: {flip.stderr})"
-                                                       if flip.returncode else ""),
-                                None, err, rc, time.time() - t, ckpt))
-        finally:
-            sh("umount", ro)
+            _, err = p.communicate(timeout=240)
+            rc = p.returncode
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+            rc, err = "hung", err + "\nHUNG: killed at the time limit"
+        rows.append(outcome("read-only mid-run" + (f" (remount failed: {flip.stderr})"
+                                                   if flip.returncode else ""),
+                            None, err, rc, time.time() - t, ckpt))
+    finally:
+        sh("umount", ro)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--cases", default="full,ro", help="full (the two full-disk cases), "
+                    "ro (the two read-only cases)")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    global OUT
+    OUT = args.out
+    rows = []
+    base = tempfile.mkdtemp(prefix="jmamba_disk_")
+    if "full" in args.cases.split(","):
+        full_disk(base, rows)
+    if "ro" in args.cases.split(","):
+        read_only(base, rows)
     with open(os.path.join(args.out, "disk_faults.json"), "w") as f:
         json.dump(rows, f, indent=1)
 
