@@ -126,7 +126,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     data.restore({"step": start})  # batches are a pure function of (seed, step)
     n_params = count_params(run.canonical(state.params))
     main = jax.process_index() == 0
-    log = RunLog(t.log_dir, t.steps, t.progress, enabled=main)
+    log = RunLog(t.log_dir, t.steps, t.progress, enabled=main, start_step=start)
     source = f"token files via {data.ORDER}" if t.data else "the embedded recall task"
     log.note(f"jmamba: {n_params / 1e6:.2f}M params, mesh pp={p.pp} x ep={p.ep} on "
              f"{jax.default_backend()}, {p.microbatches} microbatch(es), {t.steps} steps of "

@@ -94,12 +94,33 @@ def _tensorboard(log_dir: str):
     return SummaryWriter(log_dir, flush_secs=10)
 
 
+def keep_records_up_to(path: str, step: int) -> None:
+    """Rewrites a metrics.jsonl without the records of steps after `step` (atomically: a
+    temporary file renamed over it). Lines that do not parse are kept as they are."""
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                later = json.loads(line).get("step", 0) > step
+            except (ValueError, AttributeError, TypeError):
+                later = False
+            if not later:
+                kept.append(line)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 class RunLog:
     """One record per logged step: appended to <log_dir>/metrics.jsonl, written as
     TensorBoard scalars under <log_dir>, and shown as a progress bar (terminal) or a line."""
 
     def __init__(self, log_dir: str, total_steps: int, progress: str = "auto",
-                 enabled: bool = True, stream=None):
+                 enabled: bool = True, stream=None, start_step: int = 0):
+        """start_step: the step a resumed run starts after. Records of later steps already
+        in metrics.jsonl (logged by a run that stopped before its next checkpoint) are
+        dropped, so the resumed run's records replace them instead of repeating them."""
         self.stream = stream or sys.stdout
         self.enabled = enabled  # only process 0 writes files and prints
         self.total = total_steps
@@ -108,7 +129,10 @@ class RunLog:
         self.last = {}
         if enabled:
             os.makedirs(log_dir, exist_ok=True)
-            self.file = open(os.path.join(log_dir, "metrics.jsonl"), "a")
+            path = os.path.join(log_dir, "metrics.jsonl")
+            if start_step and os.path.exists(path):
+                keep_records_up_to(path, start_step)
+            self.file = open(path, "a")
             self.tb = _tensorboard(log_dir)
 
     def step_done(self, step: int) -> None:

@@ -6,6 +6,7 @@ temporaries of many times the share (issue 18: no device may hold another's shar
 
     python3 scripts/relayout_memory.py                     # every layout kind, 4 CPU devices
     python3 scripts/relayout_memory.py --layouts "2:2::1;2:2:1,7:1"
+    python3 scripts/relayout_memory.py --preset bamba9b_moe --layouts "4:2::1"
 
 A layout is "pp:ep:pp_split:virtual" (pp_split as the flag takes it). Compile only: it runs
 in seconds on the CPU. Non-contiguous layouts re-lay leaf by leaf (checkpoint.relay_leaves):
@@ -24,6 +25,20 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 LAYOUTS = "2:2::1;2:2:3,5:1;2:2:0-1,2-7:1;2:2::2"  # even, uneven, hand-made, circular
+
+
+def largest_device_bytes(tree) -> int:
+    """Bytes of an abstract, sharded tree on its fullest device."""
+    import collections
+
+    import jax
+    per = collections.Counter()
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        n = x.dtype.itemsize
+        for d in x.sharding.device_set:
+            per[d] += n * int(__import__("math").prod(shard))
+    return max(per.values())
 
 
 def by_leaf_temp(run, saved) -> dict:
@@ -48,6 +63,8 @@ def main():
     ap.add_argument("--layouts", default=LAYOUTS, help="pp:ep:pp_split:virtual;...")
     ap.add_argument("--n_layer", type=int, default=8)
     ap.add_argument("--d_model", type=int, default=256)
+    ap.add_argument("--preset", default="", help="a preset at its own shape (e.g. "
+                    "bamba9b_moe with --layouts 4:2::1) instead of the small cpu_demo model")
     args = ap.parse_args()
     from jmamba.cli import simulate_cpu_devices
     simulate_cpu_devices(8)
@@ -58,14 +75,15 @@ def main():
     from jmamba.config import validate
     from jmamba.parallel.setup import build
 
-    print("| pp,ep,split,virtual | contiguous | state share GB | save temp GB (x share) | "
-          "resume temp GB (x share) |")
-    print("|---|---|---|---|---|")
+    print("| pp,ep,split,virtual | contiguous | state share GB | run's state GB per device "
+          "(largest) | save temp GB (x share) | resume temp GB (x share) |")
+    print("|---|---|---|---|---|---|")
     for spec in args.layouts.split(";"):
         pp, ep, split, virtual = spec.split(":")
-        base = load_preset("cpu_demo")
-        m = dataclasses.replace(base.model, n_layer=args.n_layer, d_model=args.d_model,
-                                d_expert=2 * args.d_model, n_experts=8)
+        base = load_preset(args.preset or "cpu_demo")
+        m = base.model if args.preset else dataclasses.replace(
+            base.model, n_layer=args.n_layer, d_model=args.d_model, d_expert=2 * args.d_model,
+            n_experts=8)
         circular = int(virtual) > 1
         p = dataclasses.replace(base.parallel, pp=int(pp), ep=int(ep), pp_split=split,
                                 pp_virtual=int(virtual) if circular else 2,
@@ -88,7 +106,8 @@ def main():
                 temp = by_leaf_temp(run, saver.saved_abstract())
             saver.manager.close()
         gb = lambda b: b / 1e9
-        row = [spec, str(run.layout.contiguous), f"{gb(share):.3f}"]
+        row = [spec, str(run.layout.contiguous), f"{gb(share):.3f}",
+               f"{gb(largest_device_bytes(run.state)):.3f}"]
         for k in ("save", "resume"):
             t = temp[k]
             row.append(f"{gb(t):.3f} ({t / share:.2f}x)")

@@ -278,6 +278,11 @@ def test_killed_run_resumes_to_bit_identical_parameters(tmp_path):
     again, _, meta = ck.load(str(tmp_path / "killed"))
     assert meta["step"] == 30
     jax.tree.map(np.testing.assert_array_equal, again, full)
+    # The same log_dir holds each step's record once, as the uninterrupted run logged it.
+    rows = {name: [json.loads(l) for l in open(tmp_path / f"{name}_log" / "metrics.jsonl")]
+            for name in ("full", "killed")}
+    assert [r["step"] for r in rows["killed"]] == [r["step"] for r in rows["full"]]
+    assert [r["loss"] for r in rows["killed"]] == [r["loss"] for r in rows["full"]]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")

@@ -116,3 +116,18 @@ def test_sigint_sets_exit_code_130_and_a_second_one_interrupts():
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_resumed_run_replaces_the_records_after_its_checkpoint(tmp_path):
+    """Records of steps after the resume step (logged by a run that died before its next
+    checkpoint) are dropped when the resumed run opens the log; earlier ones stay."""
+    from jmamba.metrics import RunLog
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for step in range(1, 7):
+            f.write(json.dumps({"step": step, "loss": float(step)}) + "\n")
+    log = RunLog(str(tmp_path), 8, "lines", start_step=4, stream=io.StringIO())
+    log.write({"step": 5, "loss": 0.5})
+    log.file.close()
+    rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
+                                                     (5, 0.5)]

@@ -49,9 +49,9 @@ def test_validation_leaves_training_as_it_was(tmp_path):
 
     def run(eval_every, name):
         return train(validate(Config(
-            model=ModelConfig(d_model=16, n_layer=2, headdim=8, d_state=8, chunk_size=16,
+            model=ModelConfig(d_model=16, n_layer=1, headdim=8, d_state=8, chunk_size=16,
                               d_expert=16),
-            train=dataclasses.replace(TrainConfig(), steps=4, warmup_steps=1, batch_size=4,
+            train=dataclasses.replace(TrainConfig(), steps=3, warmup_steps=1, batch_size=4,
                                       seq_len=40, log_every=1, eval_every=eval_every,
                                       progress="lines", log_dir=str(tmp_path / name)))))
 
