@@ -373,11 +373,13 @@ class Checkpoints:
 
     def from_saved(self, state: TrainState):
         """The re-layout of a restored canonical tree into the run's state, laid out like
-        `state` (whose shardings alone are used): one compiled call, or for non-contiguous
-        layouts one per layer leaf that frees each restored leaf as it goes."""
+        `state` (whose shardings alone are used): on a mesh one compiled call per layer
+        leaf that frees each restored leaf as it goes, so a resume holds the state once
+        plus one leaf (one call for the whole tree held it twice: ~125 GB a GPU for
+        bamba9b_moe, docs/benchmarks.md); one device keeps one call."""
         layout = self.run.layout
         state_sh = jax.tree.map(lambda x: x.sharding, state)
-        if layout is not None and not layout.contiguous:
+        if layout is not None:
             io_fn = jax.jit(lambda p: stage_io(p, layout), out_shardings=state_sh.params["io"])
 
             def to_run_by_leaf(params):

@@ -9,9 +9,9 @@ temporaries of many times the share (issue 18: no device may hold another's shar
     python3 scripts/relayout_memory.py --preset bamba9b_moe --layouts "4:2::1"
 
 A layout is "pp:ep:pp_split:virtual" (pp_split as the flag takes it). Compile only: it runs
-in seconds on the CPU. Non-contiguous layouts re-lay leaf by leaf (checkpoint.relay_leaves):
-their row is the largest temporary of one leaf's program; contiguous layouts compile one
-program for the whole state each way.
+in seconds on the CPU. Resumes re-lay leaf by leaf (checkpoint.relay_leaves), and so do the
+saves of non-contiguous layouts: their column is the largest temporary of one leaf's
+program; the saves of contiguous layouts compile one program for the whole state.
 """
 
 from __future__ import annotations
@@ -97,13 +97,12 @@ def main():
             n = run.mesh.size
             share = sum(x.size * x.dtype.itemsize
                         for x in jax.tree.leaves(ck.saved_shapes(cfg))) / n
-            if run.layout.contiguous:  # one compiled program each way
-                temp = {"save": saver._to_saved.lower(run.state),
-                        "resume": saver.from_saved(run.state).lower(saver.saved_abstract())}
-                temp = {k: v.compile().memory_analysis().temp_size_in_bytes
-                        for k, v in temp.items()}
-            else:  # leaf by leaf (checkpoint.relay_leaves): the largest leaf's program
-                temp = by_leaf_temp(run, saver.saved_abstract())
+            # Resumes re-lay leaf by leaf (checkpoint.relay_leaves): the largest leaf's
+            # program. Saves too for non-contiguous layouts, else one whole-state program.
+            temp = by_leaf_temp(run, saver.saved_abstract())
+            if run.layout.contiguous:
+                temp["save"] = saver._to_saved.lower(run.state).compile().memory_analysis(
+                    ).temp_size_in_bytes
             saver.manager.close()
         gb = lambda b: b / 1e9
         row = [spec, str(run.layout.contiguous), f"{gb(share):.3f}",
