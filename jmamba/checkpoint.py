@@ -31,8 +31,7 @@ from jmamba import model
 from jmamba.config import Config
 from jmamba.guard import EXIT_DISK, RunError
 from jmamba.optim import make_optimizer
-from jmamba.parallel.layout import (canonical_io, canonical_leaf, stage_io, stage_leaf,
-                                   to_stage)
+from jmamba.parallel.layout import canonical_io, canonical_leaf, stage_io, stage_leaf
 from jmamba.parallel.mesh import canonical_layer_shardings, spread_shardings
 from jmamba.step import TrainState
 
@@ -300,14 +299,16 @@ def load(directory: str, step: int | None = None) -> tuple[dict, Config, dict]:
 class Checkpoints:
     """Saves every train.ckpt_every steps and at the end; resumes at the start of a run."""
 
-    def __init__(self, cfg: Config, run, data_order: str | None = None):
+    def __init__(self, cfg: Config, run, data_order: str | None = None,
+                 orbax_log: str | None = None):
         """data_order: the token-file loader's order ('grain' or 'numpy'; None for the
-        embedded task), recorded with each save and required of a resume."""
+        embedded task), recorded with each save and required of a resume. orbax_log: the
+        file Orbax's messages go to (orbax_messages_to; train.py sets it), named by a
+        failed save's error and where the wind-down's stderr noise is sent."""
         t = cfg.train
         self.cfg, self.run, self.directory = cfg, run, t.ckpt_dir
-        self.data_order = data_order
-        os.makedirs(t.log_dir, exist_ok=True)
-        self.orbax_log = orbax_messages_to(t.log_dir)
+        self.data_order, self.orbax_log = data_order, orbax_log
+        self.failed, self._log_file = False, None
         self.optimizer = make_optimizer(t)
         self.manager = open_manager(t.ckpt_dir, keep=t.keep)
         # Fresh arrays (copies where the layout is canonical already): the step donates the
@@ -345,7 +346,8 @@ class Checkpoints:
 
             saved = map_state(lambda p: canonical(p, spread["params"]), jnp.copy(state.step),
                               state.params, state.opt_state, self.optimizer)
-            saved = jax.device_put(saved, spread)  # (the small io leaves; the rest are)
+            saved = jax.device_put(saved, spread)  # the io leaves and the step: the layer
+            # leaves are there already
             return saved, prints_fn(saved)
 
         return to_saved
@@ -379,30 +381,25 @@ class Checkpoints:
         bamba9b_moe, docs/benchmarks.md); one device keeps one call."""
         layout = self.run.layout
         state_sh = jax.tree.map(lambda x: x.sharding, state)
-        if layout is not None:
-            io_fn = jax.jit(lambda p: stage_io(p, layout), out_shardings=state_sh.params["io"])
+        if layout is None:  # one device: the saved tree is the state
+            return jax.jit(lambda saved: TrainState(saved["step"], saved["params"],
+                                                    saved["opt_state"]),
+                           out_shardings=state_sh)
+        io_fn = jax.jit(lambda p: stage_io(p, layout), out_shardings=state_sh.params["io"])
 
-            def to_run_by_leaf(params):
-                io = io_fn(params)
-                layers = relay_leaves(params["layers"], lambda x: stage_leaf(x, layout),
-                                      state_sh.params["layers"], free_sources=True)
-                return {"layers": layers, "io": io}
+        def to_run_by_leaf(params):
+            io = io_fn(params)
+            layers = relay_leaves(params["layers"], lambda x: stage_leaf(x, layout),
+                                  state_sh.params["layers"], free_sources=True)
+            return {"layers": layers, "io": io}
 
-            def from_saved_by_leaf(saved):
-                s = map_state(to_run_by_leaf, saved["step"], saved["params"],
-                              saved["opt_state"], self.optimizer)
-                return jax.device_put(TrainState(s["step"], s["params"], s["opt_state"]),
-                                      state_sh)
+        def from_saved_by_leaf(saved):
+            s = map_state(to_run_by_leaf, saved["step"], saved["params"],
+                          saved["opt_state"], self.optimizer)
+            return jax.device_put(TrainState(s["step"], s["params"], s["opt_state"]),
+                                  state_sh)
 
-            return from_saved_by_leaf
-        to_run = (lambda p: to_stage(p, layout)) if layout is not None else (lambda p: p)
-
-        def from_saved(saved):
-            s = map_state(to_run, saved["step"], saved["params"], saved["opt_state"],
-                          self.optimizer)
-            return TrainState(s["step"], s["params"], s["opt_state"])
-
-        return jax.jit(from_saved, out_shardings=state_sh)
+        return from_saved_by_leaf
 
     def saved_abstract(self):
         """The canonical tree as a restore lays it out (shapes, dtypes, shardings)."""
@@ -448,7 +445,9 @@ class Checkpoints:
         """While a failed save winds down, TensorStore's callbacks print pages of "Event
         loop is closed" tracebacks through sys.stderr (a real full disk: ~300 lines): they
         go to the Orbax log, and the failure stays one line of ours."""
-        self._log_file = getattr(self, "_log_file", None) or open(self.orbax_log, "a")
+        if self.orbax_log is None:
+            return contextlib.nullcontext()
+        self._log_file = self._log_file or open(self.orbax_log, "a")
         return contextlib.redirect_stderr(self._log_file)
 
     def _failed(self, e: Exception):
@@ -472,8 +471,9 @@ class Checkpoints:
         last = f"step {max(done)}" if done else "none"
         return RunError(f"saving a checkpoint to {self.directory} failed ({_short(e)}); the "
                         f"last complete checkpoint is {last}. Free space or fix the disk, then "
-                        f"run the same command to resume from it (Orbax's messages: "
-                        f"{self.orbax_log})", EXIT_DISK)
+                        f"run the same command to resume from it"
+                        + (f" (Orbax's messages: {self.orbax_log})" if self.orbax_log else ""),
+                        EXIT_DISK)
 
     def check(self) -> None:
         """Raises RunError if an asynchronous save has failed (cheap: call every step)."""
@@ -511,7 +511,7 @@ class Checkpoints:
         failed save left threads that hung the interpreter at exit). Raises RunError if a
         save failed."""
         error = None
-        with self._to_log() if getattr(self, "failed", False) else contextlib.nullcontext():
+        with self._to_log() if self.failed else contextlib.nullcontext():
             try:
                 self.manager.wait_until_finished()
                 self.manager.check_for_errors()

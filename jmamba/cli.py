@@ -117,9 +117,9 @@ def vocab_from_token_files(cfg: Config) -> Config:
     """Token files record the vocabulary they were tokenized with: without --vocab_size the
     model takes it (with a notice), so byte-level data needs no flag."""
     t = cfg.train
-    specs = [t.data] + ([t.eval_data] if t.eval_data and t.eval_every else [])
     if not t.data:
         return cfg
+    specs = [t.data] + ([t.eval_data] if t.eval_data and t.eval_every else [])
     vocabs = [sidecar_vocab(spec) for spec in specs]
     if None in vocabs or max(vocabs) == cfg.model.vocab_size:
         return cfg

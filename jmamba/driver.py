@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jmamba import evaluate, flops
-from jmamba.checkpoint import Checkpoints
+from jmamba.checkpoint import Checkpoints, orbax_messages_to
 from jmamba.config import Config
 from jmamba.data import RecallData
 from jmamba.guard import (EXIT_BAD_INPUT, Hooks, NonFiniteLoss, RunError, SkipLimit,
@@ -113,7 +113,8 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     state = run.state
     # Checkpoints (jmamba/checkpoint.py): resume if ckpt_dir holds any, save every N steps,
     # at the end and on SIGINT/SIGTERM, through the driver's save hooks.
-    ckpt = Checkpoints(cfg, run, data_order(cfg)) if t.ckpt_dir else None
+    ckpt = (Checkpoints(cfg, run, data_order(cfg), orbax_messages_to(t.log_dir))
+            if t.ckpt_dir else None)
     start = 0
     if ckpt is not None:
         state, start = ckpt.resume(state)

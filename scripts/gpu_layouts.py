@@ -36,6 +36,13 @@ def layouts(n_gpus: int):
     return out + [(2, 2, 4)] if n_gpus >= 4 else out
 
 
+def emit_table(text: str, out_dir: str, name: str) -> None:
+    """Prints a markdown table and writes it to out_dir/name (the file the docs quote)."""
+    print("\n" + text, flush=True)
+    with open(os.path.join(out_dir, name), "w") as f:
+        f.write(text + "\n")
+
+
 def train_run(name, flags, work):
     """One `python train.py` run with `flags` (plus its log dir); returns a row of results:
     exit code, median step time after the first 3 logged steps, fullest-GPU peak, dropped
@@ -146,9 +153,7 @@ def main():
             with open(os.path.join(args.out, "layouts.json"), "w") as f:
                 json.dump(rows, f, indent=1, default=str)
     text = table(rows)
-    print("\n" + text, flush=True)
-    with open(os.path.join(args.out, "layouts.md"), "w") as f:
-        f.write(text + "\n")
+    emit_table(text, args.out, "layouts.md")
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 
 

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_layouts import train_run  # noqa: E402
+from gpu_layouts import emit_table, train_run  # noqa: E402
 from trace_share import device_shares, find_trace  # noqa: E402
 
 
@@ -58,9 +58,7 @@ def print_profiles(profiles: dict, out: str) -> None:
     lines.append("| total of these | " + " | ".join(
         f"{sum(profiles[n].get(k, 0.0) for k in kinds[:30]):.1f}" for n in names) + " |")
     text = "\n".join(lines)
-    print("\n" + text, flush=True)
-    with open(os.path.join(out, "moe_step_profile.md"), "w") as f:
-        f.write(text + "\n")
+    emit_table(text, out, "moe_step_profile.md")
 
 
 def main():
@@ -131,9 +129,7 @@ def main():
         lines.append(f"| {r['run']} | {r['batch']} | {r['step_ms']} | {tps} | {mfu} | "
                      f"{r.get('peak_gb', '-')} | {vs} |")
     text = "\n".join(lines)
-    print("\n" + text, flush=True)
-    with open(os.path.join(args.out, "moe_step.md"), "w") as f:
-        f.write(text + "\n")
+    emit_table(text, args.out, "moe_step.md")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from gpu_layouts import gpu_count, train_run  # noqa: E402
+from gpu_layouts import emit_table, gpu_count, train_run  # noqa: E402
 from trace_share import device_shares, find_trace  # noqa: E402
 
 
@@ -123,9 +123,7 @@ def main():
                      f"{r.get('xla_total_gb', '-')} | {r.get('dropped', '-')} | "
                      f"{r.get('expert_load', '-')} | {r.get('ep_load', '-')} |")
     text = "\n".join(lines)
-    print("\n" + text, flush=True)
-    with open(os.path.join(args.out, "scaling.md"), "w") as f:
-        f.write(text + "\n")
+    emit_table(text, args.out, "scaling.md")
 
 
 if __name__ == "__main__":

@@ -128,14 +128,6 @@ class StageLayout:
         is already each device's share (with V > 1 a device holds V separate blocks)."""
         return self.contiguous and self.virtual == 1
 
-    @functools.cached_property
-    def position(self) -> np.ndarray:
-        """Flat stage-slot position of each global layer (inverse of index_VxSxY)."""
-        flat = self.index_VxSxY.reshape(-1)
-        pos = np.zeros(self.n_layer, np.int32)
-        pos[flat[flat >= 0]] = np.nonzero(flat >= 0)[0]
-        return pos
-
 
 def stage_leaf(leaf, layout: StageLayout):
     """A canonical layer leaf [L, ...] -> its stage-stacked form [V, S, Ymax, ...] (zero
