@@ -17,7 +17,8 @@ CONFIG = Config(
     train=dataclasses.replace(
         TrainConfig(), steps=10_000, batch_size=8, seq_len=2048, lr=3e-4, warmup_steps=500,
         log_dir="runs/moe_1b"),
-    # Without remat the step does not fit one 80 GB H100 even at batch 8 (a single 49 GB
-    # buffer, docs/benchmarks.md); full remat fits at 18.8 GB.
-    parallel=ParallelConfig(remat="full"),
+    # --remat auto: full remat with the layer scan (17.5 GB at batch 8 on one H100); with
+    # --scan_layers false it runs without remat where that fits (32.5 GB at batch 8, 52.2 at
+    # 16), 1.35x faster after a ~4-minute compile (docs/benchmarks.md).
+    parallel=ParallelConfig(),
 )

@@ -34,10 +34,12 @@ class ModelConfig:
     bias: bool = False
     ssm_impl: str = "auto"  # the Pallas kernel on GPU (where its tiles fit), chunked on CPU
     # The layer stack as one lax.scan (one compiled layer) or unrolled (MaxText's
-    # scan_layers=False: Y compiled layers, longer compiles). Without remat the scan stacks
-    # every layer's residuals into [Y, ...] arrays and reads them back, which costs more
-    # than the recompute it saves (docs/benchmarks.md, issue 17); unrolled, each layer's
-    # residuals are buffers of their own.
+    # scan_layers=False: each layer its own compiled code and residual buffers). The scan
+    # stacks every layer's residuals into [Y, ...] arrays and reads them back: on one H100
+    # the moe_1b step at batch 8 took 155.9 ms scanned (full remat, the fastest scanned)
+    # against 115.5 unrolled without remat (docs/benchmarks.md, issue 17). Unrolled compiles
+    # take minutes (~4 for moe_1b on one H100; at ep=2 over 6, not yet measured to the
+    # end), so the scan stays the default. 1F1B's stages scan their layers either way.
     scan_layers: bool = True
     # Block and LM.
     rms_norm_eps: float = 1e-5
@@ -127,7 +129,7 @@ PROGRESS = ("auto", "bar", "lines")  # issue 7
 LOADERS = ("auto", "grain", "numpy")  # issue 7
 PP_SCHEDULES = ("1f1b", "gpipe", "circular")
 PP_COMMS = ("pair", "sum")
-REMATS = ("none", "full", "full_with_comm", "dots")
+REMATS = ("auto", "none", "full", "full_with_comm", "dots")
 EP_DISPATCH = ("auto", "ragged", "dense")
 
 
@@ -149,10 +151,12 @@ class ParallelConfig:
     # What crosses a stage boundary: "sum" (hidden + residual, in the residual's dtype; the
     # next block adds them first anyway, so it is exact) or the "pair" (one more array)
     pp_comm: str = "sum"
-    # per-layer rematerialisation: none; full (all but what crossed the network, i.e. the
-    # expert-parallel exchange's results); full_with_comm (those too: least memory); dots
-    # (save matmuls)
-    remat: str = "none"
+    # per-layer rematerialisation: auto (the fastest that fits, setup.remat_choices: with
+    # unrolled layers none where XLA's estimate of the compiled step fits the device pool,
+    # else full; with scanned layers on a GPU full, measured faster than none there); none;
+    # full (all but what crossed the network, i.e. the expert-parallel exchange's results);
+    # full_with_comm (those too: least memory); dots (save matmuls)
+    remat: str = "auto"
     # Expert parallelism: receive-buffer rows per ep rank = factor * tokens * top_k (>= 1
     # fits balanced traffic). Dropless (the default): copies that do not fit wait for the
     # next exchange round, so every layout computes the one-device function; with

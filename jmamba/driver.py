@@ -7,6 +7,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
 from jmamba import evaluate, flops
 from jmamba.checkpoint import Checkpoints, orbax_messages_to
@@ -14,9 +16,9 @@ from jmamba.config import Config
 from jmamba.data import RecallData
 from jmamba.guard import (EXIT_BAD_INPUT, Hooks, NonFiniteLoss, RunError, SkipLimit,
                           StopSignals, check_finite)
-from jmamba.metrics import (Profiler, RunLog, compiled_memory, device_memory,
-                            device_pool_bytes, fit_warning, write_memory_report)
-from jmamba.parallel.setup import build, process_rows
+from jmamba.metrics import (FIT_SHARE, Profiler, RunLog, compiled_memory, device_memory,
+                            device_pool_bytes, fit_warning, fits, write_memory_report)
+from jmamba.parallel.setup import build, process_rows, remat_choices
 from jmamba.preflight import preflight
 from jmamba.tokens import mark_documents
 
@@ -92,6 +94,30 @@ def to_device(batch, run, rows, batch_size):
     return jax.tree.map(place, batch)
 
 
+def compile_step(run, cfg: Config, state, batch, note):
+    """The compiled step and XLA's per-device memory report for it. Under --remat auto the
+    step compiles without remat first and, when XLA's estimate does not fit the device's
+    pool, again with full remat (setup.remat_choices): the fastest policy that fits. Every
+    process takes process 0's decision, so all run one program."""
+    choices = remat_choices(cfg)
+    pool = device_pool_bytes()
+    for i, remat in enumerate(choices):
+        compiled = (run.step_fn if i == 0 else run.step_for(remat)).lower(state, batch).compile()
+        memory = compiled_memory(compiled)
+        ok = fits(memory, pool)
+        if jax.process_count() > 1:
+            ok = bool(multihost_utils.broadcast_one_to_all(np.bool_(ok)))
+        if ok or i == len(choices) - 1:
+            break
+        note(f"jmamba: --remat auto: without remat the step needs "
+             f"{memory['total_bytes'] / 2**30:.1f} GB per device, more than the pool's "
+             f"{FIT_SHARE * pool / 2**30:.1f} GB; compiling with --remat {choices[i + 1]}")
+    if cfg.parallel.remat == "auto":
+        memory = {**memory, "remat": remat} if memory else memory
+        note(f"jmamba: --remat auto chose {remat}")
+    return compiled, memory
+
+
 def peak_tflops(cfg: Config) -> float | None:
     device = jax.devices()[0]
     return cfg.train.peak_tflops or flops.peak_tflops(device.device_kind, device.platform)
@@ -155,8 +181,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
         if ckpt is not None:
             ckpt.close()
         raise
-    step_fn = run.step_fn.lower(state, first).compile()
-    memory = compiled_memory(step_fn)
+    step_fn, memory = compile_step(run, cfg, state, first, log.note)
     if memory and main:
         log.note(write_memory_report(t.log_dir, memory))
         warning = fit_warning(memory, device_pool_bytes())

@@ -73,6 +73,17 @@ def device_pool_bytes() -> int | None:
     return stats.get("bytes_limit")
 
 
+# The share of the device pool a step may plan to use and still count as fitting: XLA's
+# estimate matched the measured peak within 0.2% on H200s (docs/benchmarks.md); the rest is
+# room for fragmentation and the loop's own arrays.
+FIT_SHARE = 0.95
+
+
+def fits(report: dict, pool_bytes: int | None) -> bool:
+    """Whether XLA's estimate fits the pool (True where either is unknown, as on the CPU)."""
+    return not report or not pool_bytes or report["total_bytes"] <= FIT_SHARE * pool_bytes
+
+
 def fit_warning(report: dict, pool_bytes: int | None) -> str | None:
     """One line naming what to change when XLA's estimate exceeds the device pool."""
     if not report or not pool_bytes or report["total_bytes"] <= pool_bytes:

@@ -16,9 +16,12 @@ import optax
 import pytest
 
 from jmamba.config import Config, ModelConfig, TrainConfig, validate
-from jmamba.driver import train
+from jmamba import driver
+from jmamba.driver import make_data, train
 from jmamba.guard import Hooks, StopSignals
-from jmamba.metrics import MEMORY_KEYS, RunLog, fit_warning, parse_profile_steps
+from jmamba.metrics import (FIT_SHARE, MEMORY_KEYS, RunLog, compiled_memory, fit_warning,
+                            parse_profile_steps)
+from jmamba.parallel.setup import build, remat_choices, with_remat
 from jmamba.step import init_state, make_train_step
 
 TINY = ModelConfig(d_model=16, n_layer=2, headdim=8, d_state=8, chunk_size=16, d_expert=16)
@@ -44,8 +47,45 @@ def test_run_writes_metrics_tensorboard_and_trace(tmp_path):
     assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
     assert glob.glob(str(tmp_path / "plugins/profile/*/*.xplane.pb"))
     memory = json.load(open(tmp_path / "memory.json"))  # XLA's estimate, before step 1
-    assert set(memory) == set(MEMORY_KEYS)
+    assert set(memory) == set(MEMORY_KEYS) | {"remat"}
     assert memory["total_bytes"] >= memory["temp_bytes"] > 0 and memory["argument_bytes"] > 0
+    assert memory["remat"] == "none"  # --remat auto where the pool is unknown (the CPU)
+
+
+def test_remat_auto_compiles_full_remat_when_none_does_not_fit(tmp_path, monkeypatch,
+                                                               capsys):
+    """--remat auto (the default) keeps the step without remat where XLA's estimate fits
+    the device pool, and falls back to full remat where only that fits."""
+    cfg = tiny(tmp_path, steps=2, seq_len=256, batch_size=8, eval_every=0)
+    run = build(cfg)
+    batch = jax.tree.map(jnp.asarray, next(make_data(cfg)))
+    total = {r: compiled_memory(run.step_for(r).lower(run.state, batch).compile())[
+        "total_bytes"] for r in ("none", "full")}
+    assert total["full"] < total["none"]  # the test's premise
+    pool = (total["full"] + total["none"]) / 2 / FIT_SHARE
+    monkeypatch.setattr(driver, "device_pool_bytes", lambda: int(pool))
+    train(cfg)
+    memory = json.load(open(tmp_path / "memory.json"))
+    assert memory["remat"] == "full" and memory["total_bytes"] == total["full"]
+    assert "compiling with --remat full" in capsys.readouterr().out
+    monkeypatch.setattr(driver, "device_pool_bytes", lambda: int(2 * pool))
+    train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train,
+                                                             log_dir=str(tmp_path / "b"))))
+    assert json.load(open(tmp_path / "b" / "memory.json"))["remat"] == "none"
+
+
+def test_remat_auto_rules():
+    """What --remat auto tries, by layout, layer stack and backend (setup.remat_choices)."""
+    cfg = tiny("unused")
+    scanned, unrolled = cfg, dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
+    assert remat_choices(scanned, "gpu") == ("full",)  # the scan: full measured faster
+    assert remat_choices(unrolled, "gpu") == ("none", "full")  # none where it fits
+    assert remat_choices(scanned, "cpu") == ("none", "full")
+    piped = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pp=2,
+                                                                   microbatches=4))
+    assert remat_choices(piped, "gpu") == ("none",)  # 1F1B recomputes whatever --remat says
+    assert remat_choices(with_remat(unrolled, "dots"), "gpu") == ("dots",)
 
 
 def test_fit_warning_names_what_to_change():

@@ -58,20 +58,21 @@ def test_scan_over_layers_equals_python_loop():
 
 def test_unrolled_layers_equal_the_scan():
     """scan_layers=False (each layer its own compiled code and residual buffers) gives the
-    scan's loss and gradients without remat (where it is meant to run), and the same
-    padded-stage skipping with n_active."""
+    scan's loss and gradients without remat and with full remat, and the same padded-stage
+    skipping with n_active."""
     cfg2 = dataclasses.replace(CFG, n_layer=2)
     params = model.init_params(cfg2, jax.random.key(0))
     batch = batch_of(jax.random.randint(jax.random.key(1), (2, 16), 0, CFG.vocab_size))
     grads = {}
-    for scan in (True, False):
+    for scan, remat in ((True, "none"), (False, "none"), (False, "full")):
         cfg = dataclasses.replace(cfg2, scan_layers=scan)
         (loss, _), g = jax.jit(jax.value_and_grad(model.loss_fn, has_aux=True),
-                               static_argnums=2)(params, batch, cfg)
-        grads[scan] = (loss, g)
-    np.testing.assert_allclose(grads[False][0], grads[True][0], rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 grads[False][1], grads[True][1])
+                               static_argnums=(2, 3))(params, batch, cfg, remat)
+        grads[scan, remat] = (loss, g)
+    for key in ((False, "none"), (False, "full")):  # unrolled full remat: prevent_cse on
+        np.testing.assert_allclose(grads[key][0], grads[True, "none"][0], rtol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                     grads[key][1], grads[True, "none"][1])
     h, r = model.embed(params["embed"], batch["inputs"], cfg2)
     outs = [model.run_layers(params["layers"], h, r, dataclasses.replace(cfg2, scan_layers=s),
                              n_active=jnp.int32(1))[:2] for s in (True, False)]

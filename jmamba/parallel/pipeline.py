@@ -108,6 +108,9 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless,
     elide_conds=False keeps them all (for benchmarks that measure what they cost)."""
     m, p = cfg.model, cfg.parallel
     pp, v, M = layout.pp, layout.virtual, p.microbatches
+    # --remat auto is resolved where the step compiles (driver.compile_step); built
+    # directly, it is its first choice.
+    remat = "none" if p.remat == "auto" else p.remat
     # Static facts that let the loop drop a cond (see the docstring).
     padded = bool((layout.counts_VxS != layout.ymax).any()) or not elide_conds
     one_stage = pp == 1 and v == 1 and elide_conds  # every item valid, first and last
@@ -145,7 +148,7 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless,
             stage_layers = jax.tree.map(lambda a: a[r] if v > 1 else a[0], layers_VxY)
 
             def run(h, res):
-                return model.run_layers(stage_layers, h, res, m, p.remat, experts_fn,
+                return model.run_layers(stage_layers, h, res, m, remat, experts_fn,
                                         n_active=counts_VxS[r, s] if padded else None,
                                         seq_idx_BxL=None if seq_MxBxL is None
                                         else seq_MxBxL[mb])
@@ -159,7 +162,7 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless,
             # STAGE_POLICIES), so the loop's backward gets only those per iteration.
             stage = jax.checkpoint(run if one_stage else
                                    lambda h, res: lax.cond(valid, run, skip, h, res),
-                                   policy=STAGE_POLICIES[p.remat])
+                                   policy=STAGE_POLICIES[remat])
             h, res, aux_B, z_B, counts_YxE, dropped = stage(h, res)
 
             def head():

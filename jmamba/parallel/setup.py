@@ -38,6 +38,33 @@ class Training:
     batch_sharding: Any = None  # the [B, ...] batch split over 'ep' (None: one device)
     # jitted (params, batch) -> (loss, metrics), forward only: validation (evaluate.py)
     eval_fn: Callable | None = None
+    # remat -> the jitted step under that --remat (driver.compile_step's fallback)
+    step_for: Callable[[str], Callable] | None = None
+
+
+# What `--remat auto` tries, fastest first (driver.compile_step keeps the first that fits).
+AUTO_REMATS = ("none", "full")
+
+
+def remat_choices(cfg, backend: str | None = None) -> tuple[str, ...]:
+    """The --remat values to try in order (driver.compile_step keeps the first that fits).
+
+    Not auto: that value. Auto: none where --remat does not change the step (1F1B
+    recomputes each layer whatever --remat says); full for scanned layers on a GPU (the scan
+    stacks each layer's residuals, which cost more than recomputing them: docs/benchmarks.md,
+    issue 17); otherwise none, then full if none does not fit."""
+    p = cfg.parallel
+    if p.remat != "auto":
+        return (p.remat,)
+    if uses_1f1b(cfg):
+        return ("none",)
+    if cfg.model.scan_layers and (backend or jax.default_backend()) != "cpu":
+        return ("full",)
+    return AUTO_REMATS
+
+
+def with_remat(cfg, remat: str):
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, remat=remat))
 
 
 def experts_fn_for(cfg):
@@ -55,10 +82,13 @@ def pipeline_loss(cfg, layout: StageLayout, mesh) -> Callable:
     One stage and one microbatch have no schedule to choose: the loss is then plain autodiff
     under --remat (the GPipe loop of one iteration), not 1F1B's per-layer recompute, which
     repeats every layer's exchange whatever --remat keeps."""
-    p = cfg.parallel
-    one_pass = p.pp == 1 and p.microbatches == 1
-    make = make_1f1b_loss if p.pp_schedule == "1f1b" and not one_pass else make_pipeline_loss
+    make = make_1f1b_loss if uses_1f1b(cfg) else make_pipeline_loss
     return make(cfg, layout, mesh, experts_fn_for(cfg))
+
+
+def uses_1f1b(cfg) -> bool:
+    p = cfg.parallel
+    return p.pp_schedule == "1f1b" and not (p.pp == 1 and p.microbatches == 1)
 
 
 def is_single_device(cfg) -> bool:
@@ -76,12 +106,16 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
     # Jitted at every layout, so a fresh run draws the same values whatever its layout
     # (eager and jitted draws differ in the last bit).
     init = jax.jit(functools.partial(model.init_params, m, jax.random.key(t.seed)))
+    first_remat = remat_choices(cfg)[0]
     if is_single_device(cfg):
         if params is None:
             params = jax.eval_shape(init) if abstract else init()
-        loss = functools.partial(model.loss_fn, cfg=m, remat=p.remat)
-        step = make_train_step(loss, optimizer, lr_schedule(t), t.grad_clip,
-                               skip_nonfinite=t.skip_nonfinite)
+
+        def step_for(remat):
+            loss = functools.partial(model.loss_fn, cfg=m, remat=remat)
+            return jax.jit(make_train_step(loss, optimizer, lr_schedule(t), t.grad_clip,
+                                           skip_nonfinite=t.skip_nonfinite),
+                           donate_argnums=0)
         if abstract:
             one = SingleDeviceSharding(jax.devices()[0])
             state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one),
@@ -89,18 +123,14 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
                                                                   optimizer=optimizer), params))
         else:
             state = init_state(params, optimizer)
-        return Training(jax.jit(step, donate_argnums=0), state, lambda x: x,
-                        eval_fn=jax.jit(functools.partial(model.loss_fn, cfg=m)))
+        return Training(step_for(first_remat), state, lambda x: x,
+                        eval_fn=jax.jit(functools.partial(model.loss_fn, cfg=m)),
+                        step_for=step_for)
     layout = StageLayout.from_config(cfg)
     mesh = make_mesh(p.pp, p.ep)
     staged_params = functools.partial(_staged_params, init, layout)
     stage_shape = jax.eval_shape(staged_params, params)
     param_sh = shardings(mesh, stage_param_specs(stage_shape))
-    step = make_train_step(pipeline_loss(cfg, layout, mesh), optimizer, lr_schedule(t),
-                           t.grad_clip,
-                           fix_grads=functools.partial(tie_gradients, layout=layout),
-                           grad_sq_norm=functools.partial(unique_sq_norm, layout=layout),
-                           skip_nonfinite=t.skip_nonfinite, ep=p.ep)
     replicated = NamedSharding(mesh, P())
     state_shape = jax.eval_shape(functools.partial(init_state, optimizer=optimizer),
                                  stage_shape)
@@ -114,14 +144,22 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
     else:
         state = sharded_init(init, layout, mesh, optimizer, state_sh)(params)
     batch_sh = NamedSharding(mesh, spec("batch"))
-    step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh),
-                      out_shardings=(state_sh, replicated), donate_argnums=0)
+
+    def step_for(remat):
+        step = make_train_step(pipeline_loss(with_remat(cfg, remat), layout, mesh), optimizer,
+                               lr_schedule(t), t.grad_clip,
+                               fix_grads=functools.partial(tie_gradients, layout=layout),
+                               grad_sq_norm=functools.partial(unique_sq_norm, layout=layout),
+                               skip_nonfinite=t.skip_nonfinite, ep=p.ep)
+        return jax.jit(step, in_shardings=(state_sh, batch_sh),
+                       out_shardings=(state_sh, replicated), donate_argnums=0)
     # The pipelined loss without differentiation runs the forward only (GPipe order, for
     # every schedule): the one-device loss.
-    eval_fn = jax.jit(pipeline_loss(cfg, layout, mesh), in_shardings=(param_sh, batch_sh),
-                      out_shardings=replicated)
-    return Training(step_fn, state, functools.partial(to_canonical, layout=layout), mesh,
-                    layout, batch_sh, eval_fn)
+    eval_fn = jax.jit(pipeline_loss(with_remat(cfg, "none"), layout, mesh),
+                      in_shardings=(param_sh, batch_sh), out_shardings=replicated)
+    return Training(step_for(first_remat), state,
+                    functools.partial(to_canonical, layout=layout), mesh, layout, batch_sh,
+                    eval_fn, step_for)
 
 
 def _staged_params(init, layout, given):
