@@ -137,9 +137,14 @@ def fingerprint(x) -> jax.Array:
     """An exact, position-sensitive uint32 checksum of an array's bits. Integer sums wrap
     mod 2^32 in any order, so it is the same however the array is sharded."""
     unsigned = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[jnp.dtype(x.dtype).itemsize]
-    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32).reshape(-1)
-    weights = jnp.arange(bits.size, dtype=jnp.uint32) * 2 + 1
-    return jnp.sum(bits * weights, dtype=jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    # Each element's row-major position (mod 2^32) from per-axis iotas, not a flattened
+    # arange: flattening an array split over two axes made XLA gather it whole.
+    index, stride = jnp.zeros(x.shape, jnp.uint32), 1
+    for axis in reversed(range(x.ndim)):
+        iota = jax.lax.broadcasted_iota(jnp.uint32, x.shape, axis)
+        index, stride = index + iota * jnp.uint32(stride % 2**32), stride * x.shape[axis]
+    return jnp.sum(bits * (index * 2 + 1), dtype=jnp.uint32)
 
 
 def leaf_name(path) -> str:
@@ -153,6 +158,13 @@ def leaf_table(tree) -> dict:
 
 
 _fingerprints = jax.jit(lambda tree: jax.tree.map(fingerprint, tree))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Saved:
+    """A saved leaf (in host memory) and its fingerprint; a pytree leaf, not a node."""
+    array: jax.Array
+    fingerprint: jax.Array
 
 
 # ----------------------------------------------------------------------------- reading
@@ -311,44 +323,81 @@ class Checkpoints:
         self.failed, self._log_file = False, None
         self.optimizer = make_optimizer(t)
         self.manager = open_manager(t.ckpt_dir, keep=t.keep)
-        # Fresh arrays (copies where the layout is canonical already): the step donates the
-        # live state while Orbax may still be writing these.
-        canonical = run.canonical if run.layout is not None else (
-            lambda p: jax.tree.map(jnp.copy, p))
-
-        def to_saved(state):
-            saved = map_state(canonical, jnp.copy(state.step), state.params, state.opt_state,
-                              self.optimizer)
-            return saved, jax.tree.map(fingerprint, saved)
-
-        # Saves write from arrays split evenly over all devices (measured smallest); restores
-        # read into the run's own split where the layout allows (no exchange to re-lay).
+        # Saves write and restores read the canonical arrays in the run's own split where the
+        # layout allows (stage <-> canonical is then a reshape on each device, no exchange),
+        # else split evenly over all devices.
         spread = None if run.mesh is None else spread_shardings(saved_shapes(cfg), run.mesh)
         self._restore_sh = None if spread is None else self._restore_shardings(spread, run)
-        if run.layout is not None and not run.layout.contiguous:
-            self._to_saved = self._to_saved_by_leaf(spread)
-        else:
-            self._to_saved = jax.jit(to_saved, out_shardings=(
-                spread, None) if spread is not None else None)
+        self._to_saved = self._to_saved_on_host(self._restore_sh)
 
-    def _to_saved_by_leaf(self, spread):
-        """to_saved for non-contiguous layouts: each layer leaf re-laid in its own call
-        (relay_leaves), the rest and the fingerprints after."""
-        layout = self.run.layout
-        io_fn = jax.jit(lambda p: canonical_io(p["io"], layout))
-        prints_fn = jax.jit(lambda saved: jax.tree.map(fingerprint, saved))
+    def _to_saved_on_host(self, spread):
+        """state -> (canonical tree in host memory, fingerprints), one compiled call per
+        leaf (the io part in one): each canonical leaf is made on the devices, fingerprinted
+        and lands in pinned host memory, split as `spread` says (None: one device), before
+        the next. A save so
+        holds the state plus one leaf on a device, where a whole canonical copy held it twice
+        (bamba9b_moe: ~95 GB a GPU, docs/benchmarks.md), and the step may donate the live
+        state while Orbax writes the host copy in the background. Hand-made: Orbax saves
+        the arrays it is given, and making the canonical form is ours."""
+        run, layout = self.run, self.run.layout
+        if spread is None:  # one device: its own sharding, the layout is canonical already
+            one = jax.tree.leaves(run.state.params)[0].sharding
+            spread = jax.tree.map(lambda _: one, saved_shapes(self.cfg))
+            scalar = one
+        else:
+            scalar = NamedSharding(run.mesh, P())
+        kinds = {m.kind for m in jax.local_devices()[0].addressable_memories()}
+        # (a backend without host memory spaces keeps the copies on the devices)
+        host = (jax.tree.map(lambda sh: sh.with_memory_kind("pinned_host"), spread)
+                if "pinned_host" in kinds else spread)
+
+        def with_print(convert, out_sh):
+            def f(x):
+                y = convert(x)
+                return y, jax.tree.map(fingerprint, y)
+            prints_sh = jax.tree.map(lambda _: scalar, out_sh)
+            return jax.jit(f, out_shardings=(out_sh, prints_sh))
+
+        copies = {}  # host sharding -> its copy-and-fingerprint call (step, counts, ...)
+
+        def saved(x, sh):
+            if isinstance(x, _Saved):
+                return x
+            if sh not in copies:
+                copies[sh] = with_print(jnp.copy, sh)
+            return _Saved(*copies[sh](x))
+
+        host_p = host["params"]  # mu and nu have the params' shapes, so their shardings
+        if layout is None:
+            leaf_fns = [with_print(jnp.copy, sh) for sh in jax.tree.leaves(host_p)]
+        else:
+            leaf_fns = [with_print(lambda x: canonical_leaf(x, layout), sh)
+                        for sh in jax.tree.leaves(host_p["layers"])]
+            io_fn = with_print(lambda io: canonical_io(io, layout),
+                               {k: v for k, v in host_p.items() if k != "layers"})
+            # What scripts/relayout_memory.py compiles to size a save per device.
+            self.save_programs = {"layers": leaf_fns, "io": io_fn}
+
+        def by_leaf(fns, tree):
+            # Each leaf finishes before the next starts (with the leaf programs queued back
+            # to back, XLA's CPU collectives once timed out a rendezvous, on a loaded host).
+            leaves, treedef = jax.tree.flatten(tree)
+            return jax.tree.unflatten(treedef, [_Saved(*jax.block_until_ready(f(x)))
+                                                for f, x in zip(fns, leaves)])
+
+        def convert(params):  # a params-shaped tree -> a tree of _Saved
+            if layout is None:
+                return by_leaf(leaf_fns, params)
+            io, io_prints = io_fn(params["io"])
+            return {**jax.tree.map(_Saved, io, io_prints),
+                    "layers": by_leaf(leaf_fns, params["layers"])}
 
         def to_saved(state):
-            def canonical(params, sh):
-                layers = relay_leaves(params["layers"], lambda x: canonical_leaf(x, layout),
-                                      sh["layers"], free_sources=False)
-                return {**io_fn(params), "layers": layers}
-
-            saved = map_state(lambda p: canonical(p, spread["params"]), jnp.copy(state.step),
-                              state.params, state.opt_state, self.optimizer)
-            saved = jax.device_put(saved, spread)  # the io leaves and the step: the layer
-            # leaves are there already
-            return saved, prints_fn(saved)
+            pairs = map_state(convert, state.step, state.params, state.opt_state,
+                              self.optimizer)
+            pairs = jax.tree.map(saved, pairs, host)  # the step and the optimizer's counts
+            return (jax.tree.map(lambda x: x.array, pairs),
+                    jax.tree.map(lambda x: x.fingerprint, pairs))
 
         return to_saved
 

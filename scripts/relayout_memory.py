@@ -9,9 +9,9 @@ temporaries of many times the share (issue 18: no device may hold another's shar
     python3 scripts/relayout_memory.py --preset bamba9b_moe --layouts "4:2::1"
 
 A layout is "pp:ep:pp_split:virtual" (pp_split as the flag takes it). Compile only: it runs
-in seconds on the CPU. Resumes re-lay leaf by leaf (checkpoint.relay_leaves), and so do the
-saves of non-contiguous layouts: their column is the largest temporary of one leaf's
-program; the saves of contiguous layouts compile one program for the whole state.
+in seconds on the CPU. Resumes re-lay leaf by leaf (checkpoint.relay_leaves) and saves make
+each canonical leaf and move it to host memory before the next: each column is the most
+one leaf's program adds on a device (for a save, its temporaries plus the leaf itself).
 """
 
 from __future__ import annotations
@@ -41,20 +41,26 @@ def largest_device_bytes(tree) -> int:
     return max(per.values())
 
 
-def by_leaf_temp(run, saved) -> dict:
-    """The largest temporaries of the per-leaf re-layout programs, each way."""
+def by_leaf_temp(run, saver) -> dict:
+    """Each way, the largest per-device bytes a per-leaf program adds to the state: a
+    resume's re-layout temporaries (its output replaces the freed source); a save's
+    temporaries plus its output, counted as if on the device (it lands in host memory; on
+    the CPU the two are one, so this is the bound: the leaf before its copy to the host)."""
     import jax
 
-    from jmamba.parallel.layout import canonical_leaf, stage_leaf
+    from jmamba.parallel.layout import stage_leaf
     layout, out = run.layout, {"save": 0, "resume": 0}
     stage_sh = jax.tree.leaves(jax.tree.map(lambda x: x.sharding, run.state.params["layers"]))
     stage_abs = jax.tree.leaves(run.state.params["layers"])
-    canon = jax.tree.leaves(saved["params"]["layers"])
-    for st, sh, ca in zip(stage_abs, stage_sh, canon):
-        for k, fn, arg, osh in (("save", canonical_leaf, st, ca.sharding),
-                                ("resume", stage_leaf, ca, sh)):
-            c = jax.jit(lambda x, fn=fn: fn(x, layout), out_shardings=osh).lower(arg).compile()
-            out[k] = max(out[k], c.memory_analysis().temp_size_in_bytes)
+    canon = jax.tree.leaves(saver.saved_abstract()["params"]["layers"])
+    programs = saver.save_programs
+    for st, sh, ca, save_fn in zip(stage_abs, stage_sh, canon, programs["layers"]):
+        m = save_fn.lower(st).compile().memory_analysis()
+        out["save"] = max(out["save"], m.temp_size_in_bytes + m.output_size_in_bytes)
+        c = jax.jit(lambda x: stage_leaf(x, layout), out_shardings=sh).lower(ca).compile()
+        out["resume"] = max(out["resume"], c.memory_analysis().temp_size_in_bytes)
+    m = programs["io"].lower(run.state.params["io"]).compile().memory_analysis()
+    out["save"] = max(out["save"], m.temp_size_in_bytes + m.output_size_in_bytes)
     return out
 
 
@@ -76,7 +82,7 @@ def main():
     from jmamba.parallel.setup import build
 
     print("| pp,ep,split,virtual | contiguous | state share GB | run's state GB per device "
-          "(largest) | save temp GB (x share) | resume temp GB (x share) |")
+          "(largest) | save extra GB (x share) | resume temp GB (x share) |")
     print("|---|---|---|---|---|---|")
     for spec in args.layouts.split(";"):
         pp, ep, split, virtual = spec.split(":")
@@ -97,12 +103,8 @@ def main():
             n = run.mesh.size
             share = sum(x.size * x.dtype.itemsize
                         for x in jax.tree.leaves(ck.saved_shapes(cfg))) / n
-            # Resumes re-lay leaf by leaf (checkpoint.relay_leaves): the largest leaf's
-            # program. Saves too for non-contiguous layouts, else one whole-state program.
-            temp = by_leaf_temp(run, saver.saved_abstract())
-            if run.layout.contiguous:
-                temp["save"] = saver._to_saved.lower(run.state).compile().memory_analysis(
-                    ).temp_size_in_bytes
+            # Saves and resumes go leaf by leaf: the largest leaf's program each way.
+            temp = by_leaf_temp(run, saver)
             saver.manager.close()
         gb = lambda b: b / 1e9
         row = [spec, str(run.layout.contiguous), f"{gb(share):.3f}",

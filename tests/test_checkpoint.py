@@ -113,6 +113,9 @@ def test_restore_into_another_layout_gives_the_same_next_loss(written, tmp_path,
                            run)
     saver.maybe_save(2, state, last=True)
     saver.close()
+    # What a save hands Orbax lives in host memory, one leaf made at a time on the devices.
+    host_tree, _ = saver._to_saved(state)
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(host_tree)} == {"pinned_host"}
     resaved, _, meta_again = ck.load(str(tmp_path / "again"))
     assert meta_again["leaves"] == meta["leaves"]
     for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(saved)[0],
