@@ -5,10 +5,10 @@ Each case runs `python train.py --config cpu_demo` on the CPU with --ckpt_dir on
 mount, under a time limit, and reports the exit code, how many lines stderr had, its last
 line, and what is on disk afterwards:
   full      a tmpfs with room for one checkpoint (3.6 MiB each) and --keep 3: a later save
-            hits ENOSPC mid-run -> expect exit 3 naming the last complete checkpoint
+            hits ENOSPC mid-run -> expect exit 1 naming the last complete checkpoint
   full, resumed   the same command again after freeing space: resumes from that step
   ro start  --ckpt_dir on a read-only mount -> expect exit 2 before the model is built
-  ro midrun the mount turns read-only after the first checkpoint -> expect exit 3, no hang
+  ro midrun the mount turns read-only after the first checkpoint -> expect exit 1, no hang
 
     python3 scripts/disk_faults.py --out $OUT/disk
 """

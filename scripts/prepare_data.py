@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-EXIT_BAD_INPUT, EXIT_DISK = 2, 3  # as train.py (jmamba/guard.py)
+EXIT_BAD_INPUT, EXIT_DISK = 2, 1  # as train.py (jmamba/guard.py)
 
 
 def fail(message: str, code: int = EXIT_BAD_INPUT):
