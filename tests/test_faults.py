@@ -56,8 +56,8 @@ def test_steps_below_the_checkpoint_are_refused_and_equal_steps_do_nothing(tmp_p
 def test_a_failing_save_stops_the_run_and_names_the_last_good_checkpoint(tmp_path, monkeypatch,
                                                                           how):
     """The first save (step 2) lands; the next fails as a full disk does. The run stops at
-    once with exit code 1 (EXIT_DISK), step 2 stays on disk, and no checkpoint thread is left behind
-    (a failed save used to hang the interpreter at exit)."""
+    once with exit code 1 (EXIT_DISK), step 2 stays on disk, and no checkpoint thread is
+    left behind (a failed save used to hang the interpreter at exit)."""
     ckpt = tmp_path / "ckpt"
     real_save, real_check = ocp.CheckpointManager.save, ocp.CheckpointManager.check_for_errors
     calls = []
