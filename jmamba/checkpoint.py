@@ -19,7 +19,9 @@ import io
 import json
 import logging
 import os
+import sys
 import time
+import traceback
 
 import jax
 import jax.numpy as jnp
@@ -157,7 +159,14 @@ def leaf_table(tree) -> dict:
     return {leaf_name(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-_fingerprints = jax.jit(lambda tree: jax.tree.map(fingerprint, tree))
+_fingerprint = jax.jit(fingerprint)
+
+
+def fingerprints(tree) -> dict:
+    """{leaf name: fingerprint} of a restored tree, one leaf at a time: one program for the
+    whole tree took temporaries the size of the state on the CPU (bamba9b_moe: 45 GB a
+    device, where the GPU would fuse them away), one leaf's at most this way."""
+    return {name: int(_fingerprint(x)) for name, x in leaf_table(tree).items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +200,26 @@ def orbax_messages_to(log_dir: str) -> str:
     _ORBAX_LOG[0].setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     absl.addHandler(_ORBAX_LOG[0])
     absl.propagate = False
+    _unraisable_to(path)
     return path
+
+
+def _unraisable_to(path: str) -> None:
+    """A failing write (a full disk) leaves TensorStore callbacks calling into Orbax's
+    closed event loop; Python reports each as an unraisable RuntimeError, pages of
+    tracebacks on stderr while training goes on. Those go to the Orbax log too; any
+    other unraisable exception still goes to the previous hook."""
+    previous = getattr(sys.unraisablehook, "jmamba_previous", sys.unraisablehook)
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value):
+            with open(path, "a") as f:
+                traceback.print_exception(u.exc_type, u.exc_value, u.exc_traceback, file=f)
+        else:
+            previous(u)
+
+    hook.jmamba_previous = previous
+    sys.unraisablehook = hook
 
 
 def open_manager(directory: str, keep: int = 1, read_only: bool = False):
@@ -279,9 +307,8 @@ def read_checked(manager, step: int, cfg: Config | None, sharding) -> tuple[dict
         raise CheckpointError(f"checkpoint {where}: its arrays cannot be read ({_short(error)}); "
                               f"files are missing, truncated or corrupt: "
                               f"{_damaged_hint(manager, step)}") from None
-    prints = leaf_table(jax.device_get(_fingerprints(saved)))
-    for name, value in prints.items():
-        if int(value) != stored[name]["fingerprint"]:
+    for name, value in fingerprints(saved).items():
+        if value != stored[name]["fingerprint"]:
             raise CheckpointError(f"checkpoint {where}: array '{name}' does not match the "
                                   f"fingerprint recorded when it was saved; the files are "
                                   f"damaged: {_damaged_hint(manager, step)}")
@@ -501,7 +528,7 @@ class Checkpoints:
 
     def _failed(self, e: Exception):
         """A save that failed (full or read-only disk, ...) stops the run: RunError with
-        exit code 3, naming the last checkpoint that is complete on disk."""
+        exit code 1 (EXIT_DISK), naming the last checkpoint that is complete on disk."""
         self.failed = True
         with self._to_log():
             return self._failed_quietly(e)
@@ -522,7 +549,7 @@ class Checkpoints:
                         f"last complete checkpoint is {last}. Free space or fix the disk, then "
                         f"run the same command to resume from it"
                         + (f" (Orbax's messages: {self.orbax_log})" if self.orbax_log else ""),
-                        EXIT_DISK)
+                        EXIT_DISK, hard=True)
 
     def check(self) -> None:
         """Raises RunError if an asynchronous save has failed (cheap: call every step)."""

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     # --- end issue 7 ---
     from jmamba.driver import train  # imports jax only after the flags are checked
     from jmamba.checkpoint import CheckpointError
-    from jmamba.guard import EXIT_BAD_INPUT, EXIT_DISK, RunError
+    from jmamba.guard import EXIT_BAD_INPUT, RunError
     try:
         train(cfg)
     except CheckpointError as e:  # a checkpoint that cannot be used: say why, no traceback
@@ -193,4 +193,4 @@ def main(argv: list[str] | None = None) -> None:
         # After a failed save Orbax's background threads may wait forever for signals that
         # never come (a read-only disk: a real run hung at exit, scripts/disk_faults.py);
         # the driver has closed everything of ours by now, so leave without joining them.
-        fail(str(e), e.exit_code, hard=e.exit_code == EXIT_DISK)
+        fail(str(e), e.exit_code, hard=e.hard)

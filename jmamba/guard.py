@@ -25,9 +25,10 @@ EXIT_NONFINITE, EXIT_BAD_INPUT, EXIT_DISK = 1, 2, 1
 class RunError(Exception):
     """A run that cannot go on: one line for the user and the exit code to leave with."""
 
-    def __init__(self, message: str, exit_code: int):
+    def __init__(self, message: str, exit_code: int, hard: bool = False):
+        """hard: leave without interpreter shutdown (cli.fail), as after a failed save."""
         super().__init__(message)
-        self.exit_code = exit_code
+        self.exit_code, self.hard = exit_code, hard
 
 
 class NonFiniteLoss(RuntimeError):

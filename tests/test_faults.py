@@ -141,3 +141,30 @@ def test_a_bad_token_id_stops_the_run_with_one_line_and_keeps_the_checkpoints(tm
     assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [1, 2]
     logged = [json.loads(line)["step"] for line in open(tmp_path / "logs" / "metrics.jsonl")]
     assert logged == [1, 2]  # the step before the bad batch is logged too
+
+
+def test_closed_event_loop_noise_goes_to_the_orbax_log(tmp_path, monkeypatch, capsys):
+    """A full disk leaves TensorStore callbacks raising "Event loop is closed" where Python
+    can only report them (unraisable): those go to <log_dir>/orbax.log, not stderr; other
+    unraisable exceptions still reach the previous hook."""
+    import gc
+    import sys
+
+    from jmamba.checkpoint import orbax_messages_to
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(str(u.exc_value)))
+    path = orbax_messages_to(str(tmp_path))
+
+    class Raises:
+        def __init__(self, message):
+            self.message = message
+
+        def __del__(self):
+            raise RuntimeError(self.message)
+
+    Raises("Event loop is closed")
+    Raises("something else")
+    gc.collect()
+    assert seen == ["something else"]
+    assert "Event loop is closed" in open(path).read()
+    assert "Event loop is closed" not in capsys.readouterr().err
