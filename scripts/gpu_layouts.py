@@ -10,7 +10,9 @@ plus only --steps, --warmup_steps, --log_dir and logging flags: no --ssm_impl, n
 Prints one table: for each preset, layout and ssm path, the exit code, median step time,
 the fullest device's peak memory, dropped token copies, the largest relative loss difference
 from the one-GPU run of the same path (bf16 noise for bf16 presets), and kernel against
-chunked (the chunked step time over the kernel's).
+chunked (the chunked step time over the kernel's). Then a checkpoint round trip on the GPUs
+(--resume_check, moe_1b at pp=2 by default): a run saving every 3 steps, and the same
+command resuming from step 3, whose losses must match the first run's (resume.md).
 
     python scripts/gpu_layouts.py --out $OUT                       # 2 or 4 GPUs
     python scripts/gpu_layouts.py --out runs/layouts --presets cpu_demo --steps 4  # CPU smoke
@@ -133,6 +135,9 @@ def main():
                     help="where to run the chunked baseline: preset:all or preset:PxE,...")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--resume_check", default="moe_1b:2x1x4",
+                    help="preset:PxExM whose run saves checkpoints and resumes from the "
+                    "first (empty: skip)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="jmamba_layouts_")  # train.py log dirs
@@ -154,7 +159,51 @@ def main():
                 json.dump(rows, f, indent=1, default=str)
     text = table(rows)
     emit_table(text, args.out, "layouts.md")
-    return 0 if all(r["rc"] == 0 for r in rows) else 1
+    ok = all(r["rc"] == 0 for r in rows)
+    if args.resume_check:
+        preset, _, spec = args.resume_check.partition(":")
+        pp, ep, M = (int(x) for x in spec.split("x"))
+        if pp * ep <= n:
+            check = resume_check(preset, pp, ep, M, args, work)
+            emit_table(resume_table(check), args.out, "resume.md")
+            ok = ok and check["ok"]
+    return 0 if ok else 1
+
+
+def resume_check(preset, pp, ep, M, args, work):
+    """Checkpoints on the GPUs: one run saving every 3 steps, then the same command
+    resuming from its first checkpoint (the later ones moved away) must log the same
+    losses for the steps after it (to a relative 1e-3: GPU scatter-adds are not bit-exact
+    run to run and bf16 steps amplify that; a wrong restore is off by far more, and the
+    restore's fingerprints refuse changed arrays). Saves put each canonical leaf in pinned host memory (checkpoint.py)."""
+    ckpt = os.path.join(work, f"ckpt_{preset}")
+    flags = ["--config", preset, "--pp", str(pp), "--ep", str(ep), "--microbatches", str(M),
+             "--steps", str(args.steps), "--warmup_steps", str(args.warmup), "--log_every",
+             "1", "--progress", "lines", "--ckpt_dir", ckpt, "--ckpt_every", "3"]
+    first = train_run(f"{preset}_save", flags, work)
+    steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(
+        ckpt) else []
+    for s in steps[1:]:
+        os.rename(os.path.join(ckpt, str(s)), os.path.join(work, f"moved_{s}"))
+    second = train_run(f"{preset}_resume", flags, work)
+    a, b = first.get("losses", {}), second.get("losses", {})
+    after = [s for s in b if s in a and s > 3]
+    diff = max((abs(b[s] - a[s]) / abs(a[s]) for s in after), default=float("nan"))
+    row = {"layout": (pp, ep, M), "preset": preset, "saved_steps": steps,
+           "rc": (first["rc"], second["rc"]), "resumed_steps": after, "max_rel_diff": diff,
+           "peak_gb": (first.get("peak_gb"), second.get("peak_gb"))}
+    row["ok"] = (first["rc"] == 0 and second["rc"] == 0 and steps[:1] == [3] and
+                 bool(after) and diff <= 1e-3)
+    return row
+
+
+def resume_table(r):
+    pp, ep, M = r["layout"]
+    return ("| preset | pp,ep,M | saved steps | rc (save run, resume run) | resumed steps | "
+            "max rel loss diff | peak GB (save run, resume run) | ok |\n|---|---|---|---|---|"
+            f"---|---|---|\n| {r['preset']} | {pp},{ep},{M} | {r['saved_steps']} | "
+            f"{r['rc']} | {r['resumed_steps']} | {r['max_rel_diff']:.1e} | {r['peak_gb']} | "
+            f"{r['ok']} |")
 
 
 if __name__ == "__main__":
