@@ -1,0 +1,97 @@
+"""Where the time to the first step goes: tracing + lowering and XLA's compile of the train
+step, by layer stack (scanned or unrolled), remat and layout, for a preset (issue 17: the
+unrolled moe_1b step took 150-240 s to its first step on one H100, 25 s scanned, and at
+ep=2 no step finished in ~400 s).
+
+    python3 scripts/compile_time.py --out $OUT                          # moe_1b, 1 GPU
+    python3 scripts/compile_time.py --out $OUT --layouts 1x1,1x2        # and ep=2
+    python3 scripts/compile_time.py --out $OUT --xla_flags "--xla_gpu_autotune_level=0"
+    python3 scripts/compile_time.py --out /tmp/ct --preset cpu_demo     # CPU smoke test
+
+Each row is its own process (no cache shared between rows; JAX's persistent cache off), so
+the times are what a fresh `python train.py` pays. Prints a table and writes
+compile_time.json / compile_time.md under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from gpu_layouts import emit_table  # noqa: E402
+
+CHILD = r"""
+import dataclasses, json, sys, time
+t0 = time.perf_counter()
+import jax, jax.numpy as jnp
+from jmamba.cli import load_preset
+from jmamba.config import validate
+from jmamba.driver import make_data, to_device
+from jmamba.parallel.setup import build, process_rows
+preset, pp, ep, scan, remat = sys.argv[1:6]
+cfg = load_preset(preset)
+cfg = validate(dataclasses.replace(
+    cfg, model=dataclasses.replace(cfg.model, scan_layers=scan == "scan"),
+    parallel=dataclasses.replace(cfg.parallel, pp=int(pp), ep=int(ep),
+                                 microbatches=1 if int(pp) == 1 else 2 * int(pp),
+                                 remat=remat)))
+run = build(cfg, abstract=True)
+rows = process_rows(run.batch_sharding, cfg.train.batch_size)
+batch = to_device(next(make_data(cfg, rows)), run, rows, cfg.train.batch_size)
+t1 = time.perf_counter()
+lowered = run.step_fn.lower(run.state, batch)
+t2 = time.perf_counter()
+compiled = lowered.compile()
+t3 = time.perf_counter()
+print(json.dumps({"setup_s": round(t1 - t0, 1), "lower_s": round(t2 - t1, 1),
+                  "compile_s": round(t3 - t2, 1)}))
+"""
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--preset", default="moe_1b")
+    ap.add_argument("--layouts", default="1x1", help="PPxEP,...")
+    ap.add_argument("--variants", default="scan:full,unrolled:none",
+                    help="layer stack:remat pairs (scan or unrolled)")
+    ap.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS for every row")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               JAX_ENABLE_COMPILATION_CACHE="false")
+    if args.xla_flags:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+    rows = []
+    for layout in args.layouts.split(","):
+        pp, ep = layout.split("x")
+        for variant in args.variants.split(","):
+            scan, remat = variant.split(":")
+            proc = subprocess.run([sys.executable, "-c", CHILD, args.preset, pp, ep, scan,
+                                   remat], env=env, capture_output=True, text=True)
+            row = {"layout": layout, "layers": scan, "remat": remat, "rc": proc.returncode}
+            try:
+                row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            except (IndexError, ValueError):
+                row["error"] = (proc.stdout + proc.stderr)[-600:]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            with open(os.path.join(args.out, "compile_time.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+    lines = ["| pp x ep | layers | remat | setup s | lower s | compile s |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        last = r.get("compile_s", r.get("error", "-")[-80:])
+        lines.append(f"| {r['layout']} | {r['layers']} | {r['remat']} | "
+                     f"{r.get('setup_s', '-')} | {r.get('lower_s', '-')} | {last} |")
+    emit_table("\n".join(lines), args.out, "compile_time.md")
+
+
+if __name__ == "__main__":
+    main()
