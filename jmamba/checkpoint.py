@@ -361,11 +361,10 @@ class Checkpoints:
         """state -> (canonical tree in host memory, fingerprints), one compiled call per
         leaf (the io part in one): each canonical leaf is made on the devices, fingerprinted
         and lands in pinned host memory, split as `spread` says (None: one device), before
-        the next. A save so
-        holds the state plus one leaf on a device, where a whole canonical copy held it twice
-        (bamba9b_moe: ~95 GB a GPU, docs/benchmarks.md), and the step may donate the live
-        state while Orbax writes the host copy in the background. Hand-made: Orbax saves
-        the arrays it is given, and making the canonical form is ours."""
+        the next. A save then holds the state plus one leaf on a device, where a whole
+        canonical copy held it twice (bamba9b_moe: ~95 GB a GPU, docs/benchmarks.md), and the
+        step may donate the live state while Orbax writes the host copy in the background.
+        Hand-made: Orbax saves the arrays it is given; making the canonical form is ours."""
         run, layout = self.run, self.run.layout
         if spread is None:  # one device: its own sharding, the layout is canonical already
             one = jax.tree.leaves(run.state.params)[0].sharding
