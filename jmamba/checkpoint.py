@@ -110,9 +110,9 @@ def map_state(convert, step, params, opt_state, optimizer) -> dict:
                                                is_leaf=_is_params)}
 
 
-def relay_leaves(tree, convert_leaf, shardings, free_sources: bool):
+def relay_leaves(tree, convert_leaf, shardings):
     """convert_leaf on every leaf, each in its own compiled call with its own output
-    sharding; with free_sources each source is deleted once its result is dispatched.
+    sharding; each source is deleted once its result is dispatched.
     Hand-made because XLA lowers a re-layout between unrelated splits (a non-contiguous
     stage layout against the evenly split checkpoint form) by replicating whole arrays,
     and in one program for the whole state those copies add up: one leaf at a time, the
@@ -121,8 +121,7 @@ def relay_leaves(tree, convert_leaf, shardings, free_sources: bool):
     out = []
     for leaf, sh in zip(leaves, jax.tree.leaves(shardings)):
         out.append(jax.jit(convert_leaf, out_shardings=sh)(leaf))
-        if free_sources:
-            leaf.delete()
+        leaf.delete()
     return jax.tree.unflatten(treedef, out)
 
 
@@ -465,7 +464,7 @@ class Checkpoints:
         def to_run_by_leaf(params):
             io = io_fn(params)
             layers = relay_leaves(params["layers"], lambda x: stage_leaf(x, layout),
-                                  state_sh.params["layers"], free_sources=True)
+                                  state_sh.params["layers"])
             return {"layers": layers, "io": io}
 
         def from_saved_by_leaf(saved):

@@ -6,7 +6,7 @@ ep=2 no step finished in ~400 s).
     python3 scripts/compile_time.py --out $OUT                          # moe_1b, 1 GPU
     python3 scripts/compile_time.py --out $OUT --layouts 1x1,1x2        # and ep=2
     python3 scripts/compile_time.py --out $OUT --xla_flags "--xla_gpu_autotune_level=0"
-    python3 scripts/compile_time.py --out /tmp/ct --preset cpu_demo     # CPU smoke test
+    python3 scripts/compile_time.py --out runs/compile_time --preset cpu_demo  # CPU smoke test
 
 Each row is its own process (no cache shared between rows; JAX's persistent cache off), so
 the times are what a fresh `python train.py` pays. Prints a table and writes
