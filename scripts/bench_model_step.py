@@ -4,7 +4,7 @@ against chunked (XLA), on the shapes of the mamba_ssm reference in ../shared/FAC
 162.6 ms/step without MLP and 200.2 ms/step with a 2048 gated MLP on one H200.
 
     python3 scripts/bench_model_step.py --out $OUT            # one GPU
-    python3 scripts/bench_model_step.py --out /tmp/x --small  # CPU smoke test
+    python3 scripts/bench_model_step.py --out runs/x --small  # CPU smoke test
 
 Each variant is a `python train.py` subprocess; the table reads its metrics.jsonl (median
 step time after the first 3 steps, peak memory of the device, loss of the first steps).

@@ -20,7 +20,7 @@ layouts compute the same function as one device (differences are bf16 rounding o
 
     python scripts/run_pp_ep.py --out $OUT                    # 4 GPUs, every run
     python scripts/run_pp_ep.py --out $OUT --phase short      # the throughput runs only
-    python scripts/run_pp_ep.py --out /tmp/x --small          # CPU smoke test (tiny model)
+    python scripts/run_pp_ep.py --out runs/x --small          # CPU smoke test (tiny model)
 """
 
 from __future__ import annotations
