@@ -1,0 +1,111 @@
+"""Is the expert-parallel step repeatable? Trains a few steps, then evaluates one batch many
+times with the same parameters and compares the answers.
+
+    python scripts/ep_repeat.py --config moe_1b --ep 2 --train_steps 6 --repeats 20
+    python scripts/ep_repeat.py --config cpu_demo --ep 2 --cpu_devices 2   # CPU smoke run
+
+Why: on GPUs, two train.py runs of moe_1b at ep=2 with the same flags logged step-7 losses
+of 11.0956 and 11.0155 (one GPU: 11.0951), while their step-6 losses agreed to 1e-4. A
+forward pass that answers differently on the same inputs would be a race, not rounding.
+
+For each --ep value in turn (same seed, so the same fresh parameters and batches): the
+train step runs --train_steps times, then the forward loss (the eval function, as train.py
+validates) and the loss-and-gradient run --repeats times each on the next batch. It prints
+each one's distinct losses, their spread, the largest gradient difference between repeats
+(relative to the gradient's largest entry), and the drop counts. Exits 1 if any forward
+repeat differs from the first by more than --tol relative.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+ARGS.add_argument("--config", default="moe_1b")
+ARGS.add_argument("--ep", default="1,2", help="comma-separated ep values, run in turn")
+ARGS.add_argument("--train_steps", type=int, default=6)
+ARGS.add_argument("--repeats", type=int, default=20)
+ARGS.add_argument("--tol", type=float, default=1e-3)
+ARGS.add_argument("--cpu_devices", type=int, default=0, help="simulate this many CPU devices")
+ARGS.add_argument("--set", nargs="*", default=[], help="extra train.py flags, e.g. --ep_dispatch=ragged")
+args = ARGS.parse_args()
+if args.cpu_devices:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + f" --xla_force_host_platform_device_count={args.cpu_devices}")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from jmamba.cli import parse_config  # noqa: E402
+from jmamba.driver import make_data, next_batch, to_device  # noqa: E402
+from jmamba.parallel.setup import (build, pipeline_loss, process_rows, remat_choices,  # noqa: E402
+                                   with_remat)
+from jmamba import model  # noqa: E402
+
+
+def grad_fn(cfg, run):
+    """loss and canonical gradients of the training loss at this layout (jitted)."""
+    remat = remat_choices(cfg)[0]  # what the train step compiles first
+    if run.mesh is None:
+        loss = functools.partial(model.loss_fn, cfg=cfg.model, remat=remat)
+    else:
+        loss = pipeline_loss(with_remat(cfg, remat), run.layout, run.mesh)
+
+    def f(params, batch):
+        (value, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params, batch)
+        return value, run.canonical(grads), metrics.get("dropped_tokens", 0)
+    return jax.jit(f)
+
+
+def one_layout(ep: int) -> dict:
+    argv = ["--config", args.config, "--ep", str(ep), *args.set]
+    cfg = parse_config(argv)
+    run = build(cfg)
+    t = cfg.train
+    rows = process_rows(run.batch_sharding, t.batch_size)
+    data = make_data(cfg, rows)
+    state = run.state
+    for _ in range(args.train_steps):
+        state, _ = run.step_fn(state, to_device(next_batch(data, t=t), run, rows, t.batch_size))
+    batch = to_device(next_batch(data, t=t), run, rows, t.batch_size)
+    fwd = [float(run.eval_fn(state.params, batch)[0]) for _ in range(args.repeats)]
+    g = grad_fn(cfg, run)
+    first_grads, worst, bwd, dropped = None, 0.0, [], set()
+    for _ in range(max(args.repeats // 4, 2)):
+        value, grads, drop = g(state.params, batch)
+        grads = jax.tree.map(np.asarray, jax.device_get(grads))
+        bwd.append(float(value))
+        dropped.add(int(drop))
+        if first_grads is None:
+            first_grads = grads
+            scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(grads))
+        else:
+            worst = max(worst, max(float(np.max(np.abs(a - b))) for a, b in
+                                   zip(jax.tree.leaves(grads), jax.tree.leaves(first_grads))))
+    return {"ep": ep, "fwd": fwd, "bwd": bwd, "grad_rel": worst / max(scale, 1e-30),
+            "dropped": sorted(dropped)}
+
+
+def main():
+    bad = False
+    print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {args.config}, "
+          f"{args.train_steps} train steps, {args.repeats} repeats, extra {args.set}")
+    print("| ep | forward: distinct losses | forward spread (rel) | loss+grad: distinct "
+          "| grad max diff between repeats (rel) | dropped |")
+    print("|---|---|---|---|---|---|")
+    for ep in map(int, args.ep.split(",")):
+        r = one_layout(ep)
+        spread = (max(r["fwd"]) - min(r["fwd"])) / abs(r["fwd"][0])
+        bad |= spread > args.tol
+        print(f"| {ep} | {sorted(set(round(x, 5) for x in r['fwd']))} | {spread:.1e} | "
+              f"{sorted(set(round(x, 5) for x in r['bwd']))} | {r['grad_rel']:.1e} | "
+              f"{r['dropped']} |", flush=True)
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
