@@ -31,6 +31,8 @@ ARGS.add_argument("--repeats", type=int, default=20)
 ARGS.add_argument("--tol", type=float, default=1e-3)
 ARGS.add_argument("--cpu_devices", type=int, default=0, help="simulate this many CPU devices")
 ARGS.add_argument("--set", nargs="*", default=[], help="extra train.py flags, e.g. --ep_dispatch=ragged")
+ARGS.add_argument("--matmul", default="auto", choices=("auto", "xla"),
+                  help="grouped-matmul path of the ep experts (xla: lax.ragged_dot, no kernel)")
 args = ARGS.parse_args()
 if args.cpu_devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -45,6 +47,12 @@ from jmamba.driver import make_data, next_batch, to_device  # noqa: E402
 from jmamba.parallel.setup import (build, pipeline_loss, process_rows, remat_choices,  # noqa: E402
                                    with_remat)
 from jmamba import model  # noqa: E402
+from jmamba.kernels.grouped_matmul import grouped_matmul  # noqa: E402
+import jmamba.parallel.setup as setup  # noqa: E402
+
+if args.matmul != "auto":  # the ep experts_fn on another grouped-matmul path
+    setup.make_ep_experts_fn = functools.partial(
+        setup.make_ep_experts_fn, matmul=functools.partial(grouped_matmul, impl=args.matmul))
 
 
 def grad_fn(cfg, run):
@@ -74,7 +82,7 @@ def one_layout(ep: int) -> dict:
     batch = to_device(next_batch(data, t=t), run, rows, t.batch_size)
     fwd = [float(run.eval_fn(state.params, batch)[0]) for _ in range(args.repeats)]
     g = grad_fn(cfg, run)
-    first_grads, worst, bwd, dropped = None, 0.0, [], set()
+    first_grads, worst, bwd, dropped, per_leaf = None, 0.0, [], set(), {}
     for _ in range(max(args.repeats // 4, 2)):
         value, grads, drop = g(state.params, batch)
         grads = jax.tree.map(np.asarray, jax.device_get(grads))
@@ -84,16 +92,25 @@ def one_layout(ep: int) -> dict:
             first_grads = grads
             scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(grads))
         else:
-            worst = max(worst, max(float(np.max(np.abs(a - b))) for a, b in
-                                   zip(jax.tree.leaves(grads), jax.tree.leaves(first_grads))))
+            for path, a in jax.tree_util.tree_leaves_with_path(grads):
+                b = first_grads
+                for k in path:
+                    b = b[k.key] if hasattr(k, "key") else b[k.idx]
+                d = float(np.max(np.abs(a - b)))
+                worst = max(worst, d)
+                name = jax.tree_util.keystr(path)
+                rel = d / max(float(np.max(np.abs(b))), 1e-30)
+                per_leaf[name] = max(per_leaf.get(name, 0.0), rel)
+    top = sorted(per_leaf.items(), key=lambda kv: -kv[1])[:4]
     return {"ep": ep, "fwd": fwd, "bwd": bwd, "grad_rel": worst / max(scale, 1e-30),
-            "dropped": sorted(dropped)}
+            "dropped": sorted(dropped), "top": top}
 
 
 def main():
     bad = False
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {args.config}, "
-          f"{args.train_steps} train steps, {args.repeats} repeats, extra {args.set}")
+          f"{args.train_steps} train steps, {args.repeats} repeats, extra {args.set}, "
+          f"matmul {args.matmul}, XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
     print("| ep | forward: distinct losses | forward spread (rel) | loss+grad: distinct "
           "| grad max diff between repeats (rel) | dropped |")
     print("|---|---|---|---|---|---|")
@@ -104,6 +121,8 @@ def main():
         print(f"| {ep} | {sorted(set(round(x, 5) for x in r['fwd']))} | {spread:.1e} | "
               f"{sorted(set(round(x, 5) for x in r['bwd']))} | {r['grad_rel']:.1e} | "
               f"{r['dropped']} |", flush=True)
+        print("    leaves that vary most (max diff / leaf's max): "
+              + ", ".join(f"{k} {v:.1e}" for k, v in r["top"]), flush=True)
     sys.exit(1 if bad else 0)
 
 
