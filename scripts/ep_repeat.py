@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import shlex
 import sys
 
 ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,7 +31,8 @@ ARGS.add_argument("--train_steps", type=int, default=6)
 ARGS.add_argument("--repeats", type=int, default=20)
 ARGS.add_argument("--tol", type=float, default=1e-3)
 ARGS.add_argument("--cpu_devices", type=int, default=0, help="simulate this many CPU devices")
-ARGS.add_argument("--set", nargs="*", default=[], help="extra train.py flags, e.g. --ep_dispatch=ragged")
+ARGS.add_argument("--flags", default="",
+                  help='extra train.py flags as one string: --flags="--ep_dispatch ragged"')
 ARGS.add_argument("--matmul", default="auto", choices=("auto", "xla"),
                   help="grouped-matmul path of the ep experts (xla: lax.ragged_dot, no kernel)")
 args = ARGS.parse_args()
@@ -70,7 +72,7 @@ def grad_fn(cfg, run):
 
 
 def one_layout(ep: int) -> dict:
-    argv = ["--config", args.config, "--ep", str(ep), *args.set]
+    argv = ["--config", args.config, "--ep", str(ep), *shlex.split(args.flags)]
     cfg = parse_config(argv)
     run = build(cfg)
     t = cfg.train
@@ -109,7 +111,7 @@ def one_layout(ep: int) -> dict:
 def main():
     bad = False
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {args.config}, "
-          f"{args.train_steps} train steps, {args.repeats} repeats, extra {args.set}, "
+          f"{args.train_steps} train steps, {args.repeats} repeats, extra {args.flags!r}, "
           f"matmul {args.matmul}, XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
     print("| ep | forward: distinct losses | forward spread (rel) | loss+grad: distinct "
           "| grad max diff between repeats (rel) | dropped |")

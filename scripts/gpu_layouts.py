@@ -13,6 +13,8 @@ from the one-GPU run of the same path (bf16 noise for bf16 presets), and kernel 
 chunked (the chunked step time over the kernel's). Then a checkpoint round trip on the GPUs
 (--resume_check, moe_1b at pp=2 by default): a run saving every 3 steps, and the same
 command resuming from step 3, whose losses must match the first run's (resume.md).
+Exits 1 if any run failed, dropped a copy, or logged losses further than LOSS_TOL from one
+GPU's, or if the round trip did not match.
 
     python scripts/gpu_layouts.py --out $OUT                       # 2 or 4 GPUs
     python scripts/gpu_layouts.py --out runs/layouts --presets cpu_demo --steps 4  # CPU smoke
@@ -105,17 +107,31 @@ def gpu_count() -> int:
     return int(probe.stdout.split()[0])
 
 
+# A layout's losses may differ from one GPU's by this much, relative: bf16 rounding and
+# GPU scatter-add order, amplified by routing flips, stayed within 1.5e-4 over seven steps
+# in every run whose gradients were repeatable; the ep=2 runs whose expert-kernel gradients
+# were not (docs/status.md) reached 3.9e-3 and 7.2e-3.
+LOSS_TOL = 1e-3
+
+
 def table(rows):
+    """The markdown table, and the names of the rows that failed (exit code, dropped
+    copies, or losses off one GPU's by more than LOSS_TOL)."""
     by = {(r["preset"], r["layout"], r["impl"]): r for r in rows}
     lines = ["| preset | pp,ep,M | ssm path | rc | step ms | peak GB (fullest GPU) | "
-             "dropped copies | max rel loss diff vs 1 GPU | kernel vs chunked |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "dropped copies | max rel loss diff vs 1 GPU | kernel vs chunked | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    failed = []
     for r in rows:
         ref = by.get((r["preset"], (1, 1, 1), r["impl"]), {}).get("losses", {})
-        diff = "-"
+        diff, off = "-", 0.0
         if ref and "losses" in r and r["layout"] != (1, 1, 1):
             common = [s for s in r["losses"] if s in ref]
-            diff = f"{max(abs(r['losses'][s] - ref[s]) / abs(ref[s]) for s in common):.1e}"
+            off = max(abs(r['losses'][s] - ref[s]) / abs(ref[s]) for s in common)
+            diff = f"{off:.1e}"
+        ok = r["rc"] == 0 and r.get("dropped", 0) == 0 and off <= LOSS_TOL
+        if not ok:
+            failed.append(r["name"])
         speed = "-"
         other = by.get((r["preset"], r["layout"], "chunked"))
         if r["impl"] == "default" and other and "step_ms" in r and "step_ms" in other:
@@ -123,8 +139,8 @@ def table(rows):
         pp, ep, M = r["layout"]
         lines.append(f"| {r['preset']} | {pp},{ep},{M} | {r['impl']} | {r['rc']} | "
                      f"{r.get('step_ms', '-')} | {r.get('peak_gb', '-')} | "
-                     f"{r.get('dropped', '-')} | {diff} | {speed} |")
-    return "\n".join(lines)
+                     f"{r.get('dropped', '-')} | {diff} | {speed} | {ok} |")
+    return "\n".join(lines), failed
 
 
 def main():
@@ -157,9 +173,12 @@ def main():
                 rows.append(run_one(preset, pp, ep, M, "chunked", args, work))
             with open(os.path.join(args.out, "layouts.json"), "w") as f:
                 json.dump(rows, f, indent=1, default=str)
-    text = table(rows)
+    text, failed = table(rows)
     emit_table(text, args.out, "layouts.md")
-    ok = all(r["rc"] == 0 for r in rows)
+    if failed:
+        print(f"FAILED (exit code, dropped copies, or losses off one GPU's by more than "
+              f"{LOSS_TOL:g} relative): {', '.join(failed)}", flush=True)
+    ok = not failed
     if args.resume_check:
         preset, _, spec = args.resume_check.partition(":")
         pp, ep, M = (int(x) for x in spec.split("x"))
