@@ -131,6 +131,7 @@ PP_SCHEDULES = ("1f1b", "gpipe", "circular")
 PP_COMMS = ("pair", "sum")
 REMATS = ("auto", "none", "full", "full_with_comm", "dots")
 EP_DISPATCH = ("auto", "ragged", "dense")
+EP_MATMULS = ("auto", "kernel", "xla")  # jmamba/kernels/grouped_matmul.py IMPLS
 
 
 @dataclass(frozen=True)
@@ -166,6 +167,11 @@ class ParallelConfig:
     ep_capacity_factor: float = 1.25
     ep_dropless: bool = True
     ep_dispatch: str = "auto"
+    # The grouped matmul of the experts at ep > 1: "auto" (the Hopper kernel where it
+    # applies, else lax.ragged_dot), "kernel", or "xla" (lax.ragged_dot: ~4x slower on GPUs,
+    # but its gradients repeat call to call at ep=2, where the kernel's did not on H100s:
+    # docs/status.md, the ep=2 gradient bug).
+    ep_matmul: str = "auto"
 
     @property
     def virtual(self) -> int:
@@ -299,6 +305,7 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Para
     _check_choice(p.pp_comm, PP_COMMS, "parallel.pp_comm")
     _check_choice(p.remat, REMATS, "parallel.remat")
     _check_choice(p.ep_dispatch, EP_DISPATCH, "parallel.ep_dispatch")
+    _check_choice(p.ep_matmul, EP_MATMULS, "parallel.ep_matmul")
     _check(p.ep_capacity_factor > 0, "parallel.ep_capacity_factor", "must be > 0",
            p.ep_capacity_factor)
     if p.pp_schedule == "circular":

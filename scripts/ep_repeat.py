@@ -2,6 +2,7 @@
 times with the same parameters and compares the answers.
 
     python scripts/ep_repeat.py --config moe_1b --ep 2 --train_steps 6 --repeats 20
+    python scripts/ep_repeat.py --config moe_1b --ep 2 --flags="--ep_matmul xla"
     python scripts/ep_repeat.py --config cpu_demo --ep 2 --cpu_devices 2   # CPU smoke run
 
 Why: on GPUs, two train.py runs of moe_1b at ep=2 with the same flags logged step-7 losses
@@ -33,8 +34,6 @@ ARGS.add_argument("--tol", type=float, default=1e-3)
 ARGS.add_argument("--cpu_devices", type=int, default=0, help="simulate this many CPU devices")
 ARGS.add_argument("--flags", default="",
                   help='extra train.py flags as one string: --flags="--ep_dispatch ragged"')
-ARGS.add_argument("--matmul", default="auto", choices=("auto", "xla"),
-                  help="grouped-matmul path of the ep experts (xla: lax.ragged_dot, no kernel)")
 args = ARGS.parse_args()
 if args.cpu_devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -49,12 +48,6 @@ from jmamba.driver import make_data, next_batch, to_device  # noqa: E402
 from jmamba.parallel.setup import (build, pipeline_loss, process_rows, remat_choices,  # noqa: E402
                                    with_remat)
 from jmamba import model  # noqa: E402
-from jmamba.kernels.grouped_matmul import grouped_matmul  # noqa: E402
-import jmamba.parallel.setup as setup  # noqa: E402
-
-if args.matmul != "auto":  # the ep experts_fn on another grouped-matmul path
-    setup.make_ep_experts_fn = functools.partial(
-        setup.make_ep_experts_fn, matmul=functools.partial(grouped_matmul, impl=args.matmul))
 
 
 def grad_fn(cfg, run):
@@ -112,7 +105,7 @@ def main():
     bad = False
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {args.config}, "
           f"{args.train_steps} train steps, {args.repeats} repeats, extra {args.flags!r}, "
-          f"matmul {args.matmul}, XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
+          f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
     print("| ep | forward: distinct losses | forward spread (rel) | loss+grad: distinct "
           "| grad max diff between repeats (rel) | dropped |")
     print("|---|---|---|---|---|---|")

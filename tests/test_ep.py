@@ -205,3 +205,26 @@ def test_ragged_offsets_match_dense_under_an_emulated_ragged_all_to_all(cf, monk
 def test_bad_expert_split_names_the_fields():
     with pytest.raises(ValueError, match=r"model\.n_experts.*parallel\.ep"):
         make_ep_experts_fn(6, 4)
+
+
+def test_ep_matmul_flag_reaches_the_experts():
+    """--ep_matmul picks the experts' grouped-matmul path at ep > 1: 'kernel' is refused
+    on the CPU (no Hopper kernel there), 'xla' runs; the default 'auto' falls back."""
+    from jmamba.cli import parse_config
+    from jmamba.parallel.setup import experts_fn_for
+    x, w, e, ws, _ = problem(T=32, skew=0.0)
+
+    def run(choice):
+        fn = experts_fn_for(parse_config(["--config", "cpu_demo", "--ep", "2",
+                                          "--n_experts", "8", "--ep_matmul", choice]))
+
+        def body(x, w, e, wg, wu, wd):
+            return fn(x, w, e, wg.astype(jnp.bfloat16), wu.astype(jnp.bfloat16),
+                      wd.astype(jnp.bfloat16), jnp.bfloat16)[0]
+        spec = P("ep")
+        return jax.jit(jax.shard_map(body, mesh=mesh_of(2), in_specs=(spec,) * 6,
+                                     out_specs=spec))(x, w, e, *ws)
+
+    with pytest.raises(ValueError, match="Hopper kernel cannot take"):
+        run("kernel")
+    np.testing.assert_array_equal(run("xla"), run("auto"))

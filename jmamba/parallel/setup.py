@@ -16,6 +16,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P, SingleDeviceSharding
 
 from jmamba import model
+from jmamba.kernels.grouped_matmul import grouped_matmul
 from jmamba.moe import moe_dropless
 from jmamba.optim import lr_schedule, make_optimizer
 from jmamba.parallel.ep import make_ep_experts_fn
@@ -73,6 +74,7 @@ def experts_fn_for(cfg):
     if p.ep == 1 or m.mlp != "moe":
         return moe_dropless
     return make_ep_experts_fn(m.n_experts, p.ep, "ep", p.ep_capacity_factor, p.ep_dispatch,
+                              matmul=functools.partial(grouped_matmul, impl=p.ep_matmul),
                               dropless=p.ep_dropless)
 
 
