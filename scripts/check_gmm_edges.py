@@ -3,6 +3,8 @@ lax.ragged_dot, and against itself on a second call.
 
     python scripts/check_gmm_edges.py          # one Hopper GPU
     python scripts/check_gmm_edges.py --small  # CPU smoke run (xla path only; no kernel)
+    python scripts/check_gmm_edges.py --small --interpret  # the kernels on the CPU, in
+        # Mosaic GPU's interpret mode with its race detector (small shapes, ~1-2 minutes)
 
 Why: at ep=2 on H100s the train step's gradients differed between two calls on the same
 inputs (scripts/ep_repeat.py: expert weights up to 1.6e-2 of their largest entry) with the
@@ -25,6 +27,8 @@ ARGS = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 ARGS.add_argument("--small", action="store_true")
 ARGS.add_argument("--tol", type=float, default=2e-2)
 ARGS.add_argument("--repeats", type=int, default=4)
+ARGS.add_argument("--interpret", action="store_true",
+                  help="run the Hopper kernels in Mosaic GPU's interpreter (CPU), detecting races")
 args = ARGS.parse_args()
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -33,9 +37,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jmamba.kernels.grouped_matmul import grouped_matmul  # noqa: E402
+from jmamba.kernels.mosaic_interpret import interpreted_kernels  # noqa: E402
 
-D, F = (64, 64) if args.small else (1024, 1024)
-ROWS = 256 if args.small else 20480  # moe_1b ep=2 first-round buffer: 1.25 x 16384
+D, F = (256, 256) if args.small else (1024, 1024)
+ROWS = 448 if args.small else 20480  # moe_1b ep=2 first-round buffer: 1.25 x 16384
 
 
 def cases(rows, g=8):
@@ -63,14 +68,22 @@ def rel(a, b):
 
 
 def main():
-    impls = ["xla"] if args.small else ["auto"]
+    if args.interpret:
+        with interpreted_kernels() as races:
+            return check(races)
+    return check(None)
+
+
+def check(races):
+    impls = ["kernel"] if args.interpret else ["xla"] if args.small else ["auto"]
     kx, kw, kd = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (ROWS, D), jnp.bfloat16)
     w = (jax.random.normal(kw, (8, D, F), jnp.float32) / np.sqrt(D)).astype(jnp.bfloat16)
     dy = jax.random.normal(kd, (ROWS, F), jnp.bfloat16)
     ref_fn = jax.jit(lambda x, w, gs, dy: fwd_bwd("xla", x, w, gs, dy))
     bad = []
-    print(f"{jax.devices()[0].device_kind}: rows {ROWS}, D {D}, F {F}, 8 groups, bf16")
+    print(f"{jax.devices()[0].device_kind}{' (Mosaic GPU interpreter)' if races else ''}: "
+          f"rows {ROWS}, D {D}, F {F}, 8 groups, bf16")
     print("| case | y vs xla | dX vs xla | dW vs xla | kernel repeatable (y, dX, dW) |")
     print("|---|---|---|---|---|")
     for name, gs in cases(ROWS).items():
@@ -89,11 +102,15 @@ def main():
             ok = all(d <= args.tol for d in diffs) and all(same)
             if not ok:
                 bad.append(name)
+            raced = races() if races else None
+            if raced:
+                bad.append(f"{name} (race)")
             print(f"| {name} | {diffs[0]:.1e} | {diffs[1]:.1e} | {diffs[2]:.1e} | "
-                  f"{same} |", flush=True)
+                  f"{same} |" + ("" if races is None else f" race seen: {raced} |"),
+                  flush=True)
     print("FAILED: " + "; ".join(bad) if bad else "all cases ok")
-    sys.exit(1 if bad else 0)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
