@@ -53,6 +53,15 @@ class ModelConfig:
     top_k: int = 2
     d_expert: int = 64  # expert SwiGLU hidden size F
     renormalize: bool = True
+    # Shared experts (DeepSeek-MoE, Qwen3, Nemotron-3): this many SwiGLU experts of hidden
+    # d_expert that every token passes through, added to the routed experts' output.
+    n_shared_experts: int = 0
+    # Aux-loss-free balancing (DeepSeek-V3): a per-expert bias added to the router
+    # probabilities for top-k selection only (the weights stay the unbiased probabilities),
+    # not trained by gradients; after each step it moves by this rate towards the mean load
+    # (+rate for experts that got fewer copies than the mean, -rate for more), from the
+    # global counts of the step. 0: off (no bias parameter). DeepSeek-V3 used 1e-3.
+    router_bias_rate: float = 0.0
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
 
@@ -241,6 +250,10 @@ def validate_model(m: ModelConfig) -> ModelConfig:
                f"must be in [1, n_experts={m.n_experts}]", m.top_k)
         _check(m.d_expert > 0, "model.d_expert", "must be > 0", m.d_expert)
         _check(m.aux_loss_coef >= 0, "model.aux_loss_coef", "must be >= 0", m.aux_loss_coef)
+        _check(m.n_shared_experts >= 0, "model.n_shared_experts", "must be >= 0",
+               m.n_shared_experts)
+        _check(m.router_bias_rate >= 0, "model.router_bias_rate", "must be >= 0",
+               m.router_bias_rate)
         _check(m.z_loss_coef >= 0, "model.z_loss_coef", "must be >= 0", m.z_loss_coef)
     return m
 

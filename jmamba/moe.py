@@ -22,10 +22,17 @@ from jmamba.layers import uniform_init
 EXCHANGED = "moe_exchanged"
 
 
-def route(logits_TxE, top_k: int, renormalize: bool):
-    """Softmax over experts in fp32, then top-k. Returns (weights_TxK, experts_TxK, probs_TxE)."""
+def route(logits_TxE, top_k: int, renormalize: bool, bias_E=None):
+    """Softmax over experts in fp32, then top-k. Returns (weights_TxK, experts_TxK, probs_TxE).
+
+    bias_E (aux-loss-free balancing): top-k picks by probs + bias, the weights stay the
+    picked experts' unbiased probabilities, and no gradient reaches the bias."""
     probs_TxE = jax.nn.softmax(logits_TxE.astype(jnp.float32), axis=-1)
-    weights_TxK, experts_TxK = jax.lax.top_k(probs_TxE, top_k)
+    if bias_E is None:
+        weights_TxK, experts_TxK = jax.lax.top_k(probs_TxE, top_k)
+    else:
+        _, experts_TxK = jax.lax.top_k(probs_TxE + jax.lax.stop_gradient(bias_E), top_k)
+        weights_TxK = jnp.take_along_axis(probs_TxE, experts_TxK, axis=-1)
     if renormalize:
         weights_TxK = weights_TxK / jnp.sum(weights_TxK, axis=-1, keepdims=True)
     return weights_TxK, experts_TxK, probs_TxE
@@ -163,6 +170,14 @@ class MoE(nnx.Module):
         self.w_up = nnx.Param(uniform_init(1 / math.sqrt(D))(rngs.params(), (E, D, F)))
         self.w_down = nnx.Param(uniform_init(out_scale / math.sqrt(F))(rngs.params(),
                                                                          (E, F, D)))
+        if cfg.router_bias_rate > 0:  # moved by the train step, never by gradients
+            self.router_bias = nnx.Param(jnp.zeros((E,), jnp.float32))
+        if cfg.n_shared_experts:  # N shared experts as one SwiGLU of hidden N * F
+            NF = cfg.n_shared_experts * F
+            self.shared_gate = nnx.Param(uniform_init(1 / math.sqrt(D))(rngs.params(), (D, NF)))
+            self.shared_up = nnx.Param(uniform_init(1 / math.sqrt(D))(rngs.params(), (D, NF)))
+            self.shared_down = nnx.Param(uniform_init(out_scale / math.sqrt(F))(
+                rngs.params(), (NF, D)))
 
     def __call__(self, x_BxLxD, experts_fn=moe_dropless):
         """Returns (y_BxLxD, aux_B, z_B, counts_E, dropped). `experts_fn` is the dispatch
@@ -173,10 +188,16 @@ class MoE(nnx.Module):
         dtype = jnp.dtype(cfg.dtype)
         # The router runs in fp32: top-k choices must not flip with the compute dtype.
         logits_BxLxE = jnp.dot(x_BxLxD.astype(jnp.float32), self.router[...])
+        bias_E = self.router_bias[...] if cfg.router_bias_rate > 0 else None
         weights_TxK, experts_TxK, _ = route(logits_BxLxE.reshape(Bsz * L, -1), cfg.top_k,
-                                            cfg.renormalize)
+                                            cfg.renormalize, bias_E)
         y_TxD, dropped = experts_fn(x_BxLxD.reshape(Bsz * L, D), weights_TxK, experts_TxK,
                            self.w_gate[...], self.w_up[...], self.w_down[...], dtype)
+        if cfg.n_shared_experts:
+            c = lambda a: a.astype(dtype)
+            x = c(x_BxLxD.reshape(Bsz * L, D))
+            h_TxNF = jax.nn.silu(x @ c(self.shared_gate[...])) * (x @ c(self.shared_up[...]))
+            y_TxD = y_TxD + (h_TxNF @ c(self.shared_down[...])).astype(jnp.float32)
         aux_B, z_B = balance_losses(logits_BxLxE, experts_TxK.reshape(Bsz, L, -1))
         counts_E = jnp.bincount(experts_TxK.reshape(-1), length=cfg.n_experts)
         return y_TxD.reshape(Bsz, L, D).astype(dtype), aux_B, z_B, counts_E, dropped

@@ -39,9 +39,23 @@ def sq_norm(tree):
     return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
+def bias_step(counts_YxE, rate: float):
+    """Aux-loss-free balancing's move of the router bias after a step (DeepSeek-V3):
+    +rate for each layer's experts that got fewer token copies than the layer's mean, -rate
+    for those that got more, 0 at the mean."""
+    c_YxE = counts_YxE.astype(jnp.float32)
+    return rate * jnp.sign(jnp.mean(c_YxE, axis=-1, keepdims=True) - c_YxE)
+
+
+def with_router_bias(params, new_bias):
+    mlp = {**params["layers"]["mlp"], "router_bias": new_bias}
+    return {**params, "layers": {**params["layers"], "mlp": mlp}}
+
+
 def make_train_step(loss_fn: Callable, optimizer, schedule, grad_clip: float,
                     fix_grads: Callable = lambda g: g, grad_sq_norm: Callable = sq_norm,
-                    skip_nonfinite: bool = False, ep: int = 1) -> Callable:
+                    skip_nonfinite: bool = False, ep: int = 1, bias_rate: float = 0.0,
+                    layer_rows: Callable = lambda x: x) -> Callable:
     """loss_fn(params, batch) -> (loss, metrics with 'expert_counts' [Y, E] and
     'dropped_tokens'); every other metric passes through.
 
@@ -51,6 +65,11 @@ def make_train_step(loss_fn: Callable, optimizer, schedule, grad_clip: float,
     whose loss or gradient norm is NaN/Inf keeps the old parameters and optimizer state
     (the step counter still advances) and reports skipped = 1. With ep > 1 the metrics add
     ep_load_max_over_mean (ep_rank_load).
+
+    bias_rate > 0: params['layers']['mlp']['router_bias'] is set to its old value plus
+    bias_step of the step's global expert counts (the optimizer's update of it, weight decay
+    included, is discarded; its gradient is zero). layer_rows maps a canonical [n_layer, ...]
+    array to the params' layer layout (a pipeline's stage stacking; identity on one device).
     """
 
     def train_step(state: TrainState, batch):
@@ -61,12 +80,15 @@ def make_train_step(loss_fn: Callable, optimizer, schedule, grad_clip: float,
         grads = jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        counts = parts.pop("expert_counts")
+        if bias_rate:
+            old = state.params["layers"]["mlp"]["router_bias"]
+            params = with_router_bias(params, old + layer_rows(bias_step(counts, bias_rate)))
         if skip_nonfinite:
             ok = jnp.isfinite(loss) & jnp.isfinite(g_norm)
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
             params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
             parts["skipped"] = 1.0 - ok.astype(jnp.float32)
-        counts = parts.pop("expert_counts")
         metrics = {"loss": loss, **parts, "grad_norm": g_norm,
                    "lr": schedule(state.step), "expert_load_max_over_mean": expert_load(counts)}
         if ep > 1 and counts.shape[-1] % ep == 0:

@@ -20,8 +20,8 @@ from jmamba.kernels.grouped_matmul import grouped_matmul
 from jmamba.moe import moe_dropless
 from jmamba.optim import lr_schedule, make_optimizer
 from jmamba.parallel.ep import make_ep_experts_fn
-from jmamba.parallel.layout import (StageLayout, tie_gradients, to_canonical, to_stage,
-                                    unique_sq_norm)
+from jmamba.parallel.layout import (StageLayout, stage_leaf, tie_gradients, to_canonical,
+                                    to_stage, unique_sq_norm)
 from jmamba.parallel.mesh import (canonical_layer_shardings, make_mesh, shardings, spec,
                                   spread_shardings, stage_param_specs)
 from jmamba.parallel.pipeline import make_pipeline_loss
@@ -116,7 +116,8 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
         def step_for(remat):
             loss = functools.partial(model.loss_fn, cfg=m, remat=remat)
             return jax.jit(make_train_step(loss, optimizer, lr_schedule(t), t.grad_clip,
-                                           skip_nonfinite=t.skip_nonfinite),
+                                           skip_nonfinite=t.skip_nonfinite,
+                                           bias_rate=m.router_bias_rate),
                            donate_argnums=0)
         if abstract:
             one = SingleDeviceSharding(jax.devices()[0])
@@ -152,7 +153,9 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
                                lr_schedule(t), t.grad_clip,
                                fix_grads=functools.partial(tie_gradients, layout=layout),
                                grad_sq_norm=functools.partial(unique_sq_norm, layout=layout),
-                               skip_nonfinite=t.skip_nonfinite, ep=p.ep)
+                               skip_nonfinite=t.skip_nonfinite, ep=p.ep,
+                               bias_rate=m.router_bias_rate,
+                               layer_rows=functools.partial(stage_leaf, layout=layout))
         return jax.jit(step, in_shardings=(state_sh, batch_sh),
                        out_shardings=(state_sh, replicated), donate_argnums=0)
     # The pipelined loss without differentiation runs the forward only (GPipe order, for
