@@ -76,6 +76,13 @@ LAYER_NAMES = [
     (("mlp", "w_gate"), "mlp.experts.{e}.w_gate.weight", "linear", "n_experts, d_expert"),
     (("mlp", "w_up"), "mlp.experts.{e}.w_up.weight", "linear", "n_experts, d_expert"),
     (("mlp", "w_down"), "mlp.experts.{e}.w_down.weight", "linear", "n_experts, d_expert"),
+    (("mlp", "router_bias"), "mlp.router.expert_bias", "same", "router_bias_rate, n_experts"),
+    (("mlp", "shared_gate"), "mlp.shared_experts.w_gate.weight", "linear",
+     "n_shared_experts, d_expert"),
+    (("mlp", "shared_up"), "mlp.shared_experts.w_up.weight", "linear",
+     "n_shared_experts, d_expert"),
+    (("mlp", "shared_down"), "mlp.shared_experts.w_down.weight", "linear",
+     "n_shared_experts, d_expert"),
 ]
 TOP_NAMES = [
     (("embed", "embedding"), "backbone.embedding.weight", "same",

@@ -38,7 +38,9 @@ def mlp_params(m: ModelConfig) -> int:
     """The channel mixer after each Mamba2 mixer (router + E experts, or one gated MLP)."""
     D = m.d_model
     if m.mlp == "moe":
-        return D * m.n_experts + 3 * m.n_experts * D * m.d_expert
+        bias = m.n_experts if m.router_bias_rate > 0 else 0
+        shared = 3 * m.n_shared_experts * D * m.d_expert
+        return D * m.n_experts + 3 * m.n_experts * D * m.d_expert + bias + shared
     if m.mlp == "dense":
         Fi = m.d_intermediate
         return 3 * D * Fi + ((2 * Fi + D) if m.bias else 0)
@@ -58,11 +60,12 @@ def param_count(m: ModelConfig) -> int:
 
 
 def active_matmul_params(m: ModelConfig) -> int:
-    """Weights one token multiplies by in the layer stack (router + its K experts only)."""
+    """Weights one token multiplies by in the layer stack (router + its K experts and the
+    shared experts)."""
     D, I, H, G, N = m.d_model, m.d_inner, m.nheads, m.ngroups, m.d_state
     per_layer = D * (2 * I + 2 * G * N + H) + I * D
     if m.mlp == "moe":
-        per_layer += D * m.n_experts + 3 * m.top_k * D * m.d_expert
+        per_layer += D * m.n_experts + 3 * (m.top_k + m.n_shared_experts) * D * m.d_expert
     elif m.mlp == "dense":
         per_layer += 3 * D * m.d_intermediate
     return m.n_layer * per_layer

@@ -77,3 +77,12 @@ def test_options_off_leave_the_parameters_as_before():
     plain = dataclasses.replace(MODEL, n_shared_experts=0, router_bias_rate=0.0)
     mlp = jax.eval_shape(lambda: model.init_params(plain, jax.random.key(0)))["layers"]["mlp"]
     assert sorted(mlp) == ["router", "w_down", "w_gate", "w_up"]
+
+
+def test_flops_count_the_bias_and_the_shared_experts():
+    from jmamba import flops
+    params = jax.eval_shape(lambda: model.init_params(MODEL, jax.random.key(0)))
+    assert flops.param_count(MODEL) == sum(x.size for x in jax.tree.leaves(params))
+    plain = dataclasses.replace(MODEL, n_shared_experts=0)
+    extra = MODEL.n_layer * 3 * 2 * MODEL.d_model * MODEL.d_expert  # two shared experts
+    assert flops.active_matmul_params(MODEL) - flops.active_matmul_params(plain) == extra
