@@ -255,6 +255,11 @@ def validate_model(m: ModelConfig) -> ModelConfig:
         _check(m.router_bias_rate >= 0, "model.router_bias_rate", "must be >= 0",
                m.router_bias_rate)
         _check(m.z_loss_coef >= 0, "model.z_loss_coef", "must be >= 0", m.z_loss_coef)
+    else:
+        for name in ("n_shared_experts", "router_bias_rate"):
+            _check(not getattr(m, name), f"model.{name}",
+                   f"applies to mlp='moe' only (mlp is {m.mlp!r}): set it to 0",
+                   getattr(m, name))
     return m
 
 

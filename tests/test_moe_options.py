@@ -86,3 +86,9 @@ def test_flops_count_the_bias_and_the_shared_experts():
     plain = dataclasses.replace(MODEL, n_shared_experts=0)
     extra = MODEL.n_layer * 3 * 2 * MODEL.d_model * MODEL.d_expert  # two shared experts
     assert flops.active_matmul_params(MODEL) - flops.active_matmul_params(plain) == extra
+
+
+def test_options_need_an_moe_model():
+    import pytest
+    with pytest.raises(ValueError, match="applies to mlp='moe' only"):
+        validate(Config(model=dataclasses.replace(MODEL, mlp="dense")))
