@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jmamba import model
 from jmamba.config import Config, ModelConfig, ParallelConfig, TrainConfig, validate
@@ -89,6 +90,5 @@ def test_flops_count_the_bias_and_the_shared_experts():
 
 
 def test_options_need_an_moe_model():
-    import pytest
     with pytest.raises(ValueError, match="applies to mlp='moe' only"):
         validate(Config(model=dataclasses.replace(MODEL, mlp="dense")))
