@@ -77,12 +77,13 @@ LAYER_NAMES = [
     (("mlp", "w_up"), "mlp.experts.{e}.w_up.weight", "linear", "n_experts, d_expert"),
     (("mlp", "w_down"), "mlp.experts.{e}.w_down.weight", "linear", "n_experts, d_expert"),
     (("mlp", "router_bias"), "mlp.router.expert_bias", "same", "router_bias_rate, n_experts"),
-    (("mlp", "shared_gate"), "mlp.shared_experts.w_gate.weight", "linear",
+    # the shared experts are a GatedMLP: mamba_ssm's names, under mlp.shared_experts
+    (("mlp", "shared", "fc1", "kernel"), "mlp.shared_experts.fc1.weight", "linear",
      "n_shared_experts, d_expert"),
-    (("mlp", "shared_up"), "mlp.shared_experts.w_up.weight", "linear",
+    (("mlp", "shared", "fc1", "bias"), "mlp.shared_experts.fc1.bias", "same", "bias"),
+    (("mlp", "shared", "fc2", "kernel"), "mlp.shared_experts.fc2.weight", "linear",
      "n_shared_experts, d_expert"),
-    (("mlp", "shared_down"), "mlp.shared_experts.w_down.weight", "linear",
-     "n_shared_experts, d_expert"),
+    (("mlp", "shared", "fc2", "bias"), "mlp.shared_experts.fc2.bias", "same", "bias"),
 ]
 TOP_NAMES = [
     (("embed", "embedding"), "backbone.embedding.weight", "same",

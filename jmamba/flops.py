@@ -39,12 +39,15 @@ def mlp_params(m: ModelConfig) -> int:
     D = m.d_model
     if m.mlp == "moe":
         bias = m.n_experts if m.router_bias_rate > 0 else 0
-        shared = 3 * m.n_shared_experts * D * m.d_expert
+        shared = gated_mlp_params(m, m.n_shared_experts * m.d_expert) if m.n_shared_experts else 0
         return D * m.n_experts + 3 * m.n_experts * D * m.d_expert + bias + shared
     if m.mlp == "dense":
-        Fi = m.d_intermediate
-        return 3 * D * Fi + ((2 * Fi + D) if m.bias else 0)
+        return gated_mlp_params(m, m.d_intermediate)
     return 0
+
+
+def gated_mlp_params(m: ModelConfig, hidden: int) -> int:
+    return 3 * m.d_model * hidden + ((2 * hidden + m.d_model) if m.bias else 0)
 
 
 def block_params(m: ModelConfig) -> int:

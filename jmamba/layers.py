@@ -150,16 +150,18 @@ def gated_rms_norm(y_BxLxI, z_BxLxI, scale_I, eps, dtype, groups):
 
 
 class GatedMLP(nnx.Module):
-    """mamba_ssm's GatedMLP (SwiGLU): fc2(silu(gate) * up), fc1 producing [up, gate]."""
+    """mamba_ssm's GatedMLP (SwiGLU): fc2(silu(gate) * up), fc1 producing [up, gate].
+    Hidden size d_intermediate unless given (the MoE's shared experts pass theirs)."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_scale: float = 1.0):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, out_scale: float = 1.0,
+                 hidden: int | None = None):
         self.cfg = cfg
-        self.fc1 = dense(rngs, cfg.d_model, 2 * cfg.d_intermediate, use_bias=cfg.bias)
-        self.fc2 = dense(rngs, cfg.d_intermediate, cfg.d_model, scale=out_scale,
-                         use_bias=cfg.bias)
+        self.hidden = F = hidden or cfg.d_intermediate
+        self.fc1 = dense(rngs, cfg.d_model, 2 * F, use_bias=cfg.bias)
+        self.fc2 = dense(rngs, F, cfg.d_model, scale=out_scale, use_bias=cfg.bias)
 
     def __call__(self, x_BxLxD):
         dtype = jnp.dtype(self.cfg.dtype)
         up_gate = linear(self.fc1, x_BxLxD, dtype)
-        F = self.cfg.d_intermediate
+        F = self.hidden
         return linear(self.fc2, up_gate[..., :F] * jax.nn.silu(up_gate[..., F:]), dtype)

@@ -14,7 +14,7 @@ from flax import nnx
 
 from jmamba.config import ModelConfig
 from jmamba.kernels.grouped_matmul import grouped_matmul
-from jmamba.layers import uniform_init
+from jmamba.layers import GatedMLP, uniform_init
 
 # The name of values an experts_fn brought over the network (the expert-parallel exchange's
 # receive buffers, plan and returned results). `--remat full` keeps them, so the backward
@@ -173,11 +173,7 @@ class MoE(nnx.Module):
         if cfg.router_bias_rate > 0:  # moved by the train step, never by gradients
             self.router_bias = nnx.Param(jnp.zeros((E,), jnp.float32))
         if cfg.n_shared_experts:  # N shared experts as one SwiGLU of hidden N * F
-            NF = cfg.n_shared_experts * F
-            self.shared_gate = nnx.Param(uniform_init(1 / math.sqrt(D))(rngs.params(), (D, NF)))
-            self.shared_up = nnx.Param(uniform_init(1 / math.sqrt(D))(rngs.params(), (D, NF)))
-            self.shared_down = nnx.Param(uniform_init(out_scale / math.sqrt(F))(
-                rngs.params(), (NF, D)))
+            self.shared = GatedMLP(cfg, rngs, out_scale, hidden=cfg.n_shared_experts * F)
 
     def __call__(self, x_BxLxD, experts_fn=moe_dropless):
         """Returns (y_BxLxD, aux_B, z_B, counts_E, dropped). `experts_fn` is the dispatch
@@ -194,10 +190,7 @@ class MoE(nnx.Module):
         y_TxD, dropped = experts_fn(x_BxLxD.reshape(Bsz * L, D), weights_TxK, experts_TxK,
                            self.w_gate[...], self.w_up[...], self.w_down[...], dtype)
         if cfg.n_shared_experts:
-            c = lambda a: a.astype(dtype)
-            x = c(x_BxLxD.reshape(Bsz * L, D))
-            h_TxNF = jax.nn.silu(x @ c(self.shared_gate[...])) * (x @ c(self.shared_up[...]))
-            y_TxD = y_TxD + (h_TxNF @ c(self.shared_down[...])).astype(jnp.float32)
+            y_TxD = y_TxD + self.shared(x_BxLxD).reshape(Bsz * L, D).astype(jnp.float32)
         aux_B, z_B = balance_losses(logits_BxLxE, experts_TxK.reshape(Bsz, L, -1))
         counts_E = jnp.bincount(experts_TxK.reshape(-1), length=cfg.n_experts)
         return y_TxD.reshape(Bsz, L, D).astype(dtype), aux_B, z_B, counts_E, dropped

@@ -87,10 +87,8 @@ def one_layout(ep: int) -> dict:
             first_grads = grads
             scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(grads))
         else:
-            for path, a in jax.tree_util.tree_leaves_with_path(grads):
-                b = first_grads
-                for k in path:
-                    b = b[k.key] if hasattr(k, "key") else b[k.idx]
+            for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads),
+                                    jax.tree.leaves(first_grads)):
                 d = float(np.max(np.abs(a - b)))
                 worst = max(worst, d)
                 name = jax.tree_util.keystr(path)

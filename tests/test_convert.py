@@ -104,7 +104,8 @@ def test_imported_model_runs(imported):
     DENSE, ModelConfig(d_model=16, n_layer=2, vocab_size=40, headdim=8, d_state=8,
                        chunk_size=8, n_experts=4, d_expert=8, bias=True),
     ModelConfig(d_model=16, n_layer=2, vocab_size=40, headdim=8, d_state=8, chunk_size=8,
-                n_experts=4, d_expert=8, n_shared_experts=1, router_bias_rate=1e-3)],
+                n_experts=4, d_expert=8, n_shared_experts=1, router_bias_rate=1e-3,
+                bias=True)],
     ids=["dense_untied", "moe_tied_bias", "moe_shared_router_bias"])
 def test_export_import_round_trip_is_exact(cfg, tmp_path):
     rng = np.random.default_rng(3)
