@@ -32,6 +32,9 @@ ARGS.add_argument("--train_steps", type=int, default=6)
 ARGS.add_argument("--repeats", type=int, default=20)
 ARGS.add_argument("--tol", type=float, default=1e-3)
 ARGS.add_argument("--cpu_devices", type=int, default=0, help="simulate this many CPU devices")
+ARGS.add_argument("--bwd_xla", choices=("none", "dx", "dw"), default="none",
+                  help="diagnosis: run this one backward product of the grouped matmul on "
+                       "lax.ragged_dot, the rest on the kernels")
 ARGS.add_argument("--flags", default="",
                   help='extra train.py flags as one string: --flags="--ep_dispatch ragged"')
 args = ARGS.parse_args()
@@ -48,6 +51,14 @@ from jmamba.driver import make_data, next_batch, to_device  # noqa: E402
 from jmamba.parallel.setup import (build, pipeline_loss, process_rows, remat_choices,  # noqa: E402
                                    with_remat)
 from jmamba import model  # noqa: E402
+
+
+def patch_backward(which: str) -> None:
+    """Send dX or dW of the kernel path through lax.ragged_dot (blocks=None)."""
+    from jmamba.kernels import grouped_matmul as gm
+    name = {"dx": "_grad_x", "dw": "_grad_w"}[which]
+    original = getattr(gm, name)
+    setattr(gm, name, lambda a, b, sizes, blocks: original(a, b, sizes, None))
 
 
 def grad_fn(cfg, run):
@@ -101,8 +112,11 @@ def one_layout(ep: int) -> dict:
 
 def main():
     bad = False
+    if args.bwd_xla != "none":
+        patch_backward(args.bwd_xla)
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {args.config}, "
           f"{args.train_steps} train steps, {args.repeats} repeats, extra {args.flags!r}, "
+          f"backward on xla: {args.bwd_xla}, "
           f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
     print("| ep | forward: distinct losses | forward spread (rel) | loss+grad: distinct "
           "| grad max diff between repeats (rel) | dropped |")
