@@ -169,13 +169,21 @@ def parse_config(argv: list[str]) -> Config:
 def simulate_cpu_devices(n: int) -> None:
     """Lets a CPU-only host run an n-device mesh: XLA's host platform splits into n devices.
     Must run before jax is imported; GPU runs ignore it (it only shapes the CPU platform)."""
+    if n > 1:
+        add_xla_flag(f"--xla_force_host_platform_device_count={n}")
+
+
+def add_xla_flag(flag: str) -> None:
+    """Appends one XLA flag to XLA_FLAGS (read when jax starts its backends)."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if n > 1 and "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+    if flag.split("=")[0] not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {flag}".strip()
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    if cfg.train.deterministic:  # before jax starts: XLA reads its flags once
+        add_xla_flag("--xla_gpu_exclude_nondeterministic_ops=true")
     # --- issue 7: many hosts; each process simulates only its share of CPU devices ---
     from jmamba.distributed import initialize, settings
     n_procs = (settings(cfg.dist) or {}).get("num_processes", 1)

@@ -125,6 +125,9 @@ class TrainConfig:
     loss_across_documents: bool = False
     skip_nonfinite: bool = False  # skip steps with a NaN/Inf loss or gradient, don't stop
     max_skipped_steps: int = 10  # with skip_nonfinite: more bad steps in a row stop the run
+    # XLA's deterministic implementations of scatter, GEMMs and convolutions
+    # (--xla_gpu_exclude_nondeterministic_ops): repeatable gradients on GPUs, maybe slower.
+    deterministic: bool = False
     # --- end issue 7 ---
     # Checkpoints (jmamba/checkpoint.py); empty ckpt_dir: none. A run started on a directory
     # that holds checkpoints resumes from `resume`: "latest" or a step number.

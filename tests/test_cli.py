@@ -72,3 +72,20 @@ def test_token_files_set_the_vocab_unless_the_flag_does(tmp_path, capsys):
     (tmp_path / "d.json").write_text("not json")
     cfg = parse_config(["--data", str(tmp_path / "d"), "--steps", "2"])
     assert cfg.model.vocab_size == 64
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_deterministic_sets_xlas_flag_before_training(on, monkeypatch):
+    """--deterministic true hands XLA its deterministic-ops flag before jax starts."""
+    import os
+
+    import jmamba.driver
+    from jmamba.cli import main
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    seen = {}
+    monkeypatch.setattr(jmamba.driver, "train", lambda cfg: seen.update(
+        flags=os.environ["XLA_FLAGS"], deterministic=cfg.train.deterministic))
+    main(["--config", "cpu_demo", "--deterministic", str(on).lower()])
+    assert seen["deterministic"] is on
+    assert ("--xla_gpu_exclude_nondeterministic_ops=true" in seen["flags"]) is on
+    assert "--xla_force_host_platform_device_count=8" in seen["flags"]
