@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 MLP_KINDS = ("moe", "dense", "none")
 SSM_IMPLS = ("auto", "chunked", "reference", "kernel")
+ATTN_IMPLS = ("auto", "cudnn", "xla", "reference")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -64,6 +65,17 @@ class ModelConfig:
     router_bias_rate: float = 0.0
     aux_loss_coef: float = 0.01
     z_loss_coef: float = 0.001
+    # Hybrid stacks (mamba_ssm's attn_layer_idx / attn_cfg; jmamba/attention.py): these
+    # layers run causal grouped-query attention instead of the Mamba2 mixer. Their weights
+    # live in the layer's Mamba2 in_proj / out_proj storage (docs/design.md, "Hybrid
+    # layers"), so every layer keeps one parameter structure through any layout.
+    attn_layer_idx: tuple[int, ...] = ()
+    attn_num_heads: int = 0
+    attn_num_heads_kv: int = 0  # 0: attn_num_heads (no grouping)
+    attn_head_dim: int = 0  # 0: d_model // attn_num_heads
+    attn_rotary_dim: int = 0  # rotary on the first dims of each head (Bamba: half of 128)
+    attn_rotary_base: float = 10000.0
+    attn_impl: str = "auto"  # auto (cuDNN on GPU for bf16), cudnn, xla, reference
 
     @property
     def d_inner(self) -> int:
@@ -72,6 +84,12 @@ class ModelConfig:
     @property
     def nheads(self) -> int:
         return self.d_inner // self.headdim
+
+    @property
+    def attn_heads(self) -> tuple[int, int, int]:
+        """(query heads, key/value heads, head dim) of the attention layers."""
+        Q = self.attn_num_heads
+        return Q, self.attn_num_heads_kv or Q, self.attn_head_dim or self.d_model // max(Q, 1)
 
     @property
     def padded_vocab(self) -> int:
@@ -247,6 +265,8 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     if m.mlp == "dense":
         _check(m.d_intermediate > 0, "model.d_intermediate", "must be > 0 for mlp='dense'",
                m.d_intermediate)
+    if m.attn_layer_idx:
+        validate_attention(m)
     if m.mlp == "moe":
         _check(m.n_experts > 0, "model.n_experts", "must be > 0 for mlp='moe'", m.n_experts)
         _check(1 <= m.top_k <= m.n_experts, "model.top_k",
@@ -264,6 +284,31 @@ def validate_model(m: ModelConfig) -> ModelConfig:
                    f"applies to mlp='moe' only (mlp is {m.mlp!r}): set it to 0",
                    getattr(m, name))
     return m
+
+
+def validate_attention(m: ModelConfig) -> None:
+    idx = m.attn_layer_idx
+    _check(all(0 <= i < m.n_layer for i in idx) and len(set(idx)) == len(idx),
+           "model.attn_layer_idx", f"must be distinct layer indices in [0, n_layer={m.n_layer})",
+           ",".join(map(str, idx)))
+    _check(m.attn_num_heads > 0, "model.attn_num_heads", "must be > 0 with attention layers",
+           m.attn_num_heads)
+    Q, R, A = m.attn_heads
+    _check(R > 0 and Q % R == 0, "model.attn_num_heads_kv", f"must divide attn_num_heads={Q}",
+           m.attn_num_heads_kv)
+    _check(m.attn_head_dim > 0 or m.d_model % Q == 0, "model.attn_head_dim",
+           f"is needed: attn_num_heads={Q} does not divide d_model={m.d_model}",
+           m.attn_head_dim)
+    W = m.attn_rotary_dim
+    _check(0 <= W <= A and W % 2 == 0, "model.attn_rotary_dim",
+           f"must be even and in [0, head dim={A}]", W)
+    _check(m.attn_rotary_base > 0, "model.attn_rotary_base", "must be > 0", m.attn_rotary_base)
+    _check_choice(m.attn_impl, ATTN_IMPLS, "model.attn_impl")
+    in_width = 2 * m.d_inner + 2 * m.ngroups * m.d_state + m.nheads
+    _check(A * (Q + 2 * R) <= in_width and A * Q <= m.d_inner, "model.attn_num_heads",
+           f"gives attention weights ({A * (Q + 2 * R)} q/k/v columns, {A * Q} output rows) "
+           f"larger than the Mamba2 in_proj/out_proj they are stored in ({in_width} columns, "
+           f"{m.d_inner} rows); use fewer heads or a larger expand", Q)
 
 
 def validate_train(t: TrainConfig, m: ModelConfig) -> TrainConfig:

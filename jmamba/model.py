@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jmamba.attention import self_attention
 from jmamba.config import ModelConfig
 from jmamba.layers import GatedMLP, Mamba2Mixer, RMSNorm, rms_norm, uniform_init
 from jmamba.moe import EXCHANGED, MoE, moe_dropless
@@ -44,14 +45,16 @@ class Block(nnx.Module):
                         else GatedMLP(cfg, rngs, out_scale))
 
     def __call__(self, hidden_BxLxD, residual_BxLxD, experts_fn=moe_dropless,
-                 seq_idx_BxL=None):
+                 seq_idx_BxL=None, layer_id=None):
         """Returns (hidden, residual, aux_B, z_B, counts_E, dropped); all plain arrays.
-        seq_idx_BxL: packed documents' index per token (jmamba/ssd.py); None: one each."""
+        seq_idx_BxL: packed documents' index per token (jmamba/ssd.py); None: one each.
+        layer_id: this block's global layer index (may be traced; n_layer for a padding
+        row); hybrid stacks need it to pick the mixer."""
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         res_dtype = jnp.float32 if cfg.residual_in_fp32 else dtype
         residual = hidden_BxLxD.astype(res_dtype) + residual_BxLxD.astype(res_dtype)
-        hidden = self.mixer(self.norm(residual, dtype), seq_idx_BxL)
+        hidden = self.mix(self.norm(residual, dtype), seq_idx_BxL, layer_id)
         # zeros_like(hidden, ...) keeps hidden's per-device type when run under shard_map.
         aux_B = z_B = jnp.zeros_like(hidden, shape=hidden.shape[:1], dtype=jnp.float32)
         counts_E = jnp.zeros_like(hidden, shape=(max(cfg.n_experts, 1),), dtype=jnp.int32)
@@ -64,6 +67,39 @@ class Block(nnx.Module):
             else:
                 hidden = self.mlp(hidden)
         return hidden, residual, aux_B, z_B, counts_E.astype(jnp.int32), dropped
+
+    def mix(self, u_BxLxD, seq_idx_BxL, layer_id):
+        """The token mixer: Mamba2, or attention on attention layers (a cond on layer_id)."""
+        cfg = self.cfg
+        if not cfg.attn_layer_idx:
+            return self.mixer(u_BxLxD, seq_idx_BxL)
+        if layer_id is None:
+            raise ValueError("a hybrid stack's Block needs its layer_id")
+        is_attn = jnp.asarray(attention_rows(cfg))[layer_id]
+        return jax.lax.cond(is_attn, lambda: self.attend(u_BxLxD, seq_idx_BxL),
+                            lambda: self.mixer(u_BxLxD, seq_idx_BxL))
+
+    def attend(self, u_BxLxD, seq_idx_BxL):
+        """Attention on the weights stored in the front of the mixer's in_proj/out_proj."""
+        mixer_params = nnx.to_pure_dict(nnx.state(self.mixer, nnx.Param))
+        return self_attention(u_BxLxD, *attention_weights(mixer_params, self.cfg), self.cfg,
+                              seq_idx_BxL)
+
+
+def attention_rows(cfg: ModelConfig) -> tuple[bool, ...]:
+    """Per global layer (plus the padding row n_layer): whether it is an attention layer."""
+    return tuple(i in cfg.attn_layer_idx for i in range(cfg.n_layer + 1))
+
+
+def attention_weights(mixer_params: dict, cfg: ModelConfig):
+    """(w_in, b_in, w_out, b_out) of an attention layer from its mixer's parameters: the
+    first A (Q + 2 R) columns of the Mamba2 in_proj and the first Q A rows of its out_proj
+    (biases None without)."""
+    Q, R, A = cfg.attn_heads
+    n_in, n_out = A * (Q + 2 * R), A * Q
+    inp, out = mixer_params["in_proj"], mixer_params["out_proj"]
+    b_in = inp["bias"][..., :n_in] if "bias" in inp else None
+    return (inp["kernel"][..., :n_in], b_in, out["kernel"][..., :n_out, :], out.get("bias"))
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,7 +124,29 @@ def init_params(cfg: ModelConfig, key) -> dict:
     }
     if not cfg.tie_embeddings:
         params["lm_head"] = {"kernel": uniform_init(1 / math.sqrt(D))(k_head, (D, V))}
+    if cfg.attn_layer_idx:
+        params["layers"] = init_attention_rows(params["layers"], cfg,
+                                               jax.random.fold_in(k_layers, 1))
     return params
+
+
+def init_attention_rows(layers, cfg: ModelConfig, key):
+    """Attention layers' rows: fresh q/k/v and output weights (torch Linear init, the output
+    rescaled as mamba_ssm does) in front of the mixer's in_proj/out_proj; every other entry
+    of those rows zero (stored, never read: zero gradient, so it stays zero)."""
+    Q, R, A = cfg.attn_heads
+    n_in, n_out = A * (Q + 2 * R), A * Q
+    n_res = 1 if cfg.mlp == "none" else 2
+    out_scale = 1.0 / math.sqrt(n_res * cfg.n_layer)
+    rows = jnp.asarray(cfg.attn_layer_idx)
+    n = len(cfg.attn_layer_idx)
+    k_in, k_out = jax.random.split(key)
+    w_in = uniform_init(1 / math.sqrt(cfg.d_model))(k_in, (n, cfg.d_model, n_in))
+    w_out = uniform_init(out_scale / math.sqrt(n_out))(k_out, (n, n_out, cfg.d_model))
+    mixer = jax.tree.map(lambda a: a.at[rows].set(0.0), layers["mixer"])
+    mixer["in_proj"]["kernel"] = mixer["in_proj"]["kernel"].at[rows, :, :n_in].set(w_in)
+    mixer["out_proj"]["kernel"] = mixer["out_proj"]["kernel"].at[rows, :n_out].set(w_out)
+    return {**layers, "mixer": mixer}
 
 
 def embed(embed_params, tokens_BxL, cfg: ModelConfig):
@@ -117,21 +175,23 @@ LAYER_INPUT = "layer_input"
 
 
 def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "none",
-               experts_fn=moe_dropless, n_active=None, seq_idx_BxL=None):
+               experts_fn=moe_dropless, n_active=None, seq_idx_BxL=None, layer_ids_Y=None):
     """Scans the blocks of a [Y, ...] parameter stack over (hidden, residual).
 
     With n_active (a traced int), rows >= n_active are padding and are skipped by a cond, so
-    a pipeline stage with fewer layers does not pay for them.
+    a pipeline stage with fewer layers does not pay for them. layer_ids_Y: each row's global
+    layer index (default: row i is layer i, the whole stack).
     Returns (hidden, residual, aux_B, z_B, counts_YxE, dropped): aux, z and dropped token
     copies summed over the Y layers.
     """
     graphdef = block_graphdef(cfg)
     n_experts = max(cfg.n_experts, 1)
 
-    def block(carry, layer_params):
+    def block(carry, xs):
+        layer_params, layer_id = xs
         h, r, aux_B, z_B, dropped = checkpoint_name(carry, LAYER_INPUT)
         h, r, a, z, counts_E, d = nnx.merge(graphdef, layer_params)(h, r, experts_fn,
-                                                                    seq_idx_BxL)
+                                                                    seq_idx_BxL, layer_id)
         return (h, r, aux_B + a, z_B + z, dropped + d), counts_E
 
     if remat != "none":
@@ -144,12 +204,14 @@ def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "
     body = block
     if n_active is not None:
         def body(carry, xs):
-            j, layer_params = xs
+            j, layer_xs = xs
             def skip(c, _):
                 return c, jnp.zeros_like(c[0], shape=(n_experts,), dtype=jnp.int32)
-            return jax.lax.cond(j < n_active, block, skip, carry, layer_params)
+            return jax.lax.cond(j < n_active, block, skip, carry, layer_xs)
     n_rows = jax.tree.leaves(layers_YxTree)[0].shape[0]
-    xs = layers_YxTree if n_active is None else (jnp.arange(n_rows), layers_YxTree)
+    ids_Y = jnp.arange(n_rows) if layer_ids_Y is None else layer_ids_Y
+    xs = (layers_YxTree, ids_Y)
+    xs = xs if n_active is None else (jnp.arange(n_rows), xs)
     zeros_B = jnp.zeros_like(hidden, shape=hidden.shape[:1], dtype=jnp.float32)
     dropped0 = jnp.zeros_like(hidden, shape=(), dtype=jnp.int32)
     carry = (hidden, residual, zeros_B, zeros_B, dropped0)

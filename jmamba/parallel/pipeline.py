@@ -151,7 +151,7 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless,
                 return model.run_layers(stage_layers, h, res, m, remat, experts_fn,
                                         n_active=counts_VxS[r, s] if padded else None,
                                         seq_idx_BxL=None if seq_MxBxL is None
-                                        else seq_MxBxL[mb])
+                                        else seq_MxBxL[mb], layer_ids_Y=rows_VxSxY[r, s])
 
             def skip(h, res):
                 zB = jnp.zeros((Bm,), jnp.float32)

@@ -72,8 +72,9 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
     head_cfg = m if m.tie_embeddings else tied_head_config(m)
     moe = m.mlp == "moe"
 
-    def block(p_y, h, r, seq_BxL):
-        h, r, a, z, counts_E, dropped = nnx.merge(graphdef, p_y)(h, r, experts_fn, seq_BxL)
+    def block(p_y, h, r, seq_BxL, layer_id):
+        h, r, a, z, counts_E, dropped = nnx.merge(graphdef, p_y)(h, r, experts_fn, seq_BxL,
+                                                                layer_id)
         return (h, r, a, z), (counts_E.astype(jnp.int32), dropped)
 
     def per_device(layers, io, inputs_MxBxL, targets_MxBxL, mask_MxBxL, seq_MxBxL=None):
@@ -119,7 +120,7 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 j, p_y = xs
 
                 def run():
-                    (h2, r2, a, z), (counts_E, d) = block(p_y, h, r, seq)
+                    (h2, r2, a, z), (counts_E, d) = block(p_y, h, r, seq, rows_SxY[s, j])
                     return (h2, r2, aux_B + a, z_B + z, dropped + d), counts_E
 
                 def skip():
@@ -159,8 +160,8 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 r = inputs[j] if pp == 1 else inputs[k, j]
 
                 def run():
-                    _, pull, _ = jax.vjp(lambda *a: block(*a, seq), p_y, h0, r,
-                                         has_aux=True)
+                    _, pull, _ = jax.vjp(lambda *a: block(*a, seq, rows_SxY[s, j]), p_y, h0,
+                                         r, has_aux=True)
                     g, ct_h, ct_r = pull((ct[0], ct[1], c_aux * ones_B, c_z * ones_B))
                     acc_new = jax.tree.map(
                         lambda a, g_: lax.dynamic_update_index_in_dim(a, a[j] + g_, j, 0),
