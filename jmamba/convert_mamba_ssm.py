@@ -1,5 +1,6 @@
 """Weights from and to the PyTorch stack: mamba_ssm's MambaLMHeadModel (Mamba2 layers, with
-or without the gated MLP) as safetensors <-> jmamba's canonical parameters.
+or without the gated MLP, and hybrid stacks' MHA layers) as safetensors <-> jmamba's
+canonical parameters.
 
 Files are read and written by the `safetensors` package (numpy API: memory-mapped, one
 tensor at a time). The name mapping is documented in docs/checkpoints.md.
@@ -98,11 +99,24 @@ def _names(tree) -> dict[tuple, object]:
             for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _torch_items(leaves: dict, n_layer: int):
+# Attention layers (hybrid stacks) are mamba_ssm's MHA: its in_proj (q, k, v stacked) and
+# out_proj, stored in the front of jmamba's Mamba2 in_proj columns and out_proj rows
+# (model.attention_weights); the rest of those rows has no tensor.
+ATTN_SLICES = {
+    ("mixer", "in_proj", "kernel"): lambda n_in, n_out: (slice(None), slice(0, n_in)),
+    ("mixer", "in_proj", "bias"): lambda n_in, n_out: (slice(0, n_in),),
+    ("mixer", "out_proj", "kernel"): lambda n_in, n_out: (slice(0, n_out),),
+    ("mixer", "out_proj", "bias"): lambda n_in, n_out: (),
+}
+
+
+def _torch_items(leaves: dict, cfg: ModelConfig):
     """(torch name, jmamba path, index into the jmamba array, kind, hint) for every tensor."""
     rules = {path: (name, kind, hint) for path, name, kind, hint in TOP_NAMES}
     rules.update({("layers",) + path: (name, kind, hint)
                   for path, name, kind, hint in LAYER_NAMES})
+    Q, R, A = cfg.attn_heads
+    n_in, n_out = A * (Q + 2 * R), A * Q
     for path, x in leaves.items():
         if path not in rules:
             raise ValueError(f"parameter '{'/'.join(path)}' has no mamba_ssm name; add it to "
@@ -111,8 +125,13 @@ def _torch_items(leaves: dict, n_layer: int):
         if path[0] != "layers":
             yield name, path, (), kind, hint
             continue
-        for i in range(n_layer):
-            if "{e}" in name:
+        for i in range(cfg.n_layer):
+            if i in cfg.attn_layer_idx and path[1] == "mixer":
+                if path[1:] in ATTN_SLICES:
+                    yield (f"backbone.layers.{i}.{name}", path,
+                           (i,) + ATTN_SLICES[path[1:]](n_in, n_out), kind,
+                           "attn_num_heads, attn_num_heads_kv, attn_head_dim, bias")
+            elif "{e}" in name:
                 for e in range(x.shape[1]):
                     yield (f"backbone.layers.{i}.{name.format(e=e)}", path, (i, e), kind, hint)
             else:
@@ -124,7 +143,7 @@ def to_mamba_ssm(params: dict, cfg: ModelConfig) -> dict[str, np.ndarray]:
     lm_head.weight is written too (a copy), as mamba_ssm's state_dict lists it."""
     leaves = {p: np.asarray(x) for p, x in _names(params).items()}
     out = {name: np.ascontiguousarray(TO_TORCH[kind](leaves[path][index]))
-           for name, path, index, kind, _ in _torch_items(leaves, cfg.n_layer)}
+           for name, path, index, kind, _ in _torch_items(leaves, cfg)}
     if cfg.tie_embeddings:
         out["lm_head.weight"] = out["backbone.embedding.weight"]
     return out
@@ -136,8 +155,8 @@ def from_mamba_ssm(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
     shapes = _names(jax.eval_shape(lambda: model.init_params(cfg, jax.random.key(0))))
     leaves = {path: np.zeros(s.shape, np.float32) for path, s in shapes.items()}
     used, missing = set(), []
-    for name, path, index, kind, hint in _torch_items(shapes, cfg.n_layer):
-        want = TO_TORCH[kind](np.broadcast_to(np.float32(0), shapes[path].shape[len(index):]))
+    for name, path, index, kind, hint in _torch_items(shapes, cfg):
+        want = TO_TORCH[kind](np.broadcast_to(np.float32(0), shapes[path].shape)[index])
         if name not in tensors:
             missing.append(name)
             continue

@@ -155,7 +155,9 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     main = jax.process_index() == 0
     log = RunLog(t.log_dir, t.steps, t.progress, enabled=main, start_step=start)
     source = f"token files via {data.ORDER}" if t.data else "the embedded recall task"
-    log.note(f"jmamba: {n_params / 1e6:.2f}M params, mesh pp={p.pp} x ep={p.ep} on "
+    unused = flops.unused_params(m)  # attention layers' unread Mamba2 storage
+    held = f" ({unused / 1e6:.2f}M stored unused by attention layers)" if unused else ""
+    log.note(f"jmamba: {n_params / 1e6:.2f}M params{held}, mesh pp={p.pp} x ep={p.ep} on "
              f"{jax.default_backend()}, {p.microbatches} microbatch(es), {t.steps} steps of "
              f"{t.batch_size}x{t.seq_len} tokens of {source}, logging to {t.log_dir}")
     peak = peak_tflops(cfg)

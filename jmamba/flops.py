@@ -10,6 +10,9 @@ N weights costs 6 N FLOPs per token for fwd + bwd. Only the parameters a token *
 count: its K experts, not all E. On top of the weight matmuls come the SSD scan's own
 matmuls (chunked algorithm, Mamba-2 paper section 6), counted like attention in PaLM:
 full Q x Q blocks, no discount for the causal mask, recomputation (remat) not counted.
+Attention layers (hybrid stacks) count their q/k/v and output projections instead of the
+Mamba2 mixer's, and PaLM's 4 L A Q forward FLOPs per token for scores and values (heads Q
+of dim A, full L x L).
 Elementwise work (norms, SiLU, softmax, the depthwise conv) is left out as is customary;
 it is a few percent at the preset shapes.
 """
@@ -32,6 +35,19 @@ def mixer_params(m: ModelConfig) -> int:
     biases = (2 * I + 2 * G * N + H + D) if m.bias else 0
     conv = m.d_conv * X + (X if m.conv_bias else 0)
     return in_out + biases + conv + 3 * H + I
+
+
+def attention_params(m: ModelConfig) -> int:
+    """The weights one attention layer uses (they sit in its Mamba2 mixer's storage)."""
+    Q, R, A = m.attn_heads
+    n_in, n_out = A * (Q + 2 * R), A * Q
+    return m.d_model * (n_in + n_out) + ((n_in + m.d_model) if m.bias else 0)
+
+
+def unused_params(m: ModelConfig) -> int:
+    """Stored but never read: each attention layer's mixer storage beyond its attention
+    weights (docs/design.md, "Hybrid layers"). Part of param_count."""
+    return len(m.attn_layer_idx) * (mixer_params(m) - attention_params(m))
 
 
 def mlp_params(m: ModelConfig) -> int:
@@ -66,12 +82,17 @@ def active_matmul_params(m: ModelConfig) -> int:
     """Weights one token multiplies by in the layer stack (router + its K experts and the
     shared experts)."""
     D, I, H, G, N = m.d_model, m.d_inner, m.nheads, m.ngroups, m.d_state
-    per_layer = D * (2 * I + 2 * G * N + H) + I * D
+    n_attn = len(m.attn_layer_idx)
+    mixers = (m.n_layer - n_attn) * (D * (2 * I + 2 * G * N + H) + I * D)
+    if n_attn:
+        Q, R, A = m.attn_heads
+        mixers += n_attn * D * A * (2 * Q + 2 * R)
+    per_layer = 0
     if m.mlp == "moe":
         per_layer += D * m.n_experts + 3 * (m.top_k + m.n_shared_experts) * D * m.d_expert
     elif m.mlp == "dense":
         per_layer += 3 * D * m.d_intermediate
-    return m.n_layer * per_layer
+    return mixers + m.n_layer * per_layer
 
 
 def ssd_flops_per_token(m: ModelConfig, seq_len: int) -> float:
@@ -87,12 +108,21 @@ def ssd_flops_per_token(m: ModelConfig, seq_len: int) -> float:
     return cb + diag + states + passing + off
 
 
+def attention_flops_per_token(m: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of one attention layer's scores and weighted values."""
+    Q, _, A = m.attn_heads
+    return 4 * seq_len * A * Q
+
+
 def flops_per_token(m: ModelConfig, seq_len: int) -> float:
-    """Training (forward + backward) FLOPs per token: 6 N_active + SSD + lm_head."""
+    """Training (forward + backward) FLOPs per token: 6 N_active + SSD + attention +
+    lm_head."""
+    n_attn = len(m.attn_layer_idx)
     matmuls = 6 * active_matmul_params(m)
-    ssd = 3 * m.n_layer * ssd_flops_per_token(m, seq_len)
+    ssd = 3 * (m.n_layer - n_attn) * ssd_flops_per_token(m, seq_len)
+    attn = 3 * n_attn * attention_flops_per_token(m, seq_len) if n_attn else 0
     lm_head = 6 * m.d_model * m.padded_vocab
-    return matmuls + ssd + lm_head
+    return matmuls + ssd + attn + lm_head
 
 
 def peak_tflops(device_kind: str, platform: str) -> float | None:

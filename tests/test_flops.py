@@ -77,3 +77,34 @@ def test_peak_and_mfu():
     assert flops.peak_tflops("cpu", "cpu") is None  # no MFU on a CPU unless --peak_tflops
     assert flops.peak_tflops("Mystery 9000", "gpu") is None
     np.testing.assert_allclose(flops.mfu(1e4, 1e9, 10.0, 2), 1e13 / 2e13)
+
+
+HYBRID = dataclasses.replace(SMALL, attn_layer_idx=(1,), attn_num_heads=2,
+                             attn_num_heads_kv=1, attn_head_dim=8)
+
+
+def test_hybrid_counts_by_hand():
+    # attention layer: q 2*8, k 8, v 8 -> in 16*32 = 512, out 16*16 = 256
+    assert flops.attention_params(HYBRID) == 768
+    # the Mamba2 mixer it stores them in: 1216 + 512 + 200 + 12 + 32 = 1972
+    assert flops.unused_params(HYBRID) == 1972 - 768
+    stored = jax.eval_shape(lambda: model.init_params(HYBRID, jax.random.key(0)))
+    assert flops.param_count(HYBRID) == sum(x.size for x in jax.tree.leaves(stored)) == 7608
+    L = 16
+    matmuls = 6 * ((1216 + 512) + 768 + 2 * (64 + 768))
+    ssd = 3 * 1 * (64 + 512 + 256 + 144 + 256)
+    attn = 3 * 4 * L * 8 * 2  # scores and values, full L x L
+    assert flops.flops_per_token(HYBRID, L) == matmuls + ssd + attn + 6 * 16 * 24
+
+
+def test_attention_formula_matches_its_matmuls():
+    from jmamba.attention import self_attention
+    B, L = 2, 32
+    cfg = dataclasses.replace(HYBRID, attn_impl="reference")
+    Q, R, A = cfg.attn_heads
+    w_in = jnp.zeros((16, A * (Q + 2 * R)))
+    w_out = jnp.zeros((A * Q, 16))
+    jaxpr = jax.make_jaxpr(lambda x: self_attention(x, w_in, None, w_out, None, cfg))(
+        jnp.zeros((B, L, 16))).jaxpr
+    counted = _dot_flops(jaxpr) / (B * L)
+    assert counted == 2 * flops.attention_params(cfg) + flops.attention_flops_per_token(cfg, L)

@@ -21,3 +21,4 @@ def test_preset_sizes():
     big = load_preset("bamba9b_moe")
     assert (big.model.d_model, big.model.n_layer, big.model.vocab_size) == (4096, 32, 128256)
     assert big.parallel.pp * big.parallel.ep == 8
+    assert big.model.attn_layer_idx == (9, 18, 27) and big.model.attn_heads == (32, 8, 128)
