@@ -87,12 +87,17 @@ def test_packed_documents_each_see_only_themselves(impl):
 
 
 
+def docs_batch():
+    """The pp x ep tests' batch, packed: each row holds three documents (24 tokens)."""
+    from tests.test_pp_ep import the_batch
+    return {**the_batch(), "seq_idx": jnp.asarray([[0] * 9 + [1] * 7 + [2] * 8] * 8)}
+
+
 @pytest.fixture(scope="module")
 def hybrid_reference():
-    from tests.test_pp_ep import the_batch
     params = model.init_params(HYBRID, jax.random.key(0))
     (loss, metrics), grads = jax.jit(jax.value_and_grad(
-        lambda p: model.loss_fn(p, the_batch(), HYBRID), has_aux=True))(params)
+        lambda p: model.loss_fn(p, docs_batch(), HYBRID), has_aux=True))(params)
     return params, loss, metrics, grads
 
 
@@ -121,14 +126,15 @@ def test_unused_storage_gets_no_gradient(hybrid_reference):
                                                      (2, 2, 2, "1f1b", ""),
                                                      (2, 2, 4, "gpipe", "3,1")])
 def test_hybrid_layouts_equal_one_device(hybrid_reference, pp, ep, M, schedule, split):
-    """fp32 loss, metrics and every gradient at hand-made, uneven and pp x ep layouts."""
+    """fp32 loss, metrics and every gradient at hand-made, uneven and pp x ep layouts, on
+    packed documents."""
     from jmamba.config import Config, ParallelConfig, TrainConfig, validate
     from tests.test_pp_ep import assert_grads_match, run
     params, loss_ref, metrics_ref, grads_ref = hybrid_reference
     cfg = validate(Config(model=HYBRID, train=TrainConfig(batch_size=8, seq_len=24, n_pairs=4),
                           parallel=ParallelConfig(pp=pp, ep=ep, microbatches=M,
                                                   pp_schedule=schedule, pp_split=split)))
-    loss, metrics, grads = run(cfg, params)
+    loss, metrics, grads = run(cfg, params, docs_batch())
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     for key in ("ce", "aux_loss", "z_loss"):
         np.testing.assert_allclose(metrics[key], metrics_ref[key], rtol=1e-5, err_msg=key)
