@@ -51,6 +51,7 @@ def test_train_step_sets_the_bias_from_global_counts_at_every_layout():
     of the bias steps of each step's expert counts (no optimizer update, no weight decay),
     the same at both layouts, and loss and parameters (shared experts included) agree."""
     batch = the_batch()
+    counts_of = jax.jit(lambda p: model.loss_fn(p, batch, MODEL)[1]["expert_counts"])
     results = {}
     for layout in [(1, 1, 1), (2, 2, 2)]:
         cfg = cfg_at(*layout)
@@ -58,7 +59,7 @@ def test_train_step_sets_the_bias_from_global_counts_at_every_layout():
         state, losses, want = run.state, [], 0.0
         for _ in range(2):
             params = run.canonical(state.params)
-            counts = model.loss_fn(params, batch, cfg.model)[1]["expert_counts"]
+            counts = counts_of(params)
             want = want + bias_step(counts, MODEL.router_bias_rate)
             b = batch if run.batch_sharding is None else jax.device_put(batch,
                                                                          run.batch_sharding)
