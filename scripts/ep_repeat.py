@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import shlex
 import sys
@@ -35,6 +36,7 @@ ARGS.add_argument("--cpu_devices", type=int, default=0, help="simulate this many
 ARGS.add_argument("--bwd_xla", choices=("none", "dx", "dw"), default="none",
                   help="diagnosis: run this one backward product of the grouped matmul on "
                        "lax.ragged_dot, the rest on the kernels")
+ARGS.add_argument("--json", default="", help="also write the rows to this file")
 ARGS.add_argument("--grad_only", action="store_true",
                   help="skip the forward repeats (one compile less)")
 ARGS.add_argument("--flags", default="",
@@ -124,8 +126,10 @@ def main():
     print("| ep | forward: distinct losses | forward spread (rel) | loss+grad: distinct "
           "| grad max diff between repeats (rel) | dropped |")
     print("|---|---|---|---|---|---|")
+    rows = []
     for ep in map(int, args.ep.split(",")):
         r = one_layout(ep)
+        rows.append(r)
         spread = (max(r["fwd"]) - min(r["fwd"])) / abs(r["fwd"][0])
         bad |= bool(spread > args.tol)
         print(f"| {ep} | {sorted(set(round(x, 5) for x in r['fwd']))} | {spread:.1e} | "
@@ -133,6 +137,9 @@ def main():
               f"{r['dropped']} |", flush=True)
         print("    leaves that vary most (max diff / leaf's max): "
               + ", ".join(f"{k} {v:.1e}" for k, v in r["top"]), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f)
     sys.exit(1 if bad else 0)
 
 
