@@ -76,7 +76,10 @@ class Block(nnx.Module):
         if layer_id is None:
             raise ValueError("a hybrid stack's Block needs its layer_id")
         is_attn = jnp.asarray(attention_rows(cfg))[layer_id]
-        return jax.lax.cond(is_attn, lambda: self.attend(u_BxLxD, seq_idx_BxL),
+        # Under autodiff a cond keeps the residuals of both branches (the untaken as zeros)
+        # on every layer; recomputing attention from its input leaves it only that input.
+        attend = jax.checkpoint(lambda u: self.attend(u, seq_idx_BxL))
+        return jax.lax.cond(is_attn, lambda: attend(u_BxLxD),
                             lambda: self.mixer(u_BxLxD, seq_idx_BxL))
 
     def attend(self, u_BxLxD, seq_idx_BxL):
