@@ -46,8 +46,8 @@ MAY_DIFFER = {"train.steps", "train.log_every", "train.log_dir", "train.ckpt_dir
               "train.ckpt_every", "train.keep", "train.resume", "train.profile_steps",
               "train.progress", "train.peak_tflops", "train.max_skipped_steps",
               "train.skip_nonfinite", "train.loader", "train.eval_data", "train.eval_every",
-              "train.eval_steps", "model.ssm_impl", "model.dtype",
-              "model.chunk_size", "model.scan_layers"}
+              "train.eval_steps", "train.deterministic", "model.ssm_impl", "model.dtype",
+              "model.chunk_size", "model.scan_layers", "model.attn_impl"}
 MAY_DIFFER_SECTIONS = {"parallel", "dist"}
 
 

@@ -61,7 +61,7 @@ def _parse_value(text: str, typ, flag: str, parser):
             raise ValueError("expected true or false")
         if typing.get_origin(typ) is tuple:
             item = typing.get_args(typ)[0]
-            return tuple(item(v) for v in text.split(","))
+            return tuple(item(v) for v in text.split(",") if v.strip())  # "": ()
         return typ(text)
     except ValueError as e:
         parser.error(f"bad value {text!r} for {flag}: {e}")

@@ -76,6 +76,9 @@ class ModelConfig:
     attn_rotary_dim: int = 0  # rotary on the first dims of each head (Bamba: half of 128)
     attn_rotary_base: float = 10000.0
     attn_impl: str = "auto"  # auto (cuDNN on GPU for bf16), cudnn, xla, reference
+    # mamba_ssm's MHA qkv_proj_bias / out_proj_bias (its defaults are True; Bamba's False).
+    attn_qkv_bias: bool = False
+    attn_out_bias: bool = False
 
     @property
     def d_inner(self) -> int:
@@ -304,6 +307,9 @@ def validate_attention(m: ModelConfig) -> None:
            f"must be even and in [0, head dim={A}]", W)
     _check(m.attn_rotary_base > 0, "model.attn_rotary_base", "must be > 0", m.attn_rotary_base)
     _check_choice(m.attn_impl, ATTN_IMPLS, "model.attn_impl")
+    _check(m.attn_impl != "cudnn" or m.dtype == "bfloat16", "model.attn_impl",
+           "'cudnn' needs model.dtype bfloat16 (cuDNN's flash attention is 16-bit); use "
+           "'auto'", m.attn_impl)
     in_width = 2 * m.d_inner + 2 * m.ngroups * m.d_state + m.nheads
     _check(A * (Q + 2 * R) <= in_width and A * Q <= m.d_inner, "model.attn_num_heads",
            f"gives attention weights ({A * (Q + 2 * R)} q/k/v columns, {A * Q} output rows) "

@@ -54,7 +54,7 @@ FROM_TORCH = {"same": lambda w: w, "linear": lambda w: w.T, "conv": lambda w: w[
 LAYER_NAMES = [
     (("norm", "scale"), "norm.weight", "same", "d_model"),
     (("mixer", "in_proj", "kernel"), "mixer.in_proj.weight", "linear",
-     "d_model, expand, d_state, ngroups, headdim"),
+     "d_model, expand, d_state, ngroups, headdim, attn_layer_idx"),
     (("mixer", "in_proj", "bias"), "mixer.in_proj.bias", "same", "bias"),
     (("mixer", "conv1d_kernel"), "mixer.conv1d.weight", "conv",
      "d_conv, expand, d_state, ngroups"),
@@ -64,8 +64,12 @@ LAYER_NAMES = [
     (("mixer", "A_log"), "mixer.A_log", "same", "expand, headdim"),
     (("mixer", "D"), "mixer.D", "same", "expand, headdim"),
     (("mixer", "norm", "scale"), "mixer.norm.weight", "same", "expand"),
-    (("mixer", "out_proj", "kernel"), "mixer.out_proj.weight", "linear", "d_model, expand"),
+    (("mixer", "out_proj", "kernel"), "mixer.out_proj.weight", "linear",
+     "d_model, expand, attn_layer_idx"),
     (("mixer", "out_proj", "bias"), "mixer.out_proj.bias", "same", "bias"),
+    # attention layers' biases (MHA's qkv_proj_bias, out_proj_bias): leaves of their own
+    (("attn_in_bias",), "mixer.in_proj.bias", "same", "attn_qkv_bias"),
+    (("attn_out_bias",), "mixer.out_proj.bias", "same", "attn_out_bias"),
     (("norm2", "scale"), "norm2.weight", "same", "mlp"),
     (("mlp", "fc1", "kernel"), "mlp.fc1.weight", "linear", "mlp, d_intermediate"),
     (("mlp", "fc1", "bias"), "mlp.fc1.bias", "same", "bias"),
@@ -100,14 +104,15 @@ def _names(tree) -> dict[tuple, object]:
 
 
 # Attention layers (hybrid stacks) are mamba_ssm's MHA: its in_proj (q, k, v stacked) and
-# out_proj, stored in the front of jmamba's Mamba2 in_proj columns and out_proj rows
-# (model.attention_weights); the rest of those rows has no tensor.
+# out_proj weights are stored in the front of jmamba's Mamba2 in_proj columns and out_proj
+# rows (model.attention_weights; the rest of those rows has no tensor), its biases in the
+# attn_in_bias / attn_out_bias leaves (which Mamba layers leave unread).
 ATTN_SLICES = {
     ("mixer", "in_proj", "kernel"): lambda n_in, n_out: (slice(None), slice(0, n_in)),
-    ("mixer", "in_proj", "bias"): lambda n_in, n_out: (slice(0, n_in),),
     ("mixer", "out_proj", "kernel"): lambda n_in, n_out: (slice(0, n_out),),
-    ("mixer", "out_proj", "bias"): lambda n_in, n_out: (),
 }
+ATTN_ONLY = {("attn_in_bias",), ("attn_out_bias",)}
+ATTN_HINT = "attn_layer_idx, attn_num_heads, attn_num_heads_kv, attn_head_dim"
 
 
 def _torch_items(leaves: dict, cfg: ModelConfig):
@@ -126,11 +131,14 @@ def _torch_items(leaves: dict, cfg: ModelConfig):
             yield name, path, (), kind, hint
             continue
         for i in range(cfg.n_layer):
-            if i in cfg.attn_layer_idx and path[1] == "mixer":
+            attn = i in cfg.attn_layer_idx
+            if path[1:] in ATTN_ONLY:
+                if attn:
+                    yield f"backbone.layers.{i}.{name}", path, (i,), kind, f"{hint}, {ATTN_HINT}"
+            elif attn and path[1] == "mixer":
                 if path[1:] in ATTN_SLICES:
                     yield (f"backbone.layers.{i}.{name}", path,
-                           (i,) + ATTN_SLICES[path[1:]](n_in, n_out), kind,
-                           "attn_num_heads, attn_num_heads_kv, attn_head_dim, bias")
+                           (i,) + ATTN_SLICES[path[1:]](n_in, n_out), kind, ATTN_HINT)
             elif "{e}" in name:
                 for e in range(x.shape[1]):
                     yield (f"backbone.layers.{i}.{name.format(e=e)}", path, (i, e), kind, hint)
@@ -169,7 +177,7 @@ def from_mamba_ssm(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
     if missing:
         raise ValueError(f"{len(missing)} tensor(s) this config needs are missing, e.g. "
                          f"{missing[:3]}: check model.n_layer, mlp, bias, conv_bias, "
-                         f"tie_embeddings")
+                         f"tie_embeddings, attn_layer_idx, attn_qkv_bias, attn_out_bias")
     if cfg.tie_embeddings and "lm_head.weight" in tensors:
         if not np.array_equal(tensors["lm_head.weight"], tensors["backbone.embedding.weight"]):
             raise ValueError("lm_head.weight differs from backbone.embedding.weight: the "
@@ -178,7 +186,8 @@ def from_mamba_ssm(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict:
     unused = sorted(set(tensors) - used)
     if unused:
         raise ValueError(f"{len(unused)} tensor(s) this config does not use, e.g. "
-                         f"{unused[:3]}: check model.n_layer, mlp, n_experts, bias")
+                         f"{unused[:3]}: check model.n_layer, mlp, n_experts, bias, "
+                         f"attn_layer_idx, attn_qkv_bias, attn_out_bias")
     params: dict = {}
     for path, x in leaves.items():
         node = params

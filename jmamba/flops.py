@@ -37,17 +37,28 @@ def mixer_params(m: ModelConfig) -> int:
     return in_out + biases + conv + 3 * H + I
 
 
-def attention_params(m: ModelConfig) -> int:
-    """The weights one attention layer uses (they sit in its Mamba2 mixer's storage)."""
+def attention_biases(m: ModelConfig) -> int:
+    """Attention bias entries a layer stores (every layer of a hybrid stack has the leaves)."""
+    if not m.attn_layer_idx:
+        return 0
     Q, R, A = m.attn_heads
-    n_in, n_out = A * (Q + 2 * R), A * Q
-    return m.d_model * (n_in + n_out) + ((n_in + m.d_model) if m.bias else 0)
+    return (A * (Q + 2 * R) if m.attn_qkv_bias else 0) + (m.d_model if m.attn_out_bias else 0)
+
+
+def attention_params(m: ModelConfig) -> int:
+    """The parameters one attention layer uses: its q/k/v and output weights (in its Mamba2
+    mixer's storage) and its biases."""
+    Q, R, A = m.attn_heads
+    return m.d_model * A * (2 * Q + 2 * R) + attention_biases(m)
 
 
 def unused_params(m: ModelConfig) -> int:
-    """Stored but never read: each attention layer's mixer storage beyond its attention
-    weights (docs/design.md, "Hybrid layers"). Part of param_count."""
-    return len(m.attn_layer_idx) * (mixer_params(m) - attention_params(m))
+    """Stored but never read (docs/design.md, "Hybrid layers"): each attention layer's mixer
+    storage beyond its attention weights, and the attention bias leaves of Mamba layers.
+    Part of param_count."""
+    n_attn = len(m.attn_layer_idx)
+    weights = attention_params(m) - attention_biases(m)
+    return n_attn * (mixer_params(m) - weights) + (m.n_layer - n_attn) * attention_biases(m)
 
 
 def mlp_params(m: ModelConfig) -> int:
@@ -68,7 +79,7 @@ def gated_mlp_params(m: ModelConfig, hidden: int) -> int:
 
 def block_params(m: ModelConfig) -> int:
     norms = m.d_model * (1 if m.mlp == "none" else 2)
-    return norms + mixer_params(m) + mlp_params(m)
+    return norms + mixer_params(m) + attention_biases(m) + mlp_params(m)
 
 
 def param_count(m: ModelConfig) -> int:

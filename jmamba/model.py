@@ -19,6 +19,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -39,6 +40,14 @@ class Block(nnx.Module):
         out_scale = 1.0 / math.sqrt(n_res * cfg.n_layer)
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.mixer = Mamba2Mixer(cfg, rngs, out_scale)
+        # Attention biases (hybrid stacks) have no slot in the Mamba2 mixer: a leaf of
+        # their own on every layer, zero and unread on Mamba layers (A (Q + 2 R) + D floats).
+        Q, R, A = cfg.attn_heads
+        hybrid = bool(cfg.attn_layer_idx)
+        self.attn_in_bias = (nnx.Param(jnp.zeros((A * (Q + 2 * R),), jnp.float32))
+                             if hybrid and cfg.attn_qkv_bias else None)
+        self.attn_out_bias = (nnx.Param(jnp.zeros((cfg.d_model,), jnp.float32))
+                              if hybrid and cfg.attn_out_bias else None)
         if cfg.mlp != "none":
             self.norm2 = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
             self.mlp = (MoE(cfg, rngs, out_scale) if cfg.mlp == "moe"
@@ -75,6 +84,9 @@ class Block(nnx.Module):
             return self.mixer(u_BxLxD, seq_idx_BxL)
         if layer_id is None:
             raise ValueError("a hybrid stack's Block needs its layer_id")
+        if isinstance(layer_id, (int, np.integer)):  # known while tracing: no cond
+            return (self.attend(u_BxLxD, seq_idx_BxL) if layer_id in cfg.attn_layer_idx
+                    else self.mixer(u_BxLxD, seq_idx_BxL))
         is_attn = jnp.asarray(attention_rows(cfg))[layer_id]
         # Under autodiff a cond keeps the residuals of both branches (the untaken as zeros)
         # on every layer; recomputing attention from its input leaves it only that input.
@@ -85,8 +97,10 @@ class Block(nnx.Module):
     def attend(self, u_BxLxD, seq_idx_BxL):
         """Attention on the weights stored in the front of the mixer's in_proj/out_proj."""
         mixer_params = nnx.to_pure_dict(nnx.state(self.mixer, nnx.Param))
-        return self_attention(u_BxLxD, *attention_weights(mixer_params, self.cfg), self.cfg,
-                              seq_idx_BxL)
+        w_in, w_out = attention_weights(mixer_params, self.cfg)
+        b_in = None if self.attn_in_bias is None else self.attn_in_bias[...]
+        b_out = None if self.attn_out_bias is None else self.attn_out_bias[...]
+        return self_attention(u_BxLxD, w_in, b_in, w_out, b_out, self.cfg, seq_idx_BxL)
 
 
 def attention_rows(cfg: ModelConfig) -> tuple[bool, ...]:
@@ -95,14 +109,13 @@ def attention_rows(cfg: ModelConfig) -> tuple[bool, ...]:
 
 
 def attention_weights(mixer_params: dict, cfg: ModelConfig):
-    """(w_in, b_in, w_out, b_out) of an attention layer from its mixer's parameters: the
-    first A (Q + 2 R) columns of the Mamba2 in_proj and the first Q A rows of its out_proj
-    (biases None without)."""
+    """(w_in [D, A (Q + 2 R)], w_out [Q A, D]) of an attention layer from its mixer's
+    parameters: the front columns of the Mamba2 in_proj and the front rows of its out_proj
+    (the rest of both, and the Mamba2 biases, unread)."""
     Q, R, A = cfg.attn_heads
     n_in, n_out = A * (Q + 2 * R), A * Q
-    inp, out = mixer_params["in_proj"], mixer_params["out_proj"]
-    b_in = inp["bias"][..., :n_in] if "bias" in inp else None
-    return (inp["kernel"][..., :n_in], b_in, out["kernel"][..., :n_out, :], out.get("bias"))
+    return (mixer_params["in_proj"]["kernel"][..., :n_in],
+            mixer_params["out_proj"]["kernel"][..., :n_out, :])
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,48 +203,81 @@ def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "
     graphdef = block_graphdef(cfg)
     n_experts = max(cfg.n_experts, 1)
 
-    def block(carry, xs):
-        layer_params, layer_id = xs
-        h, r, aux_B, z_B, dropped = checkpoint_name(carry, LAYER_INPUT)
-        h, r, a, z, counts_E, d = nnx.merge(graphdef, layer_params)(h, r, experts_fn,
-                                                                    seq_idx_BxL, layer_id)
-        return (h, r, aux_B + a, z_B + z, dropped + d), counts_E
+    def make_body(static_id=None):
+        """The scan body; static_id: a layer index standing for every row's (hybrid
+        segments of one kind), so Block.mix picks the mixer without a cond."""
+        def block(carry, xs):
+            layer_params, layer_id = xs
+            layer_id = layer_id if static_id is None else static_id
+            h, r, aux_B, z_B, dropped = checkpoint_name(carry, LAYER_INPUT)
+            h, r, a, z, counts_E, d = nnx.merge(graphdef, layer_params)(
+                h, r, experts_fn, seq_idx_BxL, layer_id)
+            return (h, r, aux_B + a, z_B + z, dropped + d), counts_E
 
-    if remat != "none":
-        # A scan keeps XLA from merging the recompute with the forward on its own; unrolled
-        # layers need prevent_cse, or the "remat" keeps forward values (moe_1b at batch 16
-        # on one H100 without it: 42.5 GB, where the scan needs 20.7; with it: not yet
-        # measured on a GPU).
-        block = jax.checkpoint(block, policy=REMAT_POLICIES[remat],
-                               prevent_cse=not cfg.scan_layers)
-    body = block
-    if n_active is not None:
+        if remat != "none":
+            # A scan keeps XLA from merging the recompute with the forward on its own;
+            # unrolled layers need prevent_cse, or the "remat" keeps forward values (moe_1b
+            # at batch 16 on one H100 without it: 42.5 GB, where the scan needs 20.7; with
+            # it: not yet measured on a GPU).
+            block = jax.checkpoint(block, policy=REMAT_POLICIES[remat],
+                                   prevent_cse=not cfg.scan_layers)
+        if n_active is None:
+            return block
+
         def body(carry, xs):
             j, layer_xs = xs
             def skip(c, _):
                 return c, jnp.zeros_like(c[0], shape=(n_experts,), dtype=jnp.int32)
             return jax.lax.cond(j < n_active, block, skip, carry, layer_xs)
+        return body
+
+    def run(carry, xs, body):
+        n = jax.tree.leaves(xs)[0].shape[0]
+        if n_active is not None:
+            xs = (jnp.arange(n), xs)
+        if cfg.scan_layers:
+            return jax.lax.scan(body, carry, xs)
+        # The scan's twin, unrolled: the same math, layer i on row i. One jitted layer
+        # called n times: JAX lowers it (and its Pallas kernels) once, and XLA inlines the
+        # calls (moe_1b on the CPU: lowering 6.2 -> 2.2 s, compile the same; on GPUs not
+        # yet measured: scripts/compile_time.py).
+        layer = jax.jit(body)
+        counts = []
+        for i in range(n):
+            carry, counts_E = layer(carry, jax.tree.map(lambda x: x[i], xs))
+            counts.append(counts_E)
+        return carry, jnp.stack(counts)
+
     n_rows = jax.tree.leaves(layers_YxTree)[0].shape[0]
     ids_Y = jnp.arange(n_rows) if layer_ids_Y is None else layer_ids_Y
-    xs = (layers_YxTree, ids_Y)
-    xs = xs if n_active is None else (jnp.arange(n_rows), xs)
     zeros_B = jnp.zeros_like(hidden, shape=hidden.shape[:1], dtype=jnp.float32)
     dropped0 = jnp.zeros_like(hidden, shape=(), dtype=jnp.int32)
     carry = (hidden, residual, zeros_B, zeros_B, dropped0)
-    if cfg.scan_layers:
-        carry, counts_YxE = jax.lax.scan(body, carry, xs)
-    else:  # the scan's twin, unrolled: the same math, layer i on row i
-        # One jitted layer called n_rows times: JAX lowers it (and its Pallas kernels) once,
-        # and XLA inlines the calls (moe_1b on the CPU: lowering 6.2 -> 2.2 s, compile the
-        # same; on GPUs not yet measured: scripts/compile_time.py).
-        layer = jax.jit(body)
+    segments = kind_segments(cfg, layer_ids_Y, n_rows) if n_active is None else None
+    if segments is None:
+        carry, counts_YxE = run(carry, (layers_YxTree, ids_Y), make_body())
+    else:  # static layer ids: one scan per run of layers of one kind, no cond
         counts = []
-        for i in range(n_rows):
-            carry, counts_E = layer(carry, jax.tree.map(lambda x: x[i], xs))
-            counts.append(counts_E)
-        counts_YxE = jnp.stack(counts)
+        for start, end, layer_id in segments:
+            part = jax.tree.map(lambda a: a[start:end], (layers_YxTree, ids_Y))
+            carry, c = run(carry, part, make_body(layer_id))
+            counts.append(c)
+        counts_YxE = jnp.concatenate(counts)
     hidden, residual, aux_B, z_B, dropped = carry
     return hidden, residual, aux_B, z_B, counts_YxE, dropped
+
+
+def kind_segments(cfg: ModelConfig, layer_ids_Y, n_rows: int):
+    """[(start, end, a layer id of the run)]: the runs of rows of one mixer kind, when the
+    ids are known while tracing (None: all rows; or a numpy array) in a hybrid stack. None
+    otherwise (one piece: a plain stack, or traced ids, where Block.mix uses a cond)."""
+    if not cfg.attn_layer_idx or not (layer_ids_Y is None
+                                      or isinstance(layer_ids_Y, np.ndarray)):
+        return None
+    ids = list(range(n_rows)) if layer_ids_Y is None else layer_ids_Y.tolist()
+    kinds = [i in cfg.attn_layer_idx for i in ids]
+    cuts = [0] + [j for j in range(1, n_rows) if kinds[j] != kinds[j - 1]] + [n_rows]
+    return [(a, b, int(ids[a])) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def head_logits(params, hidden, residual, cfg: ModelConfig):

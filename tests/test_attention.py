@@ -68,7 +68,8 @@ def test_rotary_is_a_rotation_of_pairs_i_and_i_plus_half():
 
 HYBRID = ModelConfig(d_model=32, n_layer=4, vocab_size=40, headdim=8, d_state=8,
                      chunk_size=4, n_experts=4, d_expert=16, attn_layer_idx=(1, 3),
-                     attn_num_heads=4, attn_num_heads_kv=2, attn_rotary_dim=4)
+                     attn_num_heads=4, attn_num_heads_kv=2, attn_rotary_dim=4,
+                     attn_qkv_bias=True)
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
@@ -77,7 +78,8 @@ def test_packed_documents_each_see_only_themselves(impl):
     cfg = dataclasses.replace(HYBRID, attn_impl=impl)
     params = model.init_params(cfg, jax.random.key(1))
     mixer = jax.tree.map(lambda a: a[1], params["layers"]["mixer"])
-    w_in, b_in, w_out, b_out = model.attention_weights(mixer, cfg)
+    w_in, w_out = model.attention_weights(mixer, cfg)
+    b_in = b_out = None
     x = jax.random.normal(jax.random.key(2), (1, 10, cfg.d_model))
     seq = jnp.asarray([[0] * 6 + [1] * 4])
     packed = attention.self_attention(x, w_in, b_in, w_out, b_out, cfg, seq)
@@ -120,6 +122,8 @@ def test_unused_storage_gets_no_gradient(hybrid_reference):
     assert not np.any(np.asarray(g["conv1d_kernel"])[[1, 3]])
     assert np.any(np.asarray(g["in_proj"]["kernel"])[[1, 3], :, :A * (Q + 2 * R)])
     assert np.any(np.asarray(g["conv1d_kernel"])[[0, 2]])
+    b = np.asarray(grads["layers"]["attn_in_bias"])  # attention layers' own bias leaf
+    assert not np.any(b[[0, 2]]) and np.all(np.any(b[[1, 3]] != 0, axis=-1))
 
 
 @pytest.mark.parametrize("pp,ep,M,schedule,split", [(2, 1, 2, "1f1b", "1,3"),
@@ -140,3 +144,20 @@ def test_hybrid_layouts_equal_one_device(hybrid_reference, pp, ep, M, schedule, 
         np.testing.assert_allclose(metrics[key], metrics_ref[key], rtol=1e-5, err_msg=key)
     np.testing.assert_array_equal(metrics["expert_counts"], metrics_ref["expert_counts"])
     assert_grads_match(grads, grads_ref, atol=1e-5)
+
+
+def test_static_layer_ids_run_without_a_cond_and_equal_the_cond(hybrid_reference):
+    """One device knows every layer's kind while tracing: runs of one kind, no cond; the
+    same stack with traced ids (as pipeline stages have) takes the cond, same numbers."""
+    params, *_ = hybrid_reference
+    h, r = model.embed(params["embed"], docs_batch()["inputs"], HYBRID)
+    seq = docs_batch()["seq_idx"]
+
+    def out(ids):
+        return model.run_layers(params["layers"], h, r, HYBRID, seq_idx_BxL=seq,
+                                layer_ids_Y=ids)[:2]
+    static = jax.make_jaxpr(lambda: out(None))()
+    traced = jax.make_jaxpr(out)(jnp.arange(4))
+    assert "cond" not in str(static) and "cond" in str(traced)
+    for a, b in zip(out(None), jax.jit(out)(jnp.arange(4))):
+        np.testing.assert_allclose(a, b, atol=1e-5)

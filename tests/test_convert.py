@@ -162,7 +162,7 @@ def test_bad_input_names_the_tensor_and_the_field(tmp_path):
 
 def with_attention(sd: dict, cfg: ModelConfig, layers, seed=1) -> dict:
     """A mamba_ssm hybrid state dict: `layers` hold MHA(num_heads, num_heads_kv, head_dim,
-    no biases) mixers (in_proj [q; k; v] and out_proj) instead of Mamba2's."""
+    qkv_proj_bias, out_proj_bias as cfg's attn_*_bias) mixers instead of Mamba2's."""
     rng = np.random.default_rng(seed)
     Q, R, A = cfg.attn_heads
     out = dict(sd)
@@ -174,6 +174,10 @@ def with_attention(sd: dict, cfg: ModelConfig, layers, seed=1) -> dict:
                                                         ).astype(np.float32) * 0.3
         out[p + "out_proj.weight"] = rng.standard_normal((cfg.d_model, A * Q)
                                                          ).astype(np.float32) * 0.3
+        if cfg.attn_qkv_bias:
+            out[p + "in_proj.bias"] = rng.standard_normal(A * (Q + 2 * R)).astype(np.float32)
+        if cfg.attn_out_bias:
+            out[p + "out_proj.bias"] = rng.standard_normal(cfg.d_model).astype(np.float32)
     return out
 
 
@@ -182,28 +186,34 @@ MIXED = ModelConfig(d_model=16, n_layer=2, vocab_size=40, headdim=8, d_state=8, 
                     attn_num_heads=4, attn_num_heads_kv=2, attn_rotary_dim=2)
 
 
-def test_hybrid_names_round_trip(tmp_path):
-    """Mamba2 layer 0 and MHA layer 1 under mamba_ssm's names: import, export, same dict."""
-    sd = with_attention(mamba_ssm_state_dict(MIXED), MIXED, [1])
-    params = cv.from_mamba_ssm(sd, MIXED)
+@pytest.mark.parametrize("biases", [False, True], ids=["no_bias", "mha_default_biases"])
+def test_hybrid_names_round_trip(biases):
+    """Mamba2 layer 0 and MHA layer 1 under mamba_ssm's names: import, export, same dict;
+    with biases as mamba_ssm's MHA has them by default, without Mamba2 biases."""
+    cfg = dataclasses.replace(MIXED, attn_qkv_bias=biases, attn_out_bias=biases)
+    sd = with_attention(mamba_ssm_state_dict(cfg), cfg, [1])
+    params = cv.from_mamba_ssm(sd, cfg)
     Q, R, A = MIXED.attn_heads
     np.testing.assert_array_equal(params["layers"]["mixer"]["in_proj"]["kernel"][1, :, :32],
                                   sd["backbone.layers.1.mixer.in_proj.weight"].T)
     assert not np.any(params["layers"]["mixer"]["in_proj"]["kernel"][1, :, A * (Q + 2 * R):])
-    back = cv.to_mamba_ssm(params, MIXED)
+    back = cv.to_mamba_ssm(params, cfg)
     assert set(back) == set(sd)
     for k in sd:
         np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
     with pytest.raises(ValueError, match="attn_num_heads"):
-        cv.from_mamba_ssm(with_attention(mamba_ssm_state_dict(MIXED), dataclasses.replace(
-            MIXED, attn_num_heads_kv=4), [1]), MIXED)
+        cv.from_mamba_ssm(with_attention(mamba_ssm_state_dict(cfg), dataclasses.replace(
+            cfg, attn_num_heads_kv=4), [1]), cfg)
+    with pytest.raises(ValueError, match="attn_layer_idx"):  # a hybrid file, a plain config
+        cv.from_mamba_ssm(sd, dataclasses.replace(cfg, attn_layer_idx=()))
 
 
 def test_imported_hybrid_logits_match_a_forward_from_the_torch_tensors():
     """Two MHA layers, no MLP: the imported model's logits against a forward written here
     from the mamba_ssm tensors themselves (norm, q/k/v, rotary, the plain attention twin)."""
     from jmamba.attention import attention_reference, rotary
-    cfg = dataclasses.replace(MIXED, mlp="none", attn_layer_idx=(0, 1), attn_impl="xla")
+    cfg = dataclasses.replace(MIXED, mlp="none", attn_layer_idx=(0, 1), attn_impl="xla",
+                              attn_qkv_bias=True, attn_out_bias=True)
     sd = with_attention(mamba_ssm_state_dict(dataclasses.replace(cfg, mlp="dense")), cfg,
                         [0, 1])
     sd = {k: v for k, v in sd.items() if "norm2" not in k and ".mlp." not in k}
@@ -223,11 +233,11 @@ def test_imported_hybrid_logits_match_a_forward_from_the_torch_tensors():
         p = f"backbone.layers.{i}."
         res = hid + res
         x = rms(res, sd[p + "norm.weight"])
-        qkv = x @ sd[p + "mixer.in_proj.weight"].T
+        qkv = x @ sd[p + "mixer.in_proj.weight"].T + sd[p + "mixer.in_proj.bias"]
         q = rotary(qkv[..., :Q * A].reshape(B, L, Q, A), pos, 2, 10000.0)
         k = rotary(qkv[..., Q * A:(Q + R) * A].reshape(B, L, R, A), pos, 2, 10000.0)
         v = qkv[..., (Q + R) * A:].reshape(B, L, R, A)
         hid = attention_reference(q, k, v).reshape(B, L, Q * A) @ sd[
-            p + "mixer.out_proj.weight"].T
+            p + "mixer.out_proj.weight"].T + sd[p + "mixer.out_proj.bias"]
     want = rms(hid + res, sd["backbone.norm_f.weight"]) @ sd["lm_head.weight"].T
     np.testing.assert_allclose(got[..., :40], want, rtol=1e-4, atol=1e-4)

@@ -21,6 +21,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
@@ -117,7 +118,8 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless,
     T = n_iterations(pp, v, M)
     counts_VxS = jnp.asarray(layout.counts_VxS)
     # Global layer row of each stage slot (padding rows go to an extra row n_layer).
-    rows_VxSxY = jnp.asarray(jnp.where(layout.index_VxSxY >= 0, layout.index_VxSxY, m.n_layer))
+    rows_np = np.where(layout.index_VxSxY >= 0, layout.index_VxSxY, m.n_layer)
+    rows_VxSxY = jnp.asarray(rows_np)  # (static, as rows_np, with one stage: no mixer cond)
     E = max(m.n_experts, 1)
     ring = [(j, (j + 1) % pp) for j in range(pp)]
     res_dtype = jnp.float32 if m.residual_in_fp32 else jnp.dtype(m.dtype)
@@ -151,7 +153,9 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless,
                 return model.run_layers(stage_layers, h, res, m, remat, experts_fn,
                                         n_active=counts_VxS[r, s] if padded else None,
                                         seq_idx_BxL=None if seq_MxBxL is None
-                                        else seq_MxBxL[mb], layer_ids_Y=rows_VxSxY[r, s])
+                                        else seq_MxBxL[mb],
+                                        layer_ids_Y=rows_np[0, 0] if one_stage
+                                        else rows_VxSxY[r, s])
 
             def skip(h, res):
                 zB = jnp.zeros((Bm,), jnp.float32)
