@@ -4,8 +4,9 @@
 Glossary: B batch, L sequence, D d_model, Q query heads, R key/value heads (Q % R == 0),
 A head dim, W rotary dims (the first W of each head's A; 0: none).
 
-Weights, in mamba_ssm's layout (ModelConfig.attn_heads gives Q, R, A): in_proj [D, A (Q + 2 R)] whose output
-splits into q (Q A), k (R A), v (R A); out_proj [Q A, D]; optional biases of both.
+Weights, in mamba_ssm's layout (ModelConfig.attn_heads gives Q, R, A): in_proj
+[D, A (Q + 2 R)] whose output splits into q (Q A), k (R A), v (R A); out_proj [Q A, D];
+optional biases of both.
 
 Rotary: flash_attn's non-interleaved form (GPT-NeoX): the first W/2 and the next W/2 dims of
 q and k rotate as pairs by position * base^(-2i/W). With packed documents (seq_idx), every
