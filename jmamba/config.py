@@ -95,6 +95,12 @@ class ModelConfig:
         return Q, self.attn_num_heads_kv or Q, self.attn_head_dim or self.d_model // max(Q, 1)
 
     @property
+    def attn_widths(self) -> tuple[int, int]:
+        """(q/k/v projection width A (Q + 2 R), output projection rows Q A)."""
+        Q, R, A = self.attn_heads
+        return A * (Q + 2 * R), A * Q
+
+    @property
     def padded_vocab(self) -> int:
         m = self.pad_vocab_size_multiple
         return -(-self.vocab_size // m) * m
@@ -311,8 +317,9 @@ def validate_attention(m: ModelConfig) -> None:
            "'cudnn' needs model.dtype bfloat16 (cuDNN's flash attention is 16-bit); use "
            "'auto'", m.attn_impl)
     in_width = 2 * m.d_inner + 2 * m.ngroups * m.d_state + m.nheads
-    _check(A * (Q + 2 * R) <= in_width and A * Q <= m.d_inner, "model.attn_num_heads",
-           f"gives attention weights ({A * (Q + 2 * R)} q/k/v columns, {A * Q} output rows) "
+    n_in, n_out = m.attn_widths
+    _check(n_in <= in_width and n_out <= m.d_inner, "model.attn_num_heads",
+           f"gives attention weights ({n_in} q/k/v columns, {n_out} output rows) "
            f"larger than the Mamba2 in_proj/out_proj they are stored in ({in_width} columns, "
            f"{m.d_inner} rows); use fewer heads or a larger expand", Q)
 

@@ -120,8 +120,7 @@ def _torch_items(leaves: dict, cfg: ModelConfig):
     rules = {path: (name, kind, hint) for path, name, kind, hint in TOP_NAMES}
     rules.update({("layers",) + path: (name, kind, hint)
                   for path, name, kind, hint in LAYER_NAMES})
-    Q, R, A = cfg.attn_heads
-    n_in, n_out = A * (Q + 2 * R), A * Q
+    n_in, n_out = cfg.attn_widths
     for path, x in leaves.items():
         if path not in rules:
             raise ValueError(f"parameter '{'/'.join(path)}' has no mamba_ssm name; add it to "

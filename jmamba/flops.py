@@ -41,15 +41,14 @@ def attention_biases(m: ModelConfig) -> int:
     """Attention bias entries a layer stores (every layer of a hybrid stack has the leaves)."""
     if not m.attn_layer_idx:
         return 0
-    Q, R, A = m.attn_heads
-    return (A * (Q + 2 * R) if m.attn_qkv_bias else 0) + (m.d_model if m.attn_out_bias else 0)
+    n_in, _ = m.attn_widths
+    return (n_in if m.attn_qkv_bias else 0) + (m.d_model if m.attn_out_bias else 0)
 
 
 def attention_params(m: ModelConfig) -> int:
     """The parameters one attention layer uses: its q/k/v and output weights (in its Mamba2
     mixer's storage) and its biases."""
-    Q, R, A = m.attn_heads
-    return m.d_model * A * (2 * Q + 2 * R) + attention_biases(m)
+    return m.d_model * sum(m.attn_widths) + attention_biases(m)
 
 
 def unused_params(m: ModelConfig) -> int:
@@ -96,8 +95,7 @@ def active_matmul_params(m: ModelConfig) -> int:
     n_attn = len(m.attn_layer_idx)
     mixers = (m.n_layer - n_attn) * (D * (2 * I + 2 * G * N + H) + I * D)
     if n_attn:
-        Q, R, A = m.attn_heads
-        mixers += n_attn * D * A * (2 * Q + 2 * R)
+        mixers += n_attn * D * sum(m.attn_widths)
     per_layer = 0
     if m.mlp == "moe":
         per_layer += D * m.n_experts + 3 * (m.top_k + m.n_shared_experts) * D * m.d_expert

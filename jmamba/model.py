@@ -35,16 +35,13 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         self.cfg = cfg
-        # mamba_ssm rescales the residual-branch output projections by 1/sqrt(n per layer * Y).
-        n_res = 1 if cfg.mlp == "none" else 2
-        out_scale = 1.0 / math.sqrt(n_res * cfg.n_layer)
+        out_scale = residual_out_scale(cfg)
         self.norm = RMSNorm(cfg.d_model, cfg.rms_norm_eps)
         self.mixer = Mamba2Mixer(cfg, rngs, out_scale)
         # Attention biases (hybrid stacks) have no slot in the Mamba2 mixer: a leaf of
         # their own on every layer, zero and unread on Mamba layers (A (Q + 2 R) + D floats).
-        Q, R, A = cfg.attn_heads
         hybrid = bool(cfg.attn_layer_idx)
-        self.attn_in_bias = (nnx.Param(jnp.zeros((A * (Q + 2 * R),), jnp.float32))
+        self.attn_in_bias = (nnx.Param(jnp.zeros((cfg.attn_widths[0],), jnp.float32))
                              if hybrid and cfg.attn_qkv_bias else None)
         self.attn_out_bias = (nnx.Param(jnp.zeros((cfg.d_model,), jnp.float32))
                               if hybrid and cfg.attn_out_bias else None)
@@ -112,10 +109,14 @@ def attention_weights(mixer_params: dict, cfg: ModelConfig):
     """(w_in [D, A (Q + 2 R)], w_out [Q A, D]) of an attention layer from its mixer's
     parameters: the front columns of the Mamba2 in_proj and the front rows of its out_proj
     (the rest of both, and the Mamba2 biases, unread)."""
-    Q, R, A = cfg.attn_heads
-    n_in, n_out = A * (Q + 2 * R), A * Q
+    n_in, n_out = cfg.attn_widths
     return (mixer_params["in_proj"]["kernel"][..., :n_in],
             mixer_params["out_proj"]["kernel"][..., :n_out, :])
+
+
+def residual_out_scale(cfg: ModelConfig) -> float:
+    """mamba_ssm rescales the residual-branch output projections by 1/sqrt(n per layer * Y)."""
+    return 1.0 / math.sqrt((1 if cfg.mlp == "none" else 2) * cfg.n_layer)
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,10 +151,8 @@ def init_attention_rows(layers, cfg: ModelConfig, key):
     """Attention layers' rows: fresh q/k/v and output weights (torch Linear init, the output
     rescaled as mamba_ssm does) in front of the mixer's in_proj/out_proj; every other entry
     of those rows zero (stored, never read: zero gradient, so it stays zero)."""
-    Q, R, A = cfg.attn_heads
-    n_in, n_out = A * (Q + 2 * R), A * Q
-    n_res = 1 if cfg.mlp == "none" else 2
-    out_scale = 1.0 / math.sqrt(n_res * cfg.n_layer)
+    n_in, n_out = cfg.attn_widths
+    out_scale = residual_out_scale(cfg)
     rows = jnp.asarray(cfg.attn_layer_idx)
     n = len(cfg.attn_layer_idx)
     k_in, k_out = jax.random.split(key)
