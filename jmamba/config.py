@@ -394,6 +394,12 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Para
     _check(t.batch_size % (p.microbatches * p.ep) == 0, "train.batch_size",
            f"must split into microbatches * ep = {p.microbatches} * {p.ep} equal parts",
            t.batch_size)
+    # XLA crashed compiling cuDNN attention in the expert-parallel program (a segfault in
+    # backend compile, 3 of 3 tries: hybrid_demo at (1,2,1), 2 x H200, jax 0.11.2); 'auto'
+    # picks xla there (jmamba.parallel.setup.attention_for_layout). docs/status.md.
+    _check(not (m.attn_impl == "cudnn" and m.attn_layer_idx and p.ep > 1), "model.attn_impl",
+           "'cudnn' crashes XLA's compiler at parallel.ep > 1 (jax 0.11.2); use 'auto' "
+           "(xla attention there)", m.attn_impl)
     if m.mlp == "moe":
         _check(m.n_experts % p.ep == 0, "model.n_experts",
                f"must be divisible by parallel.ep = {p.ep} (one copy of each expert)",

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import shlex
@@ -33,9 +34,12 @@ ARGS.add_argument("--train_steps", type=int, default=6)
 ARGS.add_argument("--repeats", type=int, default=20)
 ARGS.add_argument("--tol", type=float, default=1e-3)
 ARGS.add_argument("--cpu_devices", type=int, default=0, help="simulate this many CPU devices")
-ARGS.add_argument("--bwd_xla", choices=("none", "dx", "dw"), default="none",
-                  help="diagnosis: run this one backward product of the grouped matmul on "
-                       "lax.ragged_dot, the rest on the kernels")
+ARGS.add_argument("--on_xla", default="",
+                  help="diagnosis: comma-separated products of the grouped matmul (fwd, dx, "
+                       "dw) to run on lax.ragged_dot, the rest on the kernels")
+ARGS.add_argument("--shadow", action="store_true",
+                  help="diagnosis: beside each kernel product, compute lax.ragged_dot on the "
+                       "same inputs inside the program and report how often they differ")
 ARGS.add_argument("--json", default="", help="also write the rows to this file")
 ARGS.add_argument("--grad_only", action="store_true",
                   help="skip the forward repeats (one compile less)")
@@ -57,12 +61,43 @@ from jmamba.parallel.setup import (build, pipeline_loss, process_rows, remat_cho
 from jmamba import model  # noqa: E402
 
 
-def patch_backward(which: str) -> None:
-    """Send dX or dW of the kernel path through lax.ragged_dot (blocks=None)."""
+PRODUCTS = {"fwd": "_forward", "dx": "_grad_x", "dw": "_grad_w"}
+SHADOW: list = []  # (product, max |kernel - xla|, max |xla|) per kernel call, from the device
+
+
+def patch_products(on_xla: list[str], shadow: bool) -> None:
+    """Send some products of the kernel path through lax.ragged_dot (blocks=None), and/or
+    shadow the others: the same product on lax.ragged_dot, compared inside the program."""
+    import jax.numpy as jnp
     from jmamba.kernels import grouped_matmul as gm
-    name = {"dx": "_grad_x", "dw": "_grad_w"}[which]
-    original = getattr(gm, name)
-    setattr(gm, name, lambda a, b, sizes, blocks: original(a, b, sizes, None))
+    for which, name in PRODUCTS.items():
+        original = getattr(gm, name)
+        if which in on_xla:
+            setattr(gm, name, lambda a, b, sizes, blocks, f=original: f(a, b, sizes, None))
+        elif shadow:
+            def checked(a, b, sizes, blocks, f=original, which=which):
+                out = f(a, b, sizes, blocks)
+                if blocks is not None:
+                    ref = f(a, b, sizes, None).astype(jnp.float32)
+                    diff = jnp.max(jnp.abs(out.astype(jnp.float32) - ref))
+                    jax.debug.callback(lambda d, m, w=which: SHADOW.append((w, float(d),
+                                                                            float(m))),
+                                       diff, jnp.max(jnp.abs(ref)))
+                return out
+            setattr(gm, name, checked)
+
+
+def shadow_summary() -> str:
+    """How many kernel calls differed from lax.ragged_dot since the last summary."""
+    parts = []
+    for which in PRODUCTS:
+        rows = [(d, m) for w, d, m in SHADOW if w == which]
+        if rows:
+            worst = max(d / max(m, 1e-30) for d, m in rows)
+            parts.append(f"{which} {sum(d > 0 for d, _ in rows)}/{len(rows)} calls differ "
+                         f"(max {worst:.1e})")
+    SHADOW.clear()
+    return "; ".join(parts) or "no kernel calls seen"
 
 
 def grad_fn(cfg, run):
@@ -94,11 +129,21 @@ def one_layout(ep: int) -> dict:
            for _ in range(0 if args.grad_only else args.repeats)] or [float("nan")]
     g = grad_fn(cfg, run)
     first_grads, worst, bwd, dropped, per_leaf = None, 0.0, [], set(), {}
+    shadows, digests, same_as = [], [], []
     for _ in range(max(args.repeats // 4, 2)):
         value, grads, drop = g(state.params, batch)
         grads = jax.tree.map(np.asarray, jax.device_get(grads))
+        if args.shadow:
+            jax.effects_barrier()
+            shadows.append(shadow_summary())
         bwd.append(float(value))
         dropped.add(int(drop))
+        # Which earlier call gave bitwise the same gradients: [0, 1, 1, ...] means only
+        # the first call differed (stale memory read once), [0, 0, 2, 0, ...] a race.
+        digest = hashlib.sha1(b"".join(np.ascontiguousarray(x).tobytes()
+                                       for x in jax.tree.leaves(grads))).hexdigest()
+        same_as.append(digests.index(digest) if digest in digests else len(digests))
+        digests.append(digest)
         if first_grads is None:
             first_grads = grads
             scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(grads))
@@ -112,16 +157,20 @@ def one_layout(ep: int) -> dict:
                 per_leaf[name] = max(per_leaf.get(name, 0.0), rel)
     top = sorted(per_leaf.items(), key=lambda kv: -kv[1])[:4]
     return {"ep": ep, "fwd": fwd, "bwd": bwd, "grad_rel": worst / max(scale, 1e-30),
-            "dropped": sorted(dropped), "top": top}
+            "dropped": sorted(dropped), "top": top, "shadow": shadows,
+            "same_as": same_as}
 
 
 def main():
     bad = False
-    if args.bwd_xla != "none":
-        patch_backward(args.bwd_xla)
+    on_xla = [w for w in args.on_xla.split(",") if w]
+    if set(on_xla) - set(PRODUCTS):
+        sys.exit(f"--on_xla takes {','.join(PRODUCTS)}, got {args.on_xla!r}")
+    if on_xla or args.shadow:
+        patch_products(on_xla, args.shadow)
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {args.config}, "
           f"{args.train_steps} train steps, {args.repeats} repeats, extra {args.flags!r}, "
-          f"backward on xla: {args.bwd_xla}, "
+          f"on xla: {args.on_xla or 'none'}, shadow: {args.shadow}, "
           f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
     print("| ep | forward: distinct losses | forward spread (rel) | loss+grad: distinct "
           "| grad max diff between repeats (rel) | dropped |")
@@ -137,6 +186,11 @@ def main():
               f"{r['dropped']} |", flush=True)
         print("    leaves that vary most (max diff / leaf's max): "
               + ", ".join(f"{k} {v:.1e}" for k, v in r["top"]), flush=True)
+        print(f"    gradient calls, each as the first earlier call bitwise equal to it: "
+              f"{r['same_as']}", flush=True)
+        for i, line in enumerate(r["shadow"]):
+            print(f"    grad call {i}, kernels against lax.ragged_dot in the program: {line}",
+                  flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f)

@@ -161,3 +161,19 @@ def test_static_layer_ids_run_without_a_cond_and_equal_the_cond(hybrid_reference
     assert "cond" not in str(static) and "cond" in str(traced)
     for a, b in zip(out(None), jax.jit(out)(jnp.arange(4))):
         np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_cudnn_attention_stays_out_of_expert_parallel_programs(capsys):
+    """XLA crashed compiling cuDNN attention at ep = 2 on GPUs (docs/status.md): auto picks
+    xla there, an explicit cudnn is refused before anything is built, ep = 1 is untouched."""
+    from jmamba.cli import parse_config
+    from jmamba.parallel.setup import attention_for_layout
+    base = ["--config", "hybrid_demo", "--dtype", "bfloat16"]
+    at_ep2 = attention_for_layout(parse_config(base + ["--ep", "2"]))
+    assert at_ep2.model.attn_impl == "xla"
+    assert attention_for_layout(parse_config(base + ["--pp", "2"])).model.attn_impl == "auto"
+    with pytest.raises(SystemExit) as exit_:
+        parse_config(base + ["--ep", "2", "--attn_impl", "cudnn"])
+    assert exit_.value.code == 2
+    assert "'model.attn_impl'" in capsys.readouterr().err
+    assert parse_config(base + ["--attn_impl", "cudnn"]).model.attn_impl == "cudnn"

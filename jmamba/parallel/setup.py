@@ -78,12 +78,24 @@ def experts_fn_for(cfg):
                               dropless=p.ep_dropless)
 
 
+def attention_for_layout(cfg):
+    """cfg with `--attn_impl auto` made 'xla' where ep > 1: XLA (jax 0.11.2) crashed
+    compiling cuDNN attention inside the expert-parallel program (hybrid_demo at (1,2,1)
+    on 2 x H200, a segfault in backend compile, 3 of 3 tries), while (2,1,2) compiled and
+    matched one device. Explicit 'cudnn' is refused there by the config check."""
+    m = cfg.model
+    if cfg.parallel.ep > 1 and m.attn_impl == "auto" and m.attn_layer_idx:
+        return dataclasses.replace(cfg, model=dataclasses.replace(m, attn_impl="xla"))
+    return cfg
+
+
 def pipeline_loss(cfg, layout: StageLayout, mesh) -> Callable:
     """The pipelined loss of cfg's schedule: loss_fn(stage_params, batch) -> (loss, metrics).
 
     One stage and one microbatch have no schedule to choose: the loss is then plain autodiff
     under --remat (the GPipe loop of one iteration), not 1F1B's per-layer recompute, which
     repeats every layer's exchange whatever --remat keeps."""
+    cfg = attention_for_layout(cfg)
     make = make_1f1b_loss if uses_1f1b(cfg) else make_pipeline_loss
     return make(cfg, layout, mesh, experts_fn_for(cfg))
 
