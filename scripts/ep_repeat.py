@@ -4,6 +4,7 @@ times with the same parameters and compares the answers.
     python scripts/ep_repeat.py --config moe_1b --ep 2 --train_steps 6 --repeats 20
     python scripts/ep_repeat.py --config moe_1b --ep 2 --flags="--ep_matmul xla"
     python scripts/ep_repeat.py --config cpu_demo --ep 2 --cpu_devices 2   # CPU smoke run
+    python scripts/ep_repeat.py --config moe_1b --ep 2 --processes 2   # one GPU a process
 
 Why: on GPUs, two train.py runs of moe_1b at ep=2 with the same flags logged step-7 losses
 of 11.0956 and 11.0155 (one GPU: 11.0951), while their step-6 losses agreed to 1e-4. A
@@ -43,6 +44,10 @@ ARGS.add_argument("--shadow", action="store_true",
 ARGS.add_argument("--json", default="", help="also write the rows to this file")
 ARGS.add_argument("--grad_only", action="store_true",
                   help="skip the forward repeats (one compile less)")
+ARGS.add_argument("--processes", type=int, default=1,
+                  help="run as this many processes on one host, one GPU each (jax.distributed "
+                       "on localhost); each reports its own shards. --cpu_devices then counts "
+                       "each process's devices")
 ARGS.add_argument("--flags", default="",
                   help='extra train.py flags as one string: --flags="--ep_dispatch ragged"')
 args = ARGS.parse_args()
@@ -114,6 +119,16 @@ def grad_fn(cfg, run):
     return jax.jit(f)
 
 
+def local(tree):
+    """This process's shards of each leaf (the whole leaf in one process), as numpy."""
+    return jax.tree.map(lambda x: np.stack([np.asarray(s.data) for s in x.addressable_shards]),
+                        tree)
+
+
+def scalar(x) -> float:
+    return float(np.asarray(x.addressable_shards[0].data))
+
+
 def one_layout(ep: int) -> dict:
     argv = ["--config", args.config, "--ep", str(ep), *shlex.split(args.flags)]
     cfg = parse_config(argv)
@@ -125,19 +140,19 @@ def one_layout(ep: int) -> dict:
     for _ in range(args.train_steps):
         state, _ = run.step_fn(state, to_device(next_batch(data, t=t), run, rows, t.batch_size))
     batch = to_device(next_batch(data, t=t), run, rows, t.batch_size)
-    fwd = [float(run.eval_fn(state.params, batch)[0])
+    fwd = [scalar(run.eval_fn(state.params, batch)[0])
            for _ in range(0 if args.grad_only else args.repeats)] or [float("nan")]
     g = grad_fn(cfg, run)
     first_grads, worst, bwd, dropped, per_leaf = None, 0.0, [], set(), {}
     shadows, digests, same_as = [], [], []
     for _ in range(max(args.repeats // 4, 2)):
         value, grads, drop = g(state.params, batch)
-        grads = jax.tree.map(np.asarray, jax.device_get(grads))
+        grads = local(grads)
         if args.shadow:
             jax.effects_barrier()
             shadows.append(shadow_summary())
-        bwd.append(float(value))
-        dropped.add(int(drop))
+        bwd.append(scalar(value))
+        dropped.add(int(scalar(drop)))
         # Which earlier call gave bitwise the same gradients: [0, 1, 1, ...] means only
         # the first call differed (stale memory read once), [0, 0, 2, 0, ...] a race.
         digest = hashlib.sha1(b"".join(np.ascontiguousarray(x).tobytes()
@@ -161,7 +176,42 @@ def one_layout(ep: int) -> dict:
             "same_as": same_as}
 
 
+def spawn(n: int) -> int:
+    """Runs this script as n processes of one GPU each; prints each one's report."""
+    import socket
+    import subprocess
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    argv, skip = [], False
+    for a in sys.argv[1:]:  # all but --processes N / --processes=N
+        if not skip and not a.startswith("--processes"):
+            argv.append(a)
+        skip = a == "--processes"
+    procs = []
+    for i in range(n):
+        env = dict(os.environ, JMAMBA_COORDINATOR=f"localhost:{port}",
+                   JMAMBA_NUM_PROCESSES=str(n), JMAMBA_PROCESS_ID=str(i))
+        if not args.cpu_devices:
+            env["CUDA_VISIBLE_DEVICES"] = str(i)
+        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv],
+                                      env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    rc = 0
+    for i, proc in enumerate(procs):
+        out, _ = proc.communicate()
+        print(f"== process {i} (rc {proc.returncode})\n" + "\n".join(
+            line for line in out.splitlines() if "Warning" not in line)[-6000:], flush=True)
+        rc = max(rc, proc.returncode)
+    return rc
+
+
 def main():
+    if args.processes > 1:
+        sys.exit(spawn(args.processes))
+    from jmamba.config import DistConfig
+    from jmamba.distributed import initialize
+    initialize(DistConfig())  # JMAMBA_* from spawn(); nothing in one process
     bad = False
     on_xla = [w for w in args.on_xla.split(",") if w]
     if set(on_xla) - set(PRODUCTS):
@@ -192,7 +242,8 @@ def main():
             print(f"    grad call {i}, kernels against lax.ragged_dot in the program: {line}",
                   flush=True)
     if args.json:
-        with open(args.json, "w") as f:
+        pid = os.environ.get("JMAMBA_PROCESS_ID")
+        with open(args.json if pid is None else f"{args.json}.{pid}", "w") as f:
             json.dump(rows, f)
     sys.exit(1 if bad else 0)
 
