@@ -181,7 +181,16 @@ def add_xla_flag(flag: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_config(argv)
+    from jmamba import launch
+    n = cfg.dist.nproc_per_node
+    if n > 1 and not launch.is_child():  # the parent: start the processes, wait for them
+        p = cfg.parallel
+        try:
+            raise SystemExit(launch.run_children(argv, n, p.pp * p.ep // n))
+        except ValueError as e:  # too few GPUs named
+            fail(str(e), 2)
     if cfg.train.deterministic:  # before jax starts: XLA reads its flags once
         add_xla_flag("--xla_gpu_exclude_nondeterministic_ops=true")
     # --- issue 7: many hosts; each process simulates only its share of CPU devices ---

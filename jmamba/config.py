@@ -226,6 +226,9 @@ class DistConfig:
     coordinator: str = ""  # "host:port" of process 0
     num_processes: int = -1
     process_id: int = -1
+    # This many processes on this host, each with pp * ep / N of its devices, started by
+    # train.py itself (torchrun's flag; jmamba/launch.py). 1: one process drives them all.
+    nproc_per_node: int = 1
 # --- end issue 7 ---
 
 
@@ -373,6 +376,14 @@ def validate(cfg: Config) -> Config:
     validate_model(cfg.model)
     validate_train(cfg.train, cfg.model)
     validate_parallel(cfg.parallel, cfg.model, cfg.train)
+    d, p = cfg.dist, cfg.parallel
+    _check(d.nproc_per_node >= 1 and (p.pp * p.ep) % d.nproc_per_node == 0,
+           "dist.nproc_per_node", f"must divide pp * ep = {p.pp * p.ep} (each process "
+           "takes an equal share of the devices)", d.nproc_per_node)
+    _check(d.nproc_per_node == 1 or not (d.coordinator or d.num_processes >= 0
+                                         or d.process_id >= 0), "dist.nproc_per_node",
+           "starts its processes on this host by itself; drop --coordinator, "
+           "--num_processes and --process_id", d.nproc_per_node)
     return cfg
 
 

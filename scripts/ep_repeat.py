@@ -177,26 +177,18 @@ def one_layout(ep: int) -> dict:
 
 
 def spawn(n: int) -> int:
-    """Runs this script as n processes of one GPU each; prints each one's report."""
-    import socket
+    """Runs this script as n processes of one GPU each (jmamba/launch.py's environment);
+    prints each one's report."""
     import subprocess
-    with socket.socket() as sock:
-        sock.bind(("localhost", 0))
-        port = sock.getsockname()[1]
+    from jmamba.launch import child_envs
     argv, skip = [], False
     for a in sys.argv[1:]:  # all but --processes N / --processes=N
         if not skip and not a.startswith("--processes"):
             argv.append(a)
         skip = a == "--processes"
-    procs = []
-    for i in range(n):
-        env = dict(os.environ, JMAMBA_COORDINATOR=f"localhost:{port}",
-                   JMAMBA_NUM_PROCESSES=str(n), JMAMBA_PROCESS_ID=str(i))
-        if not args.cpu_devices:
-            env["CUDA_VISIBLE_DEVICES"] = str(i)
-        procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv],
-                                      env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for env in child_envs(n, 1)]
     rc = 0
     for i, proc in enumerate(procs):
         out, _ = proc.communicate()

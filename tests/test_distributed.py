@@ -41,8 +41,9 @@ def last_eval(log_dir):
 def test_two_processes_match_one(tmp_path):
     """~1.5 minutes on 2 cores: five train.py processes compile at once.
 
-    pp=2 x ep=4 puts a pipeline stage on each process (each reads the whole batch);
-    pp=1 x ep=8 splits the batch rows across the processes (each reads only its half).
+    pp=2 x ep=4 puts a pipeline stage on each process (each reads the whole batch), started
+    by hand with --coordinator/--process_id; pp=1 x ep=8 splits the batch rows across the
+    processes (each reads only its half), started by `--nproc_per_node 2`.
     With no token dropped (capacity factor 8) both layouts give the same losses, so the
     pp=1 pair also checks train.py's pp=2 run against pp=1 over several optimizer steps."""
     args = ["--steps", "3", "--log_every", "1", "--warmup_steps", "0", "--batch_size", "8",
@@ -57,12 +58,13 @@ def test_two_processes_match_one(tmp_path):
         [sys.executable, "train.py", *args, "--log_dir", str(tmp_path / log), *extra],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     procs = [run(pipeline, "single")]
-    for name, layout in (("pipe", pipeline), ("ep", experts)):
-        with socket.socket() as s:
-            s.bind(("localhost", 0))
-            port = s.getsockname()[1]
-        dist = ["--coordinator", f"localhost:{port}", "--num_processes", "2"]
-        procs += [run(layout + dist + ["--process_id", str(i)], f"{name}{i}") for i in (0, 1)]
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    dist = ["--coordinator", f"localhost:{port}", "--num_processes", "2"]
+    procs += [run(pipeline + dist + ["--process_id", str(i)], f"pipe{i}") for i in (0, 1)]
+    # The ep pair is started by train.py itself (jmamba/launch.py), as a user would.
+    procs.append(run(experts + ["--nproc_per_node", "2"], "ep0"))
     for p in procs:
         out, _ = p.communicate(timeout=400)
         assert p.returncode == 0, out[-2000:]
@@ -74,3 +76,35 @@ def test_two_processes_match_one(tmp_path):
     evals = [last_eval(tmp_path / name) for name in ("single", "pipe0", "ep0")]
     assert evals[1:] == pytest.approx([evals[0]] * 2, rel=1e-5)
     assert not os.path.exists(tmp_path / "pipe1" / "metrics.jsonl")  # only process 0 writes
+
+
+def test_launcher_shares_gpus_and_stops_everyone_when_one_fails():
+    """--nproc_per_node: each child gets its block of the GPUs; the first failure stops the
+    others at once and becomes the parent's exit status (no child left in a collective)."""
+    import time
+    from jmamba import launch
+    assert launch.gpu_shares(2, 2, ["3", "5", "6", "7"]) == ["3,5", "6,7"]
+    assert launch.gpu_shares(2, 1, None) == [None, None]  # a CPU host: nothing to set
+    with pytest.raises(ValueError, match="needs 4 GPUs; this host offers 2"):
+        launch.gpu_shares(2, 2, ["0", "1"])
+    envs = launch.child_envs(2, 1, env={"CUDA_VISIBLE_DEVICES": "2,3"})
+    assert [e["CUDA_VISIBLE_DEVICES"] for e in envs] == ["2", "3"]
+    assert [e["JMAMBA_PROCESS_ID"] for e in envs] == ["0", "1"]
+    assert envs[0]["JMAMBA_COORDINATOR"] == envs[1]["JMAMBA_COORDINATOR"]
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    failing = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    t0 = time.monotonic()
+    assert launch._wait([slow, failing], forwarded=[]) == 3
+    assert slow.poll() is not None and time.monotonic() - t0 < 30
+    killed = subprocess.Popen([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
+    assert launch._wait([killed], forwarded=[]) == 137
+
+
+def test_launcher_flag_checks(capsys):
+    from jmamba.cli import parse_config
+    with pytest.raises(SystemExit):
+        parse_config(["--ep", "2", "--nproc_per_node", "3"])
+    assert "'dist.nproc_per_node'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_config(["--ep", "2", "--nproc_per_node", "2", "--coordinator", "h:1"])
+    assert "drop --coordinator" in capsys.readouterr().err
