@@ -211,6 +211,11 @@ class ParallelConfig:
     # but its gradients repeat call to call at ep=2, where the kernel's did not on H100s:
     # docs/status.md, the ep=2 gradient bug).
     ep_matmul: str = "auto"
+    # Split each rank's tokens into this many chunks, each exchanged and computed on its
+    # own, so that one chunk's all-to-alls can overlap another's expert matmuls (XLA's
+    # latency-hiding scheduler decides). Dropless results do not depend on it; with drops
+    # each chunk has its own share of the buffer. Must divide train.seq_len.
+    ep_chunks: int = 1
 
     @property
     def virtual(self) -> int:
@@ -411,6 +416,8 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Para
     _check(not (m.attn_impl == "cudnn" and m.attn_layer_idx and p.ep > 1), "model.attn_impl",
            "'cudnn' crashes XLA's compiler at parallel.ep > 1 (jax 0.11.2); use 'auto' "
            "(xla attention there)", m.attn_impl)
+    _check(p.ep_chunks >= 1 and t.seq_len % p.ep_chunks == 0, "parallel.ep_chunks",
+           f"must be >= 1 and divide train.seq_len = {t.seq_len}", p.ep_chunks)
     if m.mlp == "moe":
         _check(m.n_experts % p.ep == 0, "model.n_experts",
                f"must be divisible by parallel.ep = {p.ep} (one copy of each expert)",

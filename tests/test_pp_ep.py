@@ -83,6 +83,16 @@ def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule):
     assert_grads_match(grads, grads_ref, atol=1e-5)
 
 
+def test_chunked_exchange_equals_single_device(reference):
+    """--ep_chunks 2 inside 1F1B's per-layer recompute at (2, 2, 2): the one-device loss
+    and gradients (tests/test_ep.py checks the experts alone, with later rounds)."""
+    params, loss_ref, _, grads_ref = reference
+    loss, metrics, grads = run(make_cfg(2, 2, 2, ep_chunks=2), params)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+    assert int(metrics["dropped_tokens"]) == 0
+    assert_grads_match(grads, grads_ref, atol=1e-5)
+
+
 def test_overflow_is_counted_not_hidden(reference):
     params = reference[0]
     _, metrics, _ = run(make_cfg(2, 2, ep_capacity_factor=0.25, ep_dropless=False), params)
@@ -99,6 +109,9 @@ def test_bad_ep_layouts_rejected():
                         parallel=ParallelConfig(ep=4)))
     with pytest.raises(ValueError, match="parallel.ep_dispatch"):
         validate(Config(model=MODEL, parallel=ParallelConfig(ep_dispatch="fast")))
+    with pytest.raises(ValueError, match="parallel.ep_chunks.*divide train.seq_len = 24"):
+        validate(Config(model=MODEL, train=TrainConfig(seq_len=24, n_pairs=4),
+                        parallel=ParallelConfig(ep=2, ep_chunks=5)))
 
 
 def test_each_process_reads_only_its_devices_rows():

@@ -261,7 +261,7 @@ DENSE_AUTODIFF = (_dense_there, _dense_back)  # the dense exchange's plain twin
 
 def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
                        capacity_factor: float | None = 1.25, impl: str = "auto",
-                       matmul=grouped_matmul, dropless: bool = False):
+                       matmul=grouped_matmul, dropless: bool = False, chunks: int = 1):
     """An experts_fn for jax.shard_map over `axis_name` (size `ep`); see the module doc.
 
     It returns (y_TxD fp32, this rank's dropped copies as an int32 scalar: its own token
@@ -271,6 +271,11 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
     C = capacity_factor * S rows per owner and at most C / ep rows from each source, until
     every copy has been served (one round on balanced traffic, at most ceil(ep S / C) on
     any). Each round moves and computes about C rows, not the ep * S of a dropless buffer.
+
+    chunks > 1: the T tokens go as that many consecutive chunks, each exchanged and computed
+    by itself (its own buffer of capacity_factor * its copies). Nothing orders one chunk's
+    all-to-alls after another's expert matmuls, so XLA may overlap them. Each output row
+    depends only on its own copies, so dropless results equal chunks = 1.
     """
     check_ep_layout(n_experts, ep)
     if capacity_factor is not None and not capacity_factor > 0:
@@ -281,6 +286,26 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
         impl = "dense"
     there, back = EXCHANGES[impl]
     X = n_experts // ep
+
+    def chunked_fn(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down, dtype):
+        T = x_TxD.shape[0]
+        if T % chunks:
+            raise ValueError(f"ep chunks: {chunks} does not divide the {T} tokens of a rank")
+        n = T // chunks
+        outs = []
+        for i in range(chunks):
+            x_NxD = x_TxD[i * n:(i + 1) * n]
+            if outs and jax.default_backend() == "cpu":
+                # XLA:CPU runs independent collectives at once and gives every all-to-all
+                # one channel id, so two chunks' exchanges collide in its rendezvous (a
+                # CHECK failure, or wrong gradients): chain each chunk after the last one,
+                # forward and (through the barrier's transpose) backward. Values unchanged.
+                x_NxD, _ = jax.lax.optimization_barrier((x_NxD, outs[-1][0]))
+            outs.append(experts_fn(x_NxD, weights_TxK[i * n:(i + 1) * n],
+                                   experts_TxK[i * n:(i + 1) * n], w_gate, w_up, w_down,
+                                   dtype))
+        return (jnp.concatenate([y for y, _ in outs]),
+                sum(dropped for _, dropped in outs))
 
     def experts_fn(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down, dtype):
         T, K = experts_TxK.shape
@@ -352,4 +377,4 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
         # 6. Unsort, weight and sum.
         return combine(y_sorted_SxD, order_S, weights_TxK), dropped
 
-    return experts_fn
+    return experts_fn if chunks == 1 else chunked_fn
