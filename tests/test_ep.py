@@ -54,6 +54,20 @@ def value_and_grads(experts_fn, x, w, e, ws, ct):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, w, ws)
 
 
+def assert_dropless_equals_one_device(x, w, e, ws, ct, ep, **kw):
+    """The dropless EP experts (capacity 1.0 per round, plus kw) against the one-device
+    MoE: no copy dropped, equal values and gradients."""
+    dropless = lambda x, w, e, *ws: moe_dropless(x, w, e, *ws, jnp.float32)
+    (_, (y_ref, _)), g_ref = value_and_grads(dropless, x, w, e, ws, ct)
+    (_, (y, dropped)), g = value_and_grads(
+        functools.partial(run_ep, ep, capacity_factor=1.0, dropless=True, **kw),
+        x, w, e, ws, ct)
+    np.testing.assert_array_equal(dropped, np.zeros(ep))
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("ep,skew", [(1, 0.0), (2, 3.0), (4, 0.0), (4, 3.0)])
 def test_ep_equals_single_device_values_and_gradients(ep, skew):
     x, w, e, ws, ct = problem(T=32, skew=skew)
@@ -79,17 +93,9 @@ def test_dropless_rounds_equal_single_device(ep, skew, impl, monkeypatch):
     if impl == "ragged":
         monkeypatch.setattr(ep_mod, "ragged_all_to_all", emulated_ragged_all_to_all)
     x, w, e, ws, ct = problem(T=64, skew=skew, seed=5)
-    dropless = lambda x, w, e, *ws: moe_dropless(x, w, e, *ws, jnp.float32)
-    (_, (y_ref, _)), g_ref = value_and_grads(dropless, x, w, e, ws, ct)
     one_round = run_ep(ep, x, w, e, *ws, capacity_factor=1.0, impl=impl)[1]
     assert int(np.sum(one_round)) > 0  # one round would drop copies
-    (_, (y, dropped)), g = value_and_grads(
-        functools.partial(run_ep, ep, capacity_factor=1.0, impl=impl, dropless=True),
-        x, w, e, ws, ct)
-    np.testing.assert_array_equal(dropped, np.zeros(ep))
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert_dropless_equals_one_device(x, w, e, ws, ct, ep, impl=impl)
 
 
 @pytest.mark.parametrize("ep,cf,dropless", [(2, 1.0, True), (4, 1.0, True), (2, 1.25, False)])
@@ -236,15 +242,7 @@ def test_chunked_exchange_equals_one_device(ep, chunks):
     dropless rounds per chunk (skewed routing makes later rounds run); values and gradients
     equal the one-device MoE. With drops allowed, each chunk counts its own."""
     x, w, e, ws, ct = problem(T=64, skew=4.0, seed=5)
-    dropless = lambda x, w, e, *ws: moe_dropless(x, w, e, *ws, jnp.float32)
-    (_, (y_ref, _)), g_ref = value_and_grads(dropless, x, w, e, ws, ct)
-    (_, (y, dropped)), g = value_and_grads(
-        functools.partial(run_ep, ep, capacity_factor=1.0, dropless=True, chunks=chunks),
-        x, w, e, ws, ct)
-    np.testing.assert_array_equal(dropped, np.zeros(ep))
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert_dropless_equals_one_device(x, w, e, ws, ct, ep, chunks=chunks)
     y_drop, dropped = run_ep(ep, x, w, e, *ws, capacity_factor=1.0, chunks=chunks)
     assert int(np.sum(dropped)) > 0  # one round per chunk cannot hold the skew
     kept = np.asarray(jnp.sum(y_drop != 0.0))
