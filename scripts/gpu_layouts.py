@@ -17,6 +17,8 @@ Exits 1 if any run failed, dropped a copy, or logged losses further than LOSS_TO
 GPU's, or if the round trip did not match.
 
     python scripts/gpu_layouts.py --out $OUT                       # 2 or 4 GPUs
+    python scripts/gpu_layouts.py --out $OUT --presets moe_1b      # (~7 min) then the rest:
+    python scripts/gpu_layouts.py --out $OUT --presets cpu_demo,hybrid_demo --resume_check ""
     python scripts/gpu_layouts.py --out runs/layouts --presets cpu_demo --steps 4  # CPU smoke
 """
 
@@ -146,7 +148,7 @@ def table(rows):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--presets", default="cpu_demo,moe_1b")
+    ap.add_argument("--presets", default="cpu_demo,hybrid_demo,moe_1b")
     ap.add_argument("--chunked", default="cpu_demo:all,moe_1b:1x1",
                     help="where to run the chunked baseline: preset:all or preset:PxE,...")
     ap.add_argument("--steps", type=int, default=12)
