@@ -67,14 +67,29 @@ from jmamba import model  # noqa: E402
 
 
 PRODUCTS = {"fwd": "_forward", "dx": "_grad_x", "dw": "_grad_w"}
-SHADOW: list = []  # (product, max |kernel - xla|, max |xla|) per kernel call, from the device
+# Per kernel call, from the device: (product, call site, checksum of the inputs, checksum
+# of the kernel's output, max |kernel - lax.ragged_dot|, max |lax.ragged_dot|).
+SHADOW: list = []
+SHADOW_CALLS: list = []  # SHADOW's rows of each gradient call, kept for the comparison
+
+
+def checksum(x):
+    """An exact, order-free fingerprint of an array's bits: sum of (bits * (i mod 65521 +
+    1)) mod 2^32 over its elements, so equal fingerprints mean equal bits in practice."""
+    import jax.numpy as jnp
+    width = {2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32).reshape(-1)
+    weights = (jnp.arange(bits.shape[0], dtype=jnp.uint32) % 65521) + 1
+    return jnp.sum(bits * weights, dtype=jnp.uint32)
 
 
 def patch_products(on_xla: list[str], shadow: bool) -> None:
     """Send some products of the kernel path through lax.ragged_dot (blocks=None), and/or
-    shadow the others: the same product on lax.ragged_dot, compared inside the program."""
+    shadow the others: the same product on lax.ragged_dot on the same inputs, compared
+    inside the program, with fingerprints of the kernel's inputs and output."""
     import jax.numpy as jnp
     from jmamba.kernels import grouped_matmul as gm
+    sites = iter(range(10**6))  # one id per traced call site (rounds, branches, recompute)
     for which, name in PRODUCTS.items():
         original = getattr(gm, name)
         if which in on_xla:
@@ -85,23 +100,43 @@ def patch_products(on_xla: list[str], shadow: bool) -> None:
                 if blocks is not None:
                     ref = f(a, b, sizes, None).astype(jnp.float32)
                     diff = jnp.max(jnp.abs(out.astype(jnp.float32) - ref))
-                    jax.debug.callback(lambda d, m, w=which: SHADOW.append((w, float(d),
-                                                                            float(m))),
-                                       diff, jnp.max(jnp.abs(ref)))
+                    site = next(sites)
+                    fp_in = checksum(a) + 3 * checksum(b) + 7 * checksum(sizes)
+                    jax.debug.callback(
+                        lambda fi, fo, d, m, w=which, site=site: SHADOW.append(
+                            (w, site, int(fi), int(fo), float(d), float(m))),
+                        fp_in, checksum(out), diff, jnp.max(jnp.abs(ref)))
                 return out
             setattr(gm, name, checked)
 
 
 def shadow_summary() -> str:
-    """How many kernel calls differed from lax.ragged_dot since the last summary."""
+    """This gradient call's kernel calls: how many differed from lax.ragged_dot on their own
+    inputs; and, against the first gradient call, how many saw inputs the first call did
+    not see (the difference comes from upstream) and how many saw the same inputs but gave
+    another output (the kernel itself answers differently inside the program)."""
+    rows = list(SHADOW)
+    SHADOW.clear()
+    SHADOW_CALLS.append(rows)
     parts = []
     for which in PRODUCTS:
-        rows = [(d, m) for w, d, m in SHADOW if w == which]
-        if rows:
-            worst = max(d / max(m, 1e-30) for d, m in rows)
-            parts.append(f"{which} {sum(d > 0 for d, _ in rows)}/{len(rows)} calls differ "
-                         f"(max {worst:.1e})")
-    SHADOW.clear()
+        mine = [r for r in rows if r[0] == which]
+        if not mine:
+            continue
+        worst = max(d / max(m, 1e-30) for *_, d, m in mine)
+        text = (f"{which}: {sum(r[4] > 0 for r in mine)}/{len(mine)} differ from "
+                f"ragged_dot (max {worst:.1e})")
+        if len(SHADOW_CALLS) > 1:
+            first = {}
+            for r in SHADOW_CALLS[0]:
+                first.setdefault((r[0], r[1], r[2]), set()).add(r[3])
+            new_inputs = sum((r[0], r[1], r[2]) not in first for r in mine)
+            other_out = sum((r[0], r[1], r[2]) in first and r[3] not in first[(r[0], r[1],
+                                                                               r[2])]
+                            for r in mine)
+            text += (f", vs call 0: {new_inputs} with new inputs, {other_out} with the same "
+                     "inputs but another output")
+        parts.append(text)
     return "; ".join(parts) or "no kernel calls seen"
 
 
