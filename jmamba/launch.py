@@ -6,10 +6,12 @@ them) and CUDA_VISIBLE_DEVICES naming its share of the host's GPUs: pp * ep / N 
 order. The children find those variables set and train; the parent only waits. On a CPU
 host each child simulates its pp * ep / N devices (cli.main).
 
-Failure rules: the first child to exit with a nonzero status stops the rest (SIGTERM, then
+Failure rules: a child that exits with a nonzero status stops the rest (SIGTERM, then
 SIGKILL after GRACE_S) and its status becomes the parent's, so a crash never leaves the
-others waiting in a collective. SIGINT/SIGTERM to the parent go to every child (each saves
-and stops the way one process does, jmamba/guard.py), and the parent exits as they do.
+others waiting in a collective. SIGINT/SIGTERM/SIGHUP to the parent go to every child
+(each saves and stops the way one process does, jmamba/guard.py), and the parent exits as
+they do; children get SIGTERM if the parent dies (Linux). Known gaps (docs/launch.md): a
+signal sent to one child only, or during jax.distributed's start, is not agreed on by all.
 
 Why by hand: jax has no launcher of its own (jax.distributed.initialize expects the
 processes to exist), and torchrun would bring torch into a JAX install.
@@ -46,8 +48,11 @@ def host_gpus(env=os.environ) -> list[str] | None:
     """The GPU ids this process may hand out: its CUDA_VISIBLE_DEVICES, else every GPU the
     NVIDIA driver lists; None on a host without one (the children then run on the CPU).
     Read without starting CUDA, which would take memory on every GPU in the parent."""
+    if env.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+        return None  # told to run on the CPU: the children simulate devices
     if "CUDA_VISIBLE_DEVICES" in env:
-        return [v.strip() for v in env["CUDA_VISIBLE_DEVICES"].split(",") if v.strip()]
+        ids = [v.strip() for v in env["CUDA_VISIBLE_DEVICES"].split(",") if v.strip()]
+        return None if ids in ([], ["-1"]) else ids  # the usual ways of hiding every GPU
     if os.path.isdir(NVIDIA_GPUS):
         return [str(i) for i in range(len(os.listdir(NVIDIA_GPUS)))]
     return None
@@ -83,7 +88,8 @@ def run_children(argv: list[str], n_procs: int, per_proc: int) -> int:
     # Own process groups: a terminal's Ctrl-C reaches the parent only, which forwards it
     # once (a second SIGINT would cut a child's final checkpoint short).
     procs = [subprocess.Popen([sys.executable, os.path.abspath(sys.argv[0]), *argv], env=e,
-                              process_group=0) for e in child_envs(n_procs, per_proc)]
+                              process_group=0, preexec_fn=_die_with_parent)
+             for e in child_envs(n_procs, per_proc)]
     forwarded = []
 
     def forward(sig, _frame):
@@ -91,13 +97,24 @@ def run_children(argv: list[str], n_procs: int, per_proc: int) -> int:
         for p in procs:
             if p.poll() is None:
                 p.send_signal(sig)
-    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, forward)
+           for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         status = _wait(procs, forwarded)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
     return status
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM when the parent dies, so a killed launcher
+    (kill -9, a closed ssh session) leaves no run training on without it."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's own signal handlers are all there is
 
 
 def _status(code: int) -> int:

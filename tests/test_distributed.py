@@ -85,6 +85,9 @@ def test_launcher_shares_gpus_and_stops_everyone_when_one_fails():
     from jmamba import launch
     assert launch.gpu_shares(2, 2, ["3", "5", "6", "7"]) == ["3,5", "6,7"]
     assert launch.gpu_shares(2, 1, None) == [None, None]  # a CPU host: nothing to set
+    for hidden in ({"CUDA_VISIBLE_DEVICES": ""}, {"CUDA_VISIBLE_DEVICES": "-1"},
+                   {"JAX_PLATFORMS": "cpu", "CUDA_VISIBLE_DEVICES": "0"}):
+        assert launch.host_gpus(hidden) is None
     with pytest.raises(ValueError, match="needs 4 GPUs; this host offers 2"):
         launch.gpu_shares(2, 2, ["0", "1"])
     envs = launch.child_envs(2, 1, env={"CUDA_VISIBLE_DEVICES": "2,3"})
