@@ -194,6 +194,9 @@ def one_layout(ep: int) -> dict:
                                        for x in jax.tree.leaves(grads))).hexdigest()
         same_as.append(digests.index(digest) if digest in digests else len(digests))
         digests.append(digest)
+        # One line a call as it happens, so a run cut off by a time limit still tells.
+        print(f"process {jax.process_index()} grad call {len(bwd) - 1}: loss {bwd[-1]!r}, same as call {same_as[-1]}"
+              + (f"; {shadows[-1]}" if args.shadow else ""), flush=True)
         if first_grads is None:
             first_grads = grads
             scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(grads))
@@ -221,14 +224,14 @@ def spawn(n: int) -> int:
         if not skip and not a.startswith("--processes"):
             argv.append(a)
         skip = a == "--processes"
-    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The children write to this process's stdout as they go (their lines name their
+    # process), so a run cut off by a time limit still shows how far each got.
+    procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=env)
              for env in child_envs(n, 1)]
     rc = 0
     for i, proc in enumerate(procs):
-        out, _ = proc.communicate()
-        print(f"== process {i} (rc {proc.returncode})\n" + "\n".join(
-            line for line in out.splitlines() if "Warning" not in line)[-6000:], flush=True)
+        proc.wait()
+        print(f"== process {i}: rc {proc.returncode}", flush=True)
         rc = max(rc, proc.returncode)
     return rc
 
