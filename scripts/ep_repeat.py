@@ -48,6 +48,10 @@ ARGS.add_argument("--processes", type=int, default=1,
                   help="run as this many processes on one host, one GPU each (jax.distributed "
                        "on localhost); each reports its own shards. --cpu_devices then counts "
                        "each process's devices")
+ARGS.add_argument("--round2", choices=("switch", "largest"), default="switch",
+                  help="diagnosis: 'largest' runs the dropless exchange's second round at its "
+                       "largest pair cap with no lax.switch around it (same values: any cap "
+                       "that holds the leftover moves the same rows; nothing left gives zeros)")
 ARGS.add_argument("--flags", default="",
                   help='extra train.py flags as one string: --flags="--ep_dispatch ragged"')
 args = ARGS.parse_args()
@@ -71,6 +75,9 @@ PRODUCTS = {"fwd": "_forward", "dx": "_grad_x", "dw": "_grad_w"}
 # of the kernel's output, max |kernel - lax.ragged_dot|, max |lax.ragged_dot|).
 SHADOW: list = []
 SHADOW_CALLS: list = []  # SHADOW's rows of each gradient call, kept for the comparison
+
+
+REPLACED: list[int] = []  # --round2 largest: the switches traced without a switch
 
 
 def checksum(x):
@@ -248,9 +255,14 @@ def main():
         sys.exit(f"--on_xla takes {','.join(PRODUCTS)}, got {args.on_xla!r}")
     if on_xla or args.shadow:
         patch_products(on_xla, args.shadow)
+    if args.round2 == "largest":  # jmamba/parallel/ep.py is the only lax.switch user
+        def largest(index, branches, *operands):
+            REPLACED.append(len(branches))
+            return branches[-1](*operands)
+        jax.lax.switch = largest
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {args.config}, "
           f"{args.train_steps} train steps, {args.repeats} repeats, extra {args.flags!r}, "
-          f"on xla: {args.on_xla or 'none'}, shadow: {args.shadow}, "
+          f"on xla: {args.on_xla or 'none'}, shadow: {args.shadow}, round 2: {args.round2}, "
           f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
     print("| ep | forward: distinct losses | forward spread (rel) | loss+grad: distinct "
           "| grad max diff between repeats (rel) | dropped |")
@@ -268,6 +280,9 @@ def main():
               + ", ".join(f"{k} {v:.1e}" for k, v in r["top"]), flush=True)
         print(f"    gradient calls, each as the first earlier call bitwise equal to it: "
               f"{r['same_as']}", flush=True)
+        if args.round2 == "largest":
+            print(f"    round-2 switches traced as their largest branch: {len(REPLACED)}",
+                  flush=True)
         for i, line in enumerate(r["shadow"]):
             print(f"    grad call {i}, kernels against lax.ragged_dot in the program: {line}",
                   flush=True)
