@@ -5,6 +5,8 @@ lax.ragged_dot, and against itself on a second call.
     python scripts/check_gmm_edges.py --small  # CPU smoke run (xla path only; no kernel)
     python scripts/check_gmm_edges.py --small --interpret  # the kernels on the CPU, in
         # Mosaic GPU's interpret mode with its race detector (small shapes, ~1-2 minutes)
+    python scripts/check_gmm_edges.py --mlp --repeats 30   # the whole expert MLP (one GPU,
+        # then 2 GPUs in shard_map beside an all_to_all); --small for a CPU smoke run
 
 Why: at ep=2 on H100s the train step's gradients differed between two calls on the same
 inputs (scripts/ep_repeat.py: expert weights up to 1.6e-2 of their largest entry) with the
@@ -15,6 +17,13 @@ ways: rows past sum(group_sizes) (the buffer is larger than what arrives) and em
 For each case: forward y, dX and dW of grouped_matmul(impl='auto') against impl='xla'
 (max abs diff / max abs of the reference) and the kernel against its own second call
 (bitwise). Exits 1 if any differs by more than --tol or is not repeatable.
+
+--mlp: the expert MLP (three grouped matmuls, SwiGLU, and their backward) on one buffer
+shaped like moe_1b's ep=2 receive buffer (--rows, --kept of them in 8 groups, one empty),
+called --repeats times: per output (y, dx, dw_gate, dw_up, dw_down), how many calls differ
+from the first and by how much, then the kernel against lax.ragged_dot; then the same on 2
+devices in shard_map, each with its own inputs and an all_to_all of other data in the same
+program (as the step overlaps them). Exits 1 if any call differs from the first.
 """
 
 from __future__ import annotations
@@ -29,15 +38,23 @@ ARGS.add_argument("--tol", type=float, default=2e-2)
 ARGS.add_argument("--repeats", type=int, default=4)
 ARGS.add_argument("--interpret", action="store_true",
                   help="run the Hopper kernels in Mosaic GPU's interpreter (CPU), detecting races")
+ARGS.add_argument("--mlp", action="store_true", help="the expert MLP check (see above)")
+ARGS.add_argument("--rows", type=int, default=40960,
+                  help="--mlp: buffer rows (moe_1b ep=2: 1.25 S)")
+ARGS.add_argument("--kept", type=float, default=0.8, help="--mlp: share of rows in a group")
 args = ARGS.parse_args()
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import functools  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from jax.sharding import Mesh, PartitionSpec as P  # noqa: E402
 
-from jmamba.kernels.grouped_matmul import grouped_matmul  # noqa: E402
+from jmamba.kernels.grouped_matmul import grouped_matmul, kernel_usable  # noqa: E402
 from jmamba.kernels.mosaic_interpret import interpreted_kernels  # noqa: E402
+from jmamba.moe import swiglu_ragged  # noqa: E402
 
 D, F = (256, 256) if args.small else (1024, 1024)
 ROWS = 448 if args.small else 20480  # moe_1b ep=2 first-round buffer: 1.25 x 16384
@@ -67,7 +84,88 @@ def rel(a, b):
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
+def mlp_inputs(seed: int, rows: int, experts: int = 8):
+    """A receive buffer: `kept` rows in `experts` random groups (one empty), zero rows after."""
+    rng = np.random.default_rng(seed)
+    kept = int(rows * args.kept)
+    cuts = np.sort(rng.integers(0, kept, experts - 1))
+    sizes = np.diff(np.concatenate([[0], cuts, [kept]])).astype(np.int32)
+    sizes[experts // 2] += sizes[experts // 2 - 1]  # one empty expert
+    sizes[experts // 2 - 1] = 0
+    x = rng.standard_normal((rows, D), np.float32)
+    x[kept:] = 0.0  # the receive buffer's unused rows are zero
+    w = [rng.standard_normal((experts, a, b), np.float32) / np.sqrt(a)
+         for a, b in ((D, F), (D, F), (F, D))]
+    dy = rng.standard_normal((rows, D), np.float32)
+    bf = lambda a: jnp.asarray(a, jnp.bfloat16)  # noqa: E731
+    return bf(x), sizes, [bf(v) for v in w], bf(dy)
+
+
+def mlp_and_grads(impl, x, sizes, wg, wu, wd, dy):
+    mm = functools.partial(grouped_matmul, impl=impl)
+    f = lambda x, wg, wu, wd: swiglu_ragged(x, sizes, wg, wu, wd, jnp.bfloat16, mm)  # noqa: E731
+    y, vjp = jax.vjp(f, x, wg, wu, wd)
+    return (y, *vjp(dy.astype(y.dtype)))
+
+
+def compare_calls(name, outs) -> tuple[list, bool]:
+    """Prints, per output, the calls that differ from the first; returns (first, repeatable)."""
+    first = [np.asarray(a, np.float32) for a in outs[0]]
+    parts, same = [], True
+    for k, label in enumerate(("y", "dx", "dw_gate", "dw_up", "dw_down")):
+        diffs = [float(np.max(np.abs(np.asarray(o[k], np.float32) - first[k]))) for o in outs[1:]]
+        scale = max(float(np.max(np.abs(first[k]))), 1e-30)
+        same &= not any(d > 0 for d in diffs)
+        parts.append(f"{label}: {sum(d > 0 for d in diffs)}/{len(diffs)} calls differ, "
+                     f"max {max(diffs, default=0.0) / scale:.1e}")
+    print(f"| {name} | " + " | ".join(parts) + " |", flush=True)
+    return first, same
+
+
+def check_mlp() -> int:
+    rows = 512 if args.small else args.rows
+    x, sizes, (wg, wu, wd), dy = mlp_inputs(0, rows)
+    impls = ["kernel", "xla"] if kernel_usable(x, wg) else ["xla"]
+    print(f"{jax.device_count()} x {jax.devices()[0].device_kind}; expert MLP, rows {rows}, "
+          f"kept {int(sum(sizes))}, group sizes {sizes.tolist()}, D {D}, F {F}, "
+          f"{args.repeats} calls; impls {impls}")
+    ref, ok = None, True
+    for impl in reversed(impls):  # xla first: the reference
+        fn = jax.jit(functools.partial(mlp_and_grads, impl, sizes=jnp.asarray(sizes)))
+        outs = [jax.device_get(fn(x, wg=wg, wu=wu, wd=wd, dy=dy)) for _ in range(args.repeats)]
+        first, same = compare_calls(f"one device, {impl}", outs)
+        ok &= same
+        if ref is None:
+            ref = first
+        else:
+            print("    vs xla: " + ", ".join(f"{rel(a, b):.1e}" for a, b in zip(first, ref)),
+                  flush=True)
+    if jax.device_count() < 2:
+        return 0 if ok else 1
+    n = 2
+    mesh = Mesh(np.array(jax.devices()[:n]), ("ep",))
+    per = [mlp_inputs(s, rows) for s in range(n)]
+    xs, dys = jnp.stack([p[0] for p in per]), jnp.stack([p[3] for p in per])
+    sizes_s = jnp.stack([jnp.asarray(p[1]) for p in per])
+    ws = [jnp.stack([p[2][j] for p in per]) for j in range(3)]
+    other = jnp.ones((n * n, 64 if args.small else 4096, D), jnp.bfloat16)
+    for impl in impls:
+        def body(x, s, wg, wu, wd, dy, o, impl=impl):
+            outs = mlp_and_grads(impl, x[0], s[0], wg[0], wu[0], wd[0], dy[0])
+            moved = jax.lax.all_to_all(o, "ep", 0, 0, tiled=True)  # overlaps, like the step
+            return tuple(a[None] for a in outs) + (moved,)
+        sm = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 7,
+                                   out_specs=(P("ep"),) * 6))
+        outs = [jax.device_get(sm(xs, sizes_s, *ws, dys, other)[:5])
+                for _ in range(args.repeats)]
+        ok &= compare_calls(f"2 devices in shard_map + all_to_all, {impl}", outs)[1]
+    print("all calls repeat" if ok else "FAILED: a call differs from the first")
+    return 0 if ok else 1
+
+
 def main():
+    if args.mlp:
+        return check_mlp()
     if args.interpret:
         with interpreted_kernels() as races:
             return check(races)
