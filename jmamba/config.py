@@ -418,6 +418,10 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Para
            "(xla attention there)", m.attn_impl)
     _check(p.ep_chunks >= 1 and t.seq_len % p.ep_chunks == 0, "parallel.ep_chunks",
            f"must be >= 1 and divide train.seq_len = {t.seq_len}", p.ep_chunks)
+    _check(p.ep_chunks == 1 or (p.ep > 1 and m.mlp == "moe"), "parallel.ep_chunks",
+           "splits the expert-parallel exchange, so it needs parallel.ep > 1 and "
+           f"model.mlp = 'moe' (here ep = {p.ep}, mlp = {m.mlp!r}); leave it at 1",
+           p.ep_chunks)
     if m.mlp == "moe":
         _check(m.n_experts % p.ep == 0, "model.n_experts",
                f"must be divisible by parallel.ep = {p.ep} (one copy of each expert)",

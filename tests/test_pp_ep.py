@@ -112,6 +112,8 @@ def test_bad_ep_layouts_rejected():
     with pytest.raises(ValueError, match="parallel.ep_chunks.*divide train.seq_len = 24"):
         validate(Config(model=MODEL, train=TrainConfig(seq_len=24, n_pairs=4),
                         parallel=ParallelConfig(ep=2, ep_chunks=5)))
+    with pytest.raises(ValueError, match="parallel.ep_chunks.*needs parallel.ep > 1"):
+        validate(Config(model=MODEL, parallel=ParallelConfig(ep=1, ep_chunks=2)))
 
 
 def test_each_process_reads_only_its_devices_rows():
