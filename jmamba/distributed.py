@@ -35,3 +35,46 @@ def initialize(dist: DistConfig) -> None:
     if kwargs is not None:
         import jax
         jax.distributed.initialize(**kwargs)
+
+
+class AgreedStop:
+    """A stop that every process takes after the same step (docs/launch.md).
+
+    With one process a received signal stops the run after the step it arrives in. With
+    many, a process acting alone would save and leave while the others wait in the next
+    step's collectives (or in the save, which needs them all). So each process adds its
+    signal (0: none) to a max over processes, issued after a step is dispatched and read
+    one step later, when that step's metrics are read anyway (no extra wait); every process
+    reads the same value after the same step and stops there.
+
+    Why by hand: jax's preemption sync point (multihost_utils.reached_preemption_sync_point)
+    covers SIGTERM only, through a handler that Python's signal handlers replace.
+    """
+
+    def __init__(self, signals):
+        import jax
+        self.signals = signals
+        self.many = jax.process_count() > 1
+        self.pending = None
+        if self.many:
+            import jax.numpy as jnp
+            import numpy as np
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+            mesh = Mesh(np.asarray(jax.devices()), ("all",))
+            self._each = NamedSharding(mesh, P("all"))
+            self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
+            self._n_local = len(mesh.local_devices)
+
+    def after_dispatch(self) -> int | None:
+        """Called once per step, after it is dispatched: the signal to stop on after this
+        step (the same on every process), or None to go on."""
+        if not self.many:
+            return self.signals.received
+        import jax
+        import numpy as np
+        agreed = None
+        if self.pending is not None:  # the previous step's max over processes
+            agreed = int(np.asarray(self.pending.addressable_shards[0].data)) or None
+        mine = np.full((self._n_local,), self.signals.received or 0, np.int32)
+        self.pending = self._max(jax.make_array_from_process_local_data(self._each, mine))
+        return agreed

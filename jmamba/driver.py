@@ -14,6 +14,7 @@ from jmamba import evaluate, flops
 from jmamba.checkpoint import Checkpoints, orbax_messages_to
 from jmamba.config import Config
 from jmamba.data import RecallData
+from jmamba.distributed import AgreedStop
 from jmamba.guard import (EXIT_BAD_INPUT, Hooks, NonFiniteLoss, RunError, SkipLimit,
                           StopSignals, check_finite)
 from jmamba.metrics import (FIT_SHARE, Profiler, RunLog, compiled_memory, device_memory,
@@ -206,6 +207,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
             hooks.after_log(record)
 
     with StopSignals() as signals:
+        stop = AgreedStop(signals)
         try:
             for step in range(start + 1, t.steps + 1):
                 batch = (first if step == start + 1 else
@@ -222,6 +224,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
                 # time whether dispatch returns at once or only when the device is done
                 # (timing at flush would give the last step ~0 s in the second case).
                 pending = (step, metrics, dispatched_at)
+                stop_on = stop.after_dispatch()  # every process: the same, after this step
                 if evaluator is not None and evaluate.is_due(cfg, step):
                     flush(pending, evaluator(state.params))  # logged with this step
                     pending = None
@@ -230,16 +233,17 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
                 log.step_done(step)
                 if ckpt is not None:
                     ckpt.check()  # a failed asynchronous save stops the run now
-                if hooks.wants_save(step) or signals.received is not None:
+                if hooks.wants_save(step) or stop_on is not None:
                     if pending is not None:  # (an evaluation may have flushed it)
                         flush(pending)
                     pending = None
                     if hooks.save is not None:
                         hooks.save(step, state)
                     rate.restart(step)  # the save's wait is not a step's time
-                if signals.received is not None:
+                if stop_on is not None:
+                    signals.received = stop_on  # the agreed signal decides the exit code
                     log.note(f"jmamba: stopped cleanly after step {step} on signal "
-                             f"{signals.received}; exit code {signals.exit_code}")
+                             f"{stop_on}; exit code {signals.exit_code}")
                     break
             if pending is not None:
                 flush(pending)

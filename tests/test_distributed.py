@@ -111,3 +111,45 @@ def test_launcher_flag_checks(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--ep", "2", "--nproc_per_node", "2", "--coordinator", "h:1"])
     assert "drop --coordinator" in capsys.readouterr().err
+
+
+def test_a_signal_to_one_process_stops_every_process_after_one_step(tmp_path):
+    """SIGTERM to process 1 only (a scheduler or a user may signal one task): both
+    processes stop after the same step and save it together (jmamba.distributed.AgreedStop);
+    acting alone, process 1 would leave process 0 waiting in a collective."""
+    import re
+    import signal
+    import time
+    args = ["--steps", "100000", "--log_every", "1", "--warmup_steps", "0", "--batch_size",
+            "8", "--d_model", "16", "--n_layer", "2", "--headdim", "8", "--d_state", "8",
+            "--d_expert", "16", "--n_experts", "8", "--ep", "8", "--eval_every", "0",
+            "--ckpt_dir", str(tmp_path / "ckpt"), "--ckpt_every", "100000"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO,
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(
+        [sys.executable, "train.py", *args, "--log_dir", str(tmp_path / f"log{i}"),
+         "--coordinator", f"localhost:{port}", "--num_processes", "2", "--process_id", str(i)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in (0, 1)]
+    metrics = tmp_path / "log0" / "metrics.jsonl"
+    deadline = time.monotonic() + 400
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+            procs[0].communicate()[0][-2000:] if procs[0].poll() is not None else "timeout"
+        time.sleep(0.5)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError("a process did not stop: the stop was not agreed")
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-1500:] + outs[1][-1500:]
+    step = int(re.search(r"stopped cleanly after step (\d+)", outs[0]).group(1))
+    assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step
+    assert str(step) in os.listdir(tmp_path / "ckpt")  # saved by both, at that step
