@@ -23,7 +23,9 @@ shaped like moe_1b's ep=2 receive buffer (--rows, --kept of them in 8 groups, on
 called --repeats times: per output (y, dx, dw_gate, dw_up, dw_down), how many calls differ
 from the first and by how much, then the kernel against lax.ragged_dot; then the same on 2
 devices in shard_map, each with its own inputs and an all_to_all of other data in the same
-program (as the step overlaps them). Exits 1 if any call differs from the first.
+program (as the step overlaps them); then rows sent by all_to_all through the MLP and back,
+with and without a lax.switch around it (the exchange's second round runs in one). Exits 1
+if any call differs from the first.
 """
 
 from __future__ import annotations
@@ -159,6 +161,33 @@ def check_mlp() -> int:
         outs = [jax.device_get(sm(xs, sizes_s, *ws, dys, other)[:5])
                 for _ in range(args.repeats)]
         ok &= compare_calls(f"2 devices in shard_map + all_to_all, {impl}", outs)[1]
+    # As the dropless exchange's second round runs: rows go out by all_to_all, through the
+    # expert MLP, and back, inside a lax.switch on an index the devices agree on at run time
+    # (pmax); and the same without the switch.
+    for impl in impls:
+        for in_switch in (False, True):
+            def body(x, s, wg, wu, wd, dy, impl=impl, in_switch=in_switch):
+                mm = functools.partial(grouped_matmul, impl=impl)
+
+                def round_(x, wg, wu, wd):
+                    buf = jax.lax.all_to_all(x, "ep", 0, 0, tiled=True)
+                    y = swiglu_ragged(buf, s[0], wg, wu, wd, jnp.bfloat16, mm)
+                    return jax.lax.all_to_all(y, "ep", 0, 0, tiled=True)
+
+                def f(x, wg, wu, wd):
+                    if not in_switch:
+                        return round_(x, wg, wu, wd)
+                    pick = jax.lax.pmax((jnp.sum(s[0]) > 0).astype(jnp.int32), "ep")
+                    return jax.lax.switch(pick, [lambda *a: jnp.zeros_like(a[0]), round_],
+                                          x, wg, wu, wd)
+                y, vjp = jax.vjp(f, x[0], wg[0], wu[0], wd[0])
+                return tuple(a[None] for a in (y, *vjp(dy[0].astype(y.dtype))))
+            sm = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("ep"),) * 6,
+                                       out_specs=(P("ep"),) * 5))
+            outs = [jax.device_get(sm(xs, sizes_s, *ws, dys)) for _ in range(args.repeats)]
+            where = "inside lax.switch" if in_switch else "no switch"
+            ok &= compare_calls(f"2 devices, all_to_all -> MLP -> all_to_all, {where}, "
+                                f"{impl}", outs)[1]
     print("all calls repeat" if ok else "FAILED: a call differs from the first")
     return 0 if ok else 1
 
