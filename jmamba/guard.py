@@ -86,8 +86,21 @@ class SkipLimit:
                                 f"(--max_skipped_steps {self.limit}): the run has diverged")
 
 
+_HELD: list[int] = []  # SIGTERMs received before the training loop (hold_early_sigterm)
+
+
+def hold_early_sigterm() -> None:
+    """Until the training loop starts (compiling can take minutes), hold a SIGTERM for it:
+    the loop then stops after its first step, on every process (distributed.AgreedStop).
+    Used with many processes, where jax.distributed's preemption handler would otherwise
+    take the signal and the run would go on; one process keeps Python's default (exit)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda sig, frame: _HELD.append(sig))
+
+
 class StopSignals:
-    """While active, SIGINT and SIGTERM only set `received`; the loop stops after its step."""
+    """While active, SIGINT and SIGTERM only set `received`; the loop stops after its step.
+    A SIGTERM held since start-up (hold_early_sigterm) counts as received on entry."""
 
     EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}
 
@@ -99,6 +112,9 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():  # else Python refuses
             for sig in self.EXIT_CODES:
                 self.previous[sig] = signal.signal(sig, self._handle)
+        if _HELD:
+            self.received = signal.Signals(_HELD[-1])
+            _HELD.clear()
         return self
 
     def _handle(self, sig, frame):

@@ -142,6 +142,22 @@ def test_sigterm_finishes_the_step_saves_and_stops(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is given back
 
 
+def test_a_sigterm_before_the_loop_is_held_for_it():
+    """Many processes: a SIGTERM while compiling is kept and stops the loop after its
+    first step (jax.distributed's handler would otherwise take it and the run go on)."""
+    from jmamba import guard
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        guard.hold_early_sigterm()
+        os.kill(os.getpid(), signal.SIGTERM)  # the process goes on
+        with StopSignals() as s:
+            assert s.received == signal.SIGTERM and s.exit_code == 0
+        with StopSignals() as s:  # taken once
+            assert s.received is None
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_sigint_sets_exit_code_130_and_a_second_one_interrupts():
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs in the background
     with StopSignals() as s:
