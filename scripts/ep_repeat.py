@@ -201,9 +201,7 @@ def one_layout(ep: int) -> dict:
                                        for x in jax.tree.leaves(grads))).hexdigest()
         same_as.append(digests.index(digest) if digest in digests else len(digests))
         digests.append(digest)
-        # One line a call as it happens, so a run cut off by a time limit still tells.
-        print(f"process {jax.process_index()} grad call {len(bwd) - 1}: loss {bwd[-1]!r}, same as call {same_as[-1]}"
-              + (f"; {shadows[-1]}" if args.shadow else ""), flush=True)
+        this = 0.0  # this call's largest difference from the first
         if first_grads is None:
             first_grads = grads
             scale = max(float(np.max(np.abs(x))) for x in jax.tree.leaves(grads))
@@ -211,10 +209,16 @@ def one_layout(ep: int) -> dict:
             for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads),
                                     jax.tree.leaves(first_grads)):
                 d = float(np.max(np.abs(a - b)))
-                worst = max(worst, d)
+                this = max(this, d)
                 name = jax.tree_util.keystr(path)
                 rel = d / max(float(np.max(np.abs(b))), 1e-30)
                 per_leaf[name] = max(per_leaf.get(name, 0.0), rel)
+            worst = max(worst, this)
+        # One line a call as it happens, so a run cut off by a time limit still tells.
+        print(f"process {jax.process_index()} grad call {len(bwd) - 1}: loss {bwd[-1]!r}, "
+              f"same as call {same_as[-1]}, max diff from call 0 / largest entry "
+              f"{this / max(scale, 1e-30):.1e}"
+              + (f"; {shadows[-1]}" if args.shadow else ""), flush=True)
     top = sorted(per_leaf.items(), key=lambda kv: -kv[1])[:4]
     return {"ep": ep, "fwd": fwd, "bwd": bwd, "grad_rel": worst / max(scale, 1e-30),
             "dropped": sorted(dropped), "top": top, "shadow": shadows,
