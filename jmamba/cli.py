@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
     n_procs = (settings(cfg.dist) or {}).get("num_processes", 1)
     simulate_cpu_devices(cfg.parallel.pp * cfg.parallel.ep // n_procs)
     initialize(cfg.dist)
-    if n_procs > 1:  # after jax.distributed installs its own handler (see the docstring)
-        from jmamba.guard import hold_early_sigterm
+    if settings(cfg.dist) is not None:  # many processes (SLURM's included): after
+        from jmamba.guard import hold_early_sigterm  # jax.distributed's own handler
         hold_early_sigterm()
     # --- end issue 7 ---
     from jmamba.driver import train  # imports jax only after the flags are checked

@@ -65,16 +65,31 @@ class AgreedStop:
             self._max = jax.jit(jnp.max, out_shardings=NamedSharding(mesh, P()))
             self._n_local = len(mesh.local_devices)
 
+    def finish(self) -> None:
+        """After the last step (many processes): take the last agreed value as this
+        process's signal, so all leave with one exit code; a signal that came after it
+        is dropped (the run is complete, and saved if it saves at the end)."""
+        if self.many:
+            agreed = self._read()
+            self.signals.received = agreed
+            self.pending = None
+
+    def _read(self) -> int | None:
+        import numpy as np
+        if self.pending is None:
+            return None
+        return int(np.asarray(self.pending.addressable_shards[0].data)) or None
+
     def after_dispatch(self) -> int | None:
-        """Called once per step, after it is dispatched: the signal to stop on after this
-        step (the same on every process), or None to go on."""
+        """Called once per step, after it is dispatched and before its save: the signal to
+        stop on after this step (the same on every process), or None to go on. With many
+        processes a signal stops the run one or two steps after it arrives (the second
+        step for one held since start-up)."""
         if not self.many:
             return self.signals.received
         import jax
         import numpy as np
-        agreed = None
-        if self.pending is not None:  # the previous step's max over processes
-            agreed = int(np.asarray(self.pending.addressable_shards[0].data)) or None
+        agreed = self._read()  # the previous step's max over processes
         mine = np.full((self._n_local,), self.signals.received or 0, np.int32)
         self.pending = self._max(jax.make_array_from_process_local_data(self._each, mine))
         return agreed

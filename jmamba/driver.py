@@ -207,8 +207,8 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
             hooks.after_log(record)
 
     with StopSignals() as signals:
-        stop = AgreedStop(signals)
         try:
+            stop = AgreedStop(signals)
             for step in range(start + 1, t.steps + 1):
                 batch = (first if step == start + 1 else
                          to_device(next_batch(data, t=t), run, rows, t.batch_size))
@@ -224,7 +224,6 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
                 # time whether dispatch returns at once or only when the device is done
                 # (timing at flush would give the last step ~0 s in the second case).
                 pending = (step, metrics, dispatched_at)
-                stop_on = stop.after_dispatch()  # every process: the same, after this step
                 if evaluator is not None and evaluate.is_due(cfg, step):
                     flush(pending, evaluator(state.params))  # logged with this step
                     pending = None
@@ -233,6 +232,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
                 log.step_done(step)
                 if ckpt is not None:
                     ckpt.check()  # a failed asynchronous save stops the run now
+                stop_on = stop.after_dispatch()  # every process: the same, after this step
                 if hooks.wants_save(step) or stop_on is not None:
                     if pending is not None:  # (an evaluation may have flushed it)
                         flush(pending)
@@ -245,6 +245,8 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
                     log.note(f"jmamba: stopped cleanly after step {step} on signal "
                              f"{stop_on}; exit code {signals.exit_code}")
                     break
+            else:  # the last step: every process leaves with the same signal (or none)
+                stop.finish()
             if pending is not None:
                 flush(pending)
         except NonFiniteLoss as e:

@@ -87,20 +87,29 @@ class SkipLimit:
 
 
 _HELD: list[int] = []  # SIGTERMs received before the training loop (hold_early_sigterm)
+_BEFORE_HOLD: list = []  # the SIGTERM handler hold_early_sigterm replaced
+
+
+def _hold(sig, frame):
+    _HELD.append(sig)
 
 
 def hold_early_sigterm() -> None:
     """Until the training loop starts (compiling can take minutes), hold a SIGTERM for it:
-    the loop then stops after its first step, on every process (distributed.AgreedStop).
+    the loop then stops after its first steps, on every process (distributed.AgreedStop).
     Used with many processes, where jax.distributed's preemption handler would otherwise
-    take the signal and the run would go on; one process keeps Python's default (exit)."""
+    take the signal and the run would go on; one process keeps Python's default (exit).
+    The loop's StopSignals puts the handler it replaced back when it ends."""
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda sig, frame: _HELD.append(sig))
+        before = signal.signal(signal.SIGTERM, _hold)
+        if before is not _hold:
+            _BEFORE_HOLD[:] = [signal.SIG_DFL if before is None else before]
 
 
 class StopSignals:
     """While active, SIGINT and SIGTERM only set `received`; the loop stops after its step.
-    A SIGTERM held since start-up (hold_early_sigterm) counts as received on entry."""
+    A SIGTERM held since start-up (hold_early_sigterm) counts as received on entry, and
+    on exit the handler from before the hold comes back, not the hold."""
 
     EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 130}
 
@@ -112,9 +121,11 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():  # else Python refuses
             for sig in self.EXIT_CODES:
                 self.previous[sig] = signal.signal(sig, self._handle)
+            if self.previous.get(signal.SIGTERM) is _hold:
+                self.previous[signal.SIGTERM] = (_BEFORE_HOLD or [signal.SIG_DFL])[0]
         if _HELD:
             self.received = signal.Signals(_HELD[-1])
-            _HELD.clear()
+        _HELD.clear()
         return self
 
     def _handle(self, sig, frame):

@@ -12,7 +12,7 @@ others waiting in a collective. SIGINT/SIGTERM/SIGHUP to the parent go to every 
 (each saves and stops the way one process does, jmamba/guard.py), and the parent exits as
 they do; children get SIGTERM if the parent dies (Linux). A signal that reaches one child
 only stops all of them after the same step (jmamba.distributed.AgreedStop), also one that
-arrives while the step compiles (guard.hold_early_sigterm); docs/launch.md.
+arrives while the step compiles (guard.hold_early_sigterm, after the second step); docs/launch.md.
 
 Why by hand: jax has no launcher of its own (jax.distributed.initialize expects the
 processes to exist), and torchrun would bring torch into a JAX install.

@@ -135,20 +135,24 @@ def test_a_signal_to_one_process_stops_every_process_after_one_step(tmp_path):
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in (0, 1)]
     metrics = tmp_path / "log0" / "metrics.jsonl"
-    deadline = time.monotonic() + 400
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
-            procs[0].communicate()[0][-2000:] if procs[0].poll() is not None else "timeout"
-        time.sleep(0.5)
-    procs[1].send_signal(signal.SIGTERM)
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise AssertionError("a process did not stop: the stop was not agreed")
+    try:
+        deadline = time.monotonic() + 400
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+            assert time.monotonic() < deadline, "no third step within 400 s"
+            assert all(p.poll() is None for p in procs), "a process ended before the signal"
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = []
+        for p in procs:
+            try:
+                outs.append(p.communicate(timeout=120)[0])
+            except subprocess.TimeoutExpired:
+                raise AssertionError("a process did not stop: the stop was not agreed")
+    finally:
+        for p in procs:  # never leave one waiting in a collective
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert [p.returncode for p in procs] == [0, 0], outs[0][-1500:] + outs[1][-1500:]
     step = int(re.search(r"stopped cleanly after step (\d+)", outs[0]).group(1))
     assert json.loads(metrics.read_text().splitlines()[-1])["step"] == step

@@ -82,6 +82,30 @@ def test_ep_equals_single_device_values_and_gradients(ep, skew):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_second_round_at_its_largest_cap_gives_the_same_bits(monkeypatch):
+    """Round 2 runs the smallest pair cap that holds the leftover (a lax.switch); any larger
+    cap moves the same rows, so running the largest, with or without the switch, gives
+    bitwise the same values and gradients (scripts/ep_repeat.py --round2 relies on it).
+    Skew 0.5 at ep=2: the leftover fits the small cap, so the switch picks another one."""
+    x, w, e, ws, ct = problem(T=64, skew=0.5, seed=5)
+    fn = functools.partial(run_ep, 2, capacity_factor=1.0, dropless=True)
+    picked = []
+    switch = jax.lax.switch
+
+    def spy(index, branches, *operands):
+        picked.append(index)
+        return switch(index, branches, *operands)
+    monkeypatch.setattr(jax.lax, "switch", spy)
+    ref = value_and_grads(fn, x, w, e, ws, ct)
+    assert picked  # the second round is traced
+    for largest in (lambda i, b, *o: b[-1](*o),  # no switch
+                    lambda i, b, *o: switch(jnp.maximum(i, len(b) - 1), b, *o)):
+        monkeypatch.setattr(jax.lax, "switch", largest)
+        got = value_and_grads(fn, x, w, e, ws, ct)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("ep,skew,impl", [(2, 4.0, "dense"), (4, 4.0, "dense"),
                                           (4, 4.0, "ragged"), (2, 0.5, "dense")])
 def test_dropless_rounds_equal_single_device(ep, skew, impl, monkeypatch):

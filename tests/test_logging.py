@@ -152,6 +152,8 @@ def test_a_sigterm_before_the_loop_is_held_for_it():
         os.kill(os.getpid(), signal.SIGTERM)  # the process goes on
         with StopSignals() as s:
             assert s.received == signal.SIGTERM and s.exit_code == 0
+        # the loop gives back the handler from before the hold, not the hold
+        assert signal.getsignal(signal.SIGTERM) is before
         with StopSignals() as s:  # taken once
             assert s.received is None
     finally:
