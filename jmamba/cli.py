@@ -195,11 +195,12 @@ def main(argv: list[str] | None = None) -> None:
         add_xla_flag("--xla_gpu_exclude_nondeterministic_ops=true")
     # --- issue 7: many hosts; each process simulates only its share of CPU devices ---
     from jmamba.distributed import initialize, settings
-    n_procs = (settings(cfg.dist) or {}).get("num_processes", 1)
+    dist = settings(cfg.dist)  # None: one process
+    n_procs = (dist or {}).get("num_processes", 1)
     simulate_cpu_devices(cfg.parallel.pp * cfg.parallel.ep // n_procs)
     initialize(cfg.dist)
-    if settings(cfg.dist) is not None:  # many processes (SLURM's included): after
-        from jmamba.guard import hold_early_sigterm  # jax.distributed's own handler
+    if dist is not None:  # many processes (SLURM's included): after jax.distributed's
+        from jmamba.guard import hold_early_sigterm  # own handler
         hold_early_sigterm()
     # --- end issue 7 ---
     from jmamba.driver import train  # imports jax only after the flags are checked

@@ -89,7 +89,7 @@ def run_children(argv: list[str], n_procs: int, per_proc: int) -> int:
     # Own process groups: a terminal's Ctrl-C reaches the parent only, which forwards it
     # once (a second SIGINT would cut a child's final checkpoint short).
     procs = [subprocess.Popen([sys.executable, os.path.abspath(sys.argv[0]), *argv], env=e,
-                              process_group=0, preexec_fn=_die_with_parent)
+                              process_group=0, preexec_fn=die_with_parent)
              for e in child_envs(n_procs, per_proc)]
     forwarded = []
 
@@ -101,14 +101,14 @@ def run_children(argv: list[str], n_procs: int, per_proc: int) -> int:
     old = {s: signal.signal(s, forward)
            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        status = _wait(procs, forwarded)
+        status = wait_all(procs, forwarded)
     finally:
         for s, handler in old.items():
             signal.signal(s, handler)
     return status
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec (Linux): SIGTERM when the parent dies, so a killed launcher
     (kill -9, a closed ssh session) leaves no run training on without it."""
     import ctypes
@@ -122,7 +122,7 @@ def _status(code: int) -> int:
     return code if code >= 0 else 128 - code  # killed by signal s: 128 + s, as a shell says
 
 
-def _wait(procs, forwarded: list) -> int:
+def wait_all(procs, forwarded: list) -> int:
     """0 when all succeed; else the first failure's status. After a forwarded signal every
     child is stopping by itself: wait for all of them instead of cutting any short."""
     while True:

@@ -245,11 +245,11 @@ def spawn(n: int) -> int:
     # process), so a run cut off by a time limit still shows how far each got.
     # They die with this process (a `timeout` that kills it leaves no child on the GPUs),
     # and the first to fail stops the others (else they wait in a collective), as train.py's.
-    from jmamba.launch import _die_with_parent, _wait
+    from jmamba.launch import die_with_parent, wait_all
     procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], env=env,
-                              preexec_fn=_die_with_parent)
+                              preexec_fn=die_with_parent)
              for env in child_envs(n, 1)]
-    rc = _wait(procs, forwarded=[])
+    rc = wait_all(procs, forwarded=[])
     print(f"== processes: rc {[p.returncode for p in procs]}", flush=True)
     return rc
 

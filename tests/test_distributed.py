@@ -97,10 +97,10 @@ def test_launcher_shares_gpus_and_stops_everyone_when_one_fails():
     slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     failing = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
     t0 = time.monotonic()
-    assert launch._wait([slow, failing], forwarded=[]) == 3
+    assert launch.wait_all([slow, failing], forwarded=[]) == 3
     assert slow.poll() is not None and time.monotonic() - t0 < 30
     killed = subprocess.Popen([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"])
-    assert launch._wait([killed], forwarded=[]) == 137
+    assert launch.wait_all([killed], forwarded=[]) == 137
 
 
 def test_launcher_flag_checks(capsys):
