@@ -48,13 +48,15 @@ ARGS.add_argument("--processes", type=int, default=1,
                   help="run as this many processes on one host, one GPU each (jax.distributed "
                        "on localhost); each reports its own shards. --cpu_devices then counts "
                        "each process's devices")
-ARGS.add_argument("--round2", choices=("switch", "largest", "switch_largest"),
+ARGS.add_argument("--round2", choices=("switch", "largest", "switch_largest", "kernel"),
                   default="switch",
                   help="diagnosis: 'largest' runs the dropless exchange's second round at its "
                        "largest pair cap with no lax.switch around it; 'switch_largest' keeps "
                        "the switch but its index always picks that branch (same values as "
                        "'switch': any cap that holds the leftover moves the same rows, and "
-                       "nothing left gives zeros)")
+                       "nothing left gives zeros); 'kernel' keeps the switch and runs round 2's "
+                       "products on the Hopper kernels as round 1's (before the tenth session; "
+                       "the default now runs them on lax.ragged_dot, ep.LATER_ROUNDS_MATMUL)")
 ARGS.add_argument("--flags", default="",
                   help='extra train.py flags as one string: --flags="--ep_dispatch ragged"')
 args = ARGS.parse_args()
@@ -118,6 +120,30 @@ def patch_products(on_xla: list[str], shadow: bool) -> None:
                         fp_in, checksum(out), diff, jnp.max(jnp.abs(ref)))
                 return out
             setattr(gm, name, checked)
+
+
+def patch_round2_kernel() -> None:
+    """Round 2 (the branches of ep.py's lax.switch) computes its expert MLP as round 1 does
+    (the kernels where usable), as before the tenth session; the choice is made while the
+    branches trace, and the grouped matmul's custom VJP keeps it for the backward."""
+    from jmamba.kernels.grouped_matmul import grouped_matmul
+    from jmamba.parallel import ep as ep_mod
+    switch, swiglu = jax.lax.switch, ep_mod.swiglu_ragged
+    inside = []
+
+    def traced_switch(index, branches, *operands):
+        REPLACED.append(len(branches))
+        inside.append(True)
+        try:
+            return switch(index, branches, *operands)
+        finally:
+            inside.pop()
+
+    def mlp(*a):
+        if inside:
+            return swiglu(*a[:-1], grouped_matmul)
+        return swiglu(*a)
+    jax.lax.switch, ep_mod.swiglu_ragged = traced_switch, mlp
 
 
 def shadow_summary() -> str:
@@ -266,7 +292,9 @@ def main():
         sys.exit(f"--on_xla takes {','.join(PRODUCTS)}, got {args.on_xla!r}")
     if on_xla or args.shadow:
         patch_products(on_xla, args.shadow)
-    if args.round2 != "switch":  # jmamba/parallel/ep.py is the only lax.switch user
+    if args.round2 == "kernel":  # jmamba/parallel/ep.py is the only lax.switch user
+        patch_round2_kernel()
+    elif args.round2 != "switch":
         switch = jax.lax.switch
 
         def largest(index, branches, *operands):
@@ -297,7 +325,7 @@ def main():
         print(f"    gradient calls, each as the first earlier call bitwise equal to it: "
               f"{r['same_as']}", flush=True)
         if args.round2 != "switch":
-            print(f"    round-2 switches traced so far as their largest branch ({args.round2}): "
+            print(f"    round-2 switches traced so far ({args.round2}): "
                   f"{len(REPLACED)}", flush=True)
         for i, line in enumerate(r["shadow"]):
             print(f"    grad call {i}, kernels against lax.ragged_dot in the program: {line}",

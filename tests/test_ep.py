@@ -106,6 +106,27 @@ def test_second_round_at_its_largest_cap_gives_the_same_bits(monkeypatch):
             np.testing.assert_array_equal(a, b)
 
 
+def test_later_rounds_use_their_own_matmul():
+    """Round 1's expert MLP runs on `matmul`, every later round's on `later_matmul` (on GPUs
+    the Hopper kernels and lax.ragged_dot: ep.LATER_ROUNDS_MATMUL says why); the rounds
+    together still equal the one-device MoE."""
+    from jmamba.kernels.grouped_matmul import grouped_matmul
+    seen = []
+
+    def tagged(tag):
+        def mm(x, w, sizes):
+            seen.append((tag, x.shape[0]))
+            return grouped_matmul(x, w, sizes, impl="xla")
+        return mm
+    x, w, e, ws, ct = problem(T=64, skew=4.0, seed=5)
+    assert_dropless_equals_one_device(x, w, e, ws, ct, 2, matmul=tagged("first"),
+                                      later_matmul=tagged("later"))
+    tags = {t for t, _ in seen}
+    assert tags == {"first", "later"}
+    # three products per MLP, each traced once per round and branch
+    assert sum(t == "first" for t, _ in seen) % 3 == 0
+
+
 @pytest.mark.parametrize("ep,skew,impl", [(2, 4.0, "dense"), (4, 4.0, "dense"),
                                           (4, 4.0, "ragged"), (2, 0.5, "dense")])
 def test_dropless_rounds_equal_single_device(ep, skew, impl, monkeypatch):

@@ -259,9 +259,19 @@ EXCHANGES = {"ragged": (_ragged_there, _ragged_back),
 DENSE_AUTODIFF = (_dense_there, _dense_back)  # the dense exchange's plain twin
 
 
+# Rounds after the first compute on lax.ragged_dot: on GPUs (2 x H200, jax 0.11.2), with the
+# Hopper kernels there too, ep=2 gradients differed from call to call (2.7e-3 of the largest
+# entry after 2 train steps of moe_1b); with round 2 alone on lax.ragged_dot, or with the
+# forward and dX products on it everywhere, they repeat, and the kernels repeat when run
+# alone on round 2's shapes (docs/benchmarks.md, "Tenth session"). Round 2 carries few
+# rows (a leftover), but lax.ragged_dot computes its buffer against every local expert.
+LATER_ROUNDS_MATMUL = functools.partial(grouped_matmul, impl="xla")
+
+
 def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
                        capacity_factor: float | None = 1.25, impl: str = "auto",
-                       matmul=grouped_matmul, dropless: bool = False, chunks: int = 1):
+                       matmul=grouped_matmul, dropless: bool = False, chunks: int = 1,
+                       later_matmul=LATER_ROUNDS_MATMUL):
     """An experts_fn for jax.shard_map over `axis_name` (size `ep`); see the module doc.
 
     It returns (y_TxD fp32, this rank's dropped copies as an int32 scalar: its own token
@@ -276,6 +286,9 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
     by itself (its own buffer of capacity_factor * its copies). Nothing orders one chunk's
     all-to-alls after another's expert matmuls, so XLA may overlap them. Each output row
     depends only on its own copies, so dropless results equal chunks = 1.
+
+    matmul computes round 1's expert MLP, later_matmul every later round's (see
+    LATER_ROUNDS_MATMUL); both compute the same function.
     """
     check_ep_layout(n_experts, ep)
     if capacity_factor is not None and not capacity_factor > 0:
@@ -325,7 +338,7 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
         owner_S = experts_TxK.reshape(-1)[order_S] // X
         x_sorted_SxD = sorted_copies(x_TxD.astype(dtype), order_S, K)
 
-        def one_round(sent_E, pair_cap=pair_rows, keep=False):
+        def one_round(sent_E, pair_cap=pair_rows, keep=False, mm=later_matmul):
             # A round with pair cap p moves slices of p rows into a buffer of ep * p rows;
             # without a cap (one round that may drop), slices of min(S, C) into C rows.
             # keep: name what arrived (the first round's) so `--remat full` saves it rather
@@ -342,12 +355,13 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
                                  slice_rows))
             # 4. Local experts on the buffer; rows past the kept ones stay zero.
             y_buf_CxD = swiglu_ragged(buf_CxD, plan.group_sizes_X, w_gate, w_up, w_down,
-                                      dtype, matmul)
+                                      dtype, mm)
             # 5. Bring results home (copies not sent this round stay zero).
             y_SxD = back(y_buf_CxD, plan, owner_S, axis_name, slice_rows, cap_rows)
             return y_SxD, sent_E + plan.send_keep_E
 
-        y_sorted_SxD, sent_E = one_round(jnp.zeros_like(group_sizes_E), keep=True)
+        y_sorted_SxD, sent_E = one_round(jnp.zeros_like(group_sizes_E), keep=True,
+                                         mm=matmul)
 
         def skip(sent):
             return jnp.zeros_like(y_sorted_SxD), sent
