@@ -48,15 +48,18 @@ ARGS.add_argument("--processes", type=int, default=1,
                   help="run as this many processes on one host, one GPU each (jax.distributed "
                        "on localhost); each reports its own shards. --cpu_devices then counts "
                        "each process's devices")
-ARGS.add_argument("--round2", choices=("switch", "largest", "switch_largest", "kernel"),
+ARGS.add_argument("--round2", choices=("switch", "largest", "switch_largest"),
                   default="switch",
                   help="diagnosis: 'largest' runs the dropless exchange's second round at its "
                        "largest pair cap with no lax.switch around it; 'switch_largest' keeps "
                        "the switch but its index always picks that branch (same values as "
                        "'switch': any cap that holds the leftover moves the same rows, and "
-                       "nothing left gives zeros); 'kernel' keeps the switch and runs round 2's "
-                       "products on the Hopper kernels as round 1's (before the tenth session; "
-                       "the default now runs them on lax.ragged_dot, ep.LATER_ROUNDS_MATMUL)")
+                       "nothing left gives zeros)")
+ARGS.add_argument("--round2_xla", default=None,
+                  help="diagnosis: the products (of fwd,dx,dw) that round 2 (the branches of "
+                       "ep.py's lax.switch) runs on lax.ragged_dot, the rest on the kernels as "
+                       "round 1; '' runs all on the kernels (before the tenth session). "
+                       "Unset: the library's choice (ep.LATER_ROUNDS_MATMUL, all three)")
 ARGS.add_argument("--flags", default="",
                   help='extra train.py flags as one string: --flags="--ep_dispatch ragged"')
 args = ARGS.parse_args()
@@ -122,17 +125,17 @@ def patch_products(on_xla: list[str], shadow: bool) -> None:
             setattr(gm, name, checked)
 
 
-def patch_round2_kernel() -> None:
-    """Round 2 (the branches of ep.py's lax.switch) computes its expert MLP as round 1 does
-    (the kernels where usable), as before the tenth session; the choice is made while the
-    branches trace, and the grouped matmul's custom VJP keeps it for the backward."""
+def patch_round2(xla_products: tuple[str, ...]) -> None:
+    """Round 2 (the branches of ep.py's lax.switch; rounds 3+ are its lax.cond) computes its
+    expert MLP with these products on lax.ragged_dot and the rest on the kernels. The
+    choice is made while the branches trace; the grouped matmul's custom VJP keeps it for
+    the backward."""
     from jmamba.kernels.grouped_matmul import grouped_matmul
     from jmamba.parallel import ep as ep_mod
     switch, swiglu = jax.lax.switch, ep_mod.swiglu_ragged
     inside = []
 
     def traced_switch(index, branches, *operands):
-        REPLACED.append(len(branches))
         inside.append(True)
         try:
             return switch(index, branches, *operands)
@@ -141,7 +144,8 @@ def patch_round2_kernel() -> None:
 
     def mlp(*a):
         if inside:
-            return swiglu(*a[:-1], grouped_matmul)
+            return swiglu(*a[:-1], functools.partial(grouped_matmul,
+                                                     xla_products=xla_products))
         return swiglu(*a)
     jax.lax.switch, ep_mod.swiglu_ragged = traced_switch, mlp
 
@@ -292,9 +296,7 @@ def main():
         sys.exit(f"--on_xla takes {','.join(PRODUCTS)}, got {args.on_xla!r}")
     if on_xla or args.shadow:
         patch_products(on_xla, args.shadow)
-    if args.round2 == "kernel":  # jmamba/parallel/ep.py is the only lax.switch user
-        patch_round2_kernel()
-    elif args.round2 != "switch":
+    if args.round2 != "switch":
         switch = jax.lax.switch
 
         def largest(index, branches, *operands):
@@ -304,9 +306,15 @@ def main():
             # still a conditional: an index known only at run time, always the last branch
             return switch(jax.numpy.maximum(index, len(branches) - 1), branches, *operands)
         jax.lax.switch = largest
+    if args.round2_xla is not None:
+        round2_xla = tuple(w for w in args.round2_xla.split(",") if w)
+        if set(round2_xla) - set(PRODUCTS):
+            sys.exit(f"--round2_xla takes {','.join(PRODUCTS)}, got {args.round2_xla!r}")
+        patch_round2(round2_xla)  # after --round2: it wraps whatever switch is there
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {args.config}, "
           f"{args.train_steps} train steps, {args.repeats} repeats, extra {args.flags!r}, "
           f"on xla: {args.on_xla or 'none'}, shadow: {args.shadow}, round 2: {args.round2}, "
+          f"round 2 on xla: {'library' if args.round2_xla is None else args.round2_xla!r}, "
           f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
     print("| ep | forward: distinct losses | forward spread (rel) | loss+grad: distinct "
           "| grad max diff between repeats (rel) | dropped |")
@@ -325,7 +333,7 @@ def main():
         print(f"    gradient calls, each as the first earlier call bitwise equal to it: "
               f"{r['same_as']}", flush=True)
         if args.round2 != "switch":
-            print(f"    round-2 switches traced so far ({args.round2}): "
+            print(f"    round-2 switches traced so far as their largest branch ({args.round2}): "
                   f"{len(REPLACED)}", flush=True)
         for i, line in enumerate(r["shadow"]):
             print(f"    grad call {i}, kernels against lax.ragged_dot in the program: {line}",

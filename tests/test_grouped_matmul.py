@@ -34,7 +34,7 @@ def test_custom_vjp_equals_autodiff_of_ragged_dot():
     gs = jnp.asarray(GROUP_SIZES)
     loss = lambda f: (lambda x, w: jnp.sum(f(x, w, gs) * ct))
     # The custom VJP's own rules on their XLA twins (grouped_matmul's xla path skips it).
-    custom = lambda x, w, g: gm._gmm(x, w, g.astype(jnp.int32), None)
+    custom = lambda x, w, g: gm._gmm(x, w, g.astype(jnp.int32), (None, None, None))
     dx, dw = jax.grad(loss(custom), argnums=(0, 1))(x, w)
     rx, rw = jax.grad(loss(jax.lax.ragged_dot), argnums=(0, 1))(x, w)
     np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-5)
@@ -74,6 +74,32 @@ def test_kernel_path_wiring_with_stand_in_kernels(mosaic_standin):
     np.testing.assert_array_equal(y_k, y_x)  # including the zero rows past sum(gs)
     for a, b in zip(jax.tree.leaves(run("kernel")), jax.tree.leaves(run("xla"))):
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("xla_products", [("fwd",), ("dx",), ("dw",), ("fwd", "dx", "dw")])
+def test_products_named_for_xla_skip_the_kernels(mosaic_standin, monkeypatch, xla_products):
+    """xla_products sends those products to lax.ragged_dot and the rest to the kernels
+    (stand-ins here, counted): same values and gradients as the all-kernel path."""
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+    calls = []
+    for mod, name in ((ragged_dot_mgpu, "ragged_dot"),
+                      (transposed_ragged_dot_mgpu, "transposed_ragged_dot")):
+        def counted(*a, f=getattr(mod, name), **kw):
+            calls.append("dw" if "transposed" in f.__name__ else
+                         "dx" if kw.get("transpose_rhs") else "fwd")
+            return f(*a, **kw)
+        monkeypatch.setattr(mod, name, counted)
+    x, w, ct = (a.astype(jnp.bfloat16) for a in operands())
+    gs, blocks = jnp.asarray(GROUP_SIZES), gm.Blocks(16, 16, 16, 2, 1)
+    run = lambda **kw: jax.value_and_grad(lambda x, w: jnp.sum(
+        (gm.grouped_matmul(x, w, gs, "kernel", blocks, **kw) * ct).astype(jnp.float32)),
+        (0, 1))(x, w)
+    mixed = run(xla_products=xla_products)
+    assert sorted(calls) == sorted(set(gm.PRODUCTS) - set(xla_products))
+    for a, b in zip(jax.tree.leaves(mixed), jax.tree.leaves(run())):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="xla_products"):
+        gm.grouped_matmul(x, w, gs, "kernel", blocks, xla_products=("dy",))
 
 
 def test_real_kernels_in_the_mosaic_interpreter():

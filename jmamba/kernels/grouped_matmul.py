@@ -72,13 +72,19 @@ def default_blocks(x_SxD, w_ExDxF) -> Blocks:
     return Blocks()
 
 
+PRODUCTS = ("fwd", "dx", "dw")
+
+
 def grouped_matmul(x_SxD, w_ExDxF, group_sizes_E, impl: str = "auto",
-                   blocks: Blocks | None = None):
+                   blocks: Blocks | None = None, xla_products: tuple[str, ...] = ()):
     """x_SxD @ w_ExDxF[e] for each group's rows; same contract as `jax.lax.ragged_dot`.
 
-    Differentiable in x and w through a custom VJP whose three products all use `impl`.
-    blocks=None picks `default_blocks`.
+    Differentiable in x and w through a custom VJP whose three products all use `impl`,
+    except those named in `xla_products` (of PRODUCTS), which use lax.ragged_dot wherever
+    the kernel path is taken. blocks=None picks `default_blocks`.
     """
+    if set(xla_products) - set(PRODUCTS):
+        raise ValueError(f"xla_products must be among {PRODUCTS}, got {xla_products!r}")
     if blocks is None:
         blocks = default_blocks(x_SxD, w_ExDxF)
     if impl not in IMPLS:
@@ -90,24 +96,27 @@ def grouped_matmul(x_SxD, w_ExDxF, group_sizes_E, impl: str = "auto",
                          "use impl='auto' or 'xla'")
     if not use_kernel:  # plain autodiff of lax.ragged_dot: the reference path
         return jax.lax.ragged_dot(x_SxD, w_ExDxF, group_sizes_E.astype(jnp.int32))
-    return _gmm(x_SxD, w_ExDxF, group_sizes_E.astype(jnp.int32), blocks)
+    per_product = tuple(None if p in xla_products else blocks for p in PRODUCTS)
+    return _gmm(x_SxD, w_ExDxF, group_sizes_E.astype(jnp.int32), per_product)
 
 
-# blocks=None selects the XLA path; a Blocks value selects the kernels with those tiles.
+# blocks3: the (fwd, dx, dw) products' tiles; None selects the XLA path for that product, a
+# Blocks value the kernel with those tiles.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _gmm(x_SxD, w_ExDxF, group_sizes_E, blocks):
-    return _forward(x_SxD, w_ExDxF, group_sizes_E, blocks)
+def _gmm(x_SxD, w_ExDxF, group_sizes_E, blocks3):
+    return _forward(x_SxD, w_ExDxF, group_sizes_E, blocks3[0])
 
 
-def _gmm_fwd(x_SxD, w_ExDxF, group_sizes_E, blocks):
-    return _forward(x_SxD, w_ExDxF, group_sizes_E, blocks), (x_SxD, w_ExDxF, group_sizes_E)
+def _gmm_fwd(x_SxD, w_ExDxF, group_sizes_E, blocks3):
+    return (_forward(x_SxD, w_ExDxF, group_sizes_E, blocks3[0]),
+            (x_SxD, w_ExDxF, group_sizes_E))
 
 
-def _gmm_bwd(blocks, residuals, dy_SxF):
+def _gmm_bwd(blocks3, residuals, dy_SxF):
     x_SxD, w_ExDxF, group_sizes_E = residuals
     dy_SxF = dy_SxF.astype(x_SxD.dtype)
-    dx_SxD = _grad_x(dy_SxF, w_ExDxF, group_sizes_E, blocks)
-    dw_ExDxF = _grad_w(x_SxD, dy_SxF, group_sizes_E, blocks)
+    dx_SxD = _grad_x(dy_SxF, w_ExDxF, group_sizes_E, blocks3[1])
+    dw_ExDxF = _grad_w(x_SxD, dy_SxF, group_sizes_E, blocks3[2])
     # Integer group sizes get no cotangent.
     return (cotangent_like(dx_SxD.astype(x_SxD.dtype), x_SxD),
             cotangent_like(dw_ExDxF.astype(w_ExDxF.dtype), w_ExDxF), None)
