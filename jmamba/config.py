@@ -171,6 +171,7 @@ PP_COMMS = ("pair", "sum")
 REMATS = ("auto", "none", "full", "full_with_comm", "dots")
 EP_DISPATCH = ("auto", "ragged", "dense")
 EP_MATMULS = ("auto", "kernel", "xla")  # jmamba/kernels/grouped_matmul.py IMPLS
+GMM_PRODUCTS = ("fwd", "dx", "dw")  # jmamba/kernels/grouped_matmul.py PRODUCTS
 
 
 @dataclass(frozen=True)
@@ -207,10 +208,13 @@ class ParallelConfig:
     ep_dropless: bool = True
     ep_dispatch: str = "auto"
     # The grouped matmul of the experts at ep > 1: "auto" (the Hopper kernel where it
-    # applies, else lax.ragged_dot), "kernel", or "xla" (lax.ragged_dot: ~4x slower on GPUs,
-    # but its gradients repeat call to call at ep=2, where the kernel's did not on H100s:
-    # docs/status.md, the ep=2 gradient bug).
+    # applies, else lax.ragged_dot), "kernel", or "xla" (lax.ragged_dot, ~4x slower on GPUs).
     ep_matmul: str = "auto"
+    # Products (of fwd, dx, dw) of the dropless exchange's later rounds (after the first)
+    # that run on lax.ragged_dot even where ep_matmul runs the kernel: with the kernels in
+    # a second round, ep=2 gradients differed call to call on GPUs (docs/benchmarks.md,
+    # "Tenth session"); lax.ragged_dot costs those rounds every local expert's work.
+    ep_later_rounds_xla: tuple[str, ...] = ("fwd", "dx", "dw")
     # Split each rank's tokens into this many chunks, each exchanged and computed on its
     # own, so that one chunk's all-to-alls can overlap another's expert matmuls (XLA's
     # latency-hiding scheduler decides). Dropless results do not depend on it; with drops
@@ -401,6 +405,9 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Para
     _check_choice(p.remat, REMATS, "parallel.remat")
     _check_choice(p.ep_dispatch, EP_DISPATCH, "parallel.ep_dispatch")
     _check_choice(p.ep_matmul, EP_MATMULS, "parallel.ep_matmul")
+    _check(set(p.ep_later_rounds_xla) <= set(GMM_PRODUCTS), "parallel.ep_later_rounds_xla",
+           f"must be a comma list of {','.join(GMM_PRODUCTS)} (or empty)",
+           ",".join(p.ep_later_rounds_xla))
     _check(p.ep_capacity_factor > 0, "parallel.ep_capacity_factor", "must be > 0",
            p.ep_capacity_factor)
     if p.pp_schedule == "circular":

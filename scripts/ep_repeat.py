@@ -55,13 +55,10 @@ ARGS.add_argument("--round2", choices=("switch", "largest", "switch_largest"),
                        "the switch but its index always picks that branch (same values as "
                        "'switch': any cap that holds the leftover moves the same rows, and "
                        "nothing left gives zeros)")
-ARGS.add_argument("--round2_xla", default=None,
-                  help="diagnosis: the products (of fwd,dx,dw) that round 2 (the branches of "
-                       "ep.py's lax.switch) runs on lax.ragged_dot, the rest on the kernels as "
-                       "round 1; '' runs all on the kernels (before the tenth session). "
-                       "Unset: the library's choice (ep.LATER_ROUNDS_MATMUL, all three)")
 ARGS.add_argument("--flags", default="",
-                  help='extra train.py flags as one string: --flags="--ep_dispatch ragged"')
+                  help='extra train.py flags as one string: --flags="--ep_dispatch ragged"; '
+                       "round 2 on the kernels as before the tenth session: "
+                       "--flags=\"--ep_later_rounds_xla ''\"")
 args = ARGS.parse_args()
 if args.cpu_devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
@@ -123,31 +120,6 @@ def patch_products(on_xla: list[str], shadow: bool) -> None:
                         fp_in, checksum(out), diff, jnp.max(jnp.abs(ref)))
                 return out
             setattr(gm, name, checked)
-
-
-def patch_round2(xla_products: tuple[str, ...]) -> None:
-    """Round 2 (the branches of ep.py's lax.switch; rounds 3+ are its lax.cond) computes its
-    expert MLP with these products on lax.ragged_dot and the rest on the kernels. The
-    choice is made while the branches trace; the grouped matmul's custom VJP keeps it for
-    the backward."""
-    from jmamba.kernels.grouped_matmul import grouped_matmul
-    from jmamba.parallel import ep as ep_mod
-    switch, swiglu = jax.lax.switch, ep_mod.swiglu_ragged
-    inside = []
-
-    def traced_switch(index, branches, *operands):
-        inside.append(True)
-        try:
-            return switch(index, branches, *operands)
-        finally:
-            inside.pop()
-
-    def mlp(*a):
-        if inside:
-            return swiglu(*a[:-1], functools.partial(grouped_matmul,
-                                                     xla_products=xla_products))
-        return swiglu(*a)
-    jax.lax.switch, ep_mod.swiglu_ragged = traced_switch, mlp
 
 
 def shadow_summary() -> str:
@@ -306,15 +278,9 @@ def main():
             # still a conditional: an index known only at run time, always the last branch
             return switch(jax.numpy.maximum(index, len(branches) - 1), branches, *operands)
         jax.lax.switch = largest
-    if args.round2_xla is not None:
-        round2_xla = tuple(w for w in args.round2_xla.split(",") if w)
-        if set(round2_xla) - set(PRODUCTS):
-            sys.exit(f"--round2_xla takes {','.join(PRODUCTS)}, got {args.round2_xla!r}")
-        patch_round2(round2_xla)  # after --round2: it wraps whatever switch is there
     print(f"{jax.device_count()} x {jax.devices()[0].device_kind}, config {args.config}, "
           f"{args.train_steps} train steps, {args.repeats} repeats, extra {args.flags!r}, "
           f"on xla: {args.on_xla or 'none'}, shadow: {args.shadow}, round 2: {args.round2}, "
-          f"round 2 on xla: {'library' if args.round2_xla is None else args.round2_xla!r}, "
           f"XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
     print("| ep | forward: distinct losses | forward spread (rel) | loss+grad: distinct "
           "| grad max diff between repeats (rel) | dropped |")

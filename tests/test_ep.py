@@ -281,6 +281,46 @@ def test_ep_matmul_flag_reaches_the_experts():
     np.testing.assert_array_equal(run("xla"), run("auto"))
 
 
+def test_later_rounds_xla_flag_picks_their_products(mosaic_standin, monkeypatch):
+    """--ep_later_rounds_xla: the later rounds' products it names skip the (stand-in)
+    kernels, round 1 keeps them; values and gradients are the same whatever it names, and
+    a name outside fwd,dx,dw is refused."""
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+    from jmamba.cli import parse_config
+    from jmamba.parallel.setup import experts_fn_for
+    calls = []
+    for mod, name in ((ragged_dot_mgpu, "ragged_dot"),
+                      (transposed_ragged_dot_mgpu, "transposed_ragged_dot")):
+        def counted(*a, f=getattr(mod, name), **kw):
+            calls.append("dw" if "transposed" in f.__name__ else
+                         "dx" if kw.get("transpose_rhs") else "fwd")
+            return f(*a, **kw)
+        monkeypatch.setattr(mod, name, counted)
+    x, w, e, ws, ct = problem(T=64, skew=4.0, seed=5)
+
+    def run(later):
+        calls.clear()
+        fn = experts_fn_for(parse_config(["--config", "cpu_demo", "--ep", "2", "--n_experts",
+                                          "8", "--ep_capacity_factor", "1.0",
+                                          "--ep_later_rounds_xla", later]))
+        ep_fn = lambda x, w, e, *ws: jax.shard_map(
+            lambda *a: (lambda y, d: (y, d[None]))(*fn(*a[:5], a[5], jnp.bfloat16)),
+            mesh=mesh_of(2), in_specs=(P("ep"),) * 6, out_specs=(P("ep"), P("ep")))(
+            x, w, e, *(v.astype(jnp.bfloat16) for v in ws))
+        out = value_and_grads(ep_fn, x, w, e, ws, ct)
+        return out, {p: calls.count(p) for p in ("fwd", "dx", "dw")}
+    (all_k, n_all), (dx_x, n_dx), (all_x, n_none) = run(""), run("dx"), run("fwd,dx,dw")
+    assert n_dx["fwd"] == n_all["fwd"] and n_dx["dw"] == n_all["dw"]
+    assert n_none["dx"] == n_dx["dx"] < n_all["dx"]  # round 1's dx only
+    assert n_none["fwd"] < n_all["fwd"] and n_none["dw"] < n_all["dw"]
+    for other in (dx_x, all_x):
+        for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(all_k)):
+            np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-2)
+    with pytest.raises(SystemExit) as bad:
+        parse_config(["--config", "cpu_demo", "--ep", "2", "--ep_later_rounds_xla", "dy"])
+    assert bad.value.code == 2
+
+
 @pytest.mark.parametrize("ep,chunks", [(2, 2), (4, 4)])
 def test_chunked_exchange_equals_one_device(ep, chunks):
     """--ep_chunks: each chunk of a rank's tokens is exchanged and computed by itself, with

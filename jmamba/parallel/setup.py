@@ -75,7 +75,10 @@ def experts_fn_for(cfg):
         return moe_dropless
     return make_ep_experts_fn(m.n_experts, p.ep, "ep", p.ep_capacity_factor, p.ep_dispatch,
                               matmul=functools.partial(grouped_matmul, impl=p.ep_matmul),
-                              dropless=p.ep_dropless, chunks=p.ep_chunks)
+                              dropless=p.ep_dropless, chunks=p.ep_chunks,
+                              later_matmul=functools.partial(
+                                  grouped_matmul, impl=p.ep_matmul,
+                                  xla_products=p.ep_later_rounds_xla))
 
 
 def attention_for_layout(cfg):
