@@ -55,3 +55,19 @@ def mosaic_standin(monkeypatch):
                         transposed_ragged_dot)
     monkeypatch.setattr(gm, "kernel_usable", lambda *a, **k: True)
     monkeypatch.setattr(gm, "default_blocks", lambda *a: gm.Blocks(16, 16, 16, 2, 1))
+
+
+@pytest.fixture
+def counted_kernels(mosaic_standin, monkeypatch):
+    """The stand-in kernels, each call recorded as its product ('fwd', 'dx' or 'dw') in the
+    list this fixture returns."""
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+    calls = []
+    for mod, name in ((ragged_dot_mgpu, "ragged_dot"),
+                      (transposed_ragged_dot_mgpu, "transposed_ragged_dot")):
+        def counted(*a, f=getattr(mod, name), **kw):
+            calls.append("dw" if "transposed" in f.__name__ else
+                         "dx" if kw.get("transpose_rhs") else "fwd")
+            return f(*a, **kw)
+        monkeypatch.setattr(mod, name, counted)
+    return calls
