@@ -90,6 +90,11 @@ def test_products_named_for_xla_skip_the_kernels(counted_kernels, xla_products):
     assert sorted(calls) == sorted(set(gm.PRODUCTS) - set(xla_products))
     for a, b in zip(jax.tree.leaves(mixed), jax.tree.leaves(run())):
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-2)
+    if set(xla_products) == set(gm.PRODUCTS):  # all three: exactly the xla path's program
+        trace = lambda impl, **kw: str(jax.make_jaxpr(jax.grad(lambda x, w: jnp.sum(
+            gm.grouped_matmul(x, w, gs, impl, blocks, **kw).astype(jnp.float32)),
+            (0, 1)))(x, w))
+        assert trace("kernel", xla_products=xla_products) == trace("xla")
     with pytest.raises(ValueError, match="xla_products"):
         gm.grouped_matmul(x, w, gs, "kernel", blocks, xla_products=("dy",))
 

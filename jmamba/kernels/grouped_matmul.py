@@ -94,7 +94,8 @@ def grouped_matmul(x_SxD, w_ExDxF, group_sizes_E, impl: str = "auto",
         raise ValueError(f"grouped_matmul: the Hopper kernel cannot take x {x_SxD.shape} "
                          f"{x_SxD.dtype}, w {w_ExDxF.shape} {w_ExDxF.dtype} here; "
                          "use impl='auto' or 'xla'")
-    if not use_kernel:  # plain autodiff of lax.ragged_dot: the reference path
+    if not use_kernel or set(xla_products) == set(PRODUCTS):
+        # plain autodiff of lax.ragged_dot: the reference path
         return jax.lax.ragged_dot(x_SxD, w_ExDxF, group_sizes_E.astype(jnp.int32))
     per_product = tuple(None if p in xla_products else blocks for p in PRODUCTS)
     return _gmm(x_SxD, w_ExDxF, group_sizes_E.astype(jnp.int32), per_product)
