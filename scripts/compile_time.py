@@ -7,6 +7,9 @@ ep=2 no step finished in ~400 s).
     python3 scripts/compile_time.py --out $OUT --layouts 1x1,1x2        # and ep=2
     python3 scripts/compile_time.py --out $OUT --xla_flags "--xla_gpu_autotune_level=0"
     python3 scripts/compile_time.py --out runs/compile_time --preset cpu_demo  # CPU smoke test
+    python3 scripts/compile_time.py --out runs/xlower --cross_lower  # on a CPU host: trace
+        # and lower for CUDA as a Hopper GPU would (kernels, cuDNN), no XLA compile: the
+        # JAX side of the time, and how many custom calls the module holds
 
 Each row is its own process (no cache shared between rows; JAX's persistent cache off), so
 the times are what a fresh `python train.py` pays. Prints a table and writes
@@ -27,9 +30,23 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_layouts import emit_table  # noqa: E402
 
 CHILD = r"""
-import dataclasses, json, sys, time
+import dataclasses, json, os, sys, time, types
 t0 = time.perf_counter()
 import jax, jax.numpy as jnp
+cross = os.environ.get("JMAMBA_CROSS_LOWER") == "1"
+if cross:  # diagnosis only: every GPU path (Hopper kernels, cuDNN, Pallas Triton) is traced
+    jax.default_backend = lambda: "gpu"
+    from jax._src.pallas.triton import gpu_info as gi
+    import jax._src.pallas.triton.pallas_call_registration as reg
+    reg.gpu_info_lib.get_gpu_info = lambda: gi.get_gpu_info_from_version(gi.GpuVersion.H100)
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_dot_mgpu
+    for mod in (ragged_dot_mgpu, transposed_ragged_dot_mgpu):  # they ask the device its SMs
+        fake = types.SimpleNamespace(**{n: getattr(jax, n) for n in dir(jax)
+                                        if not n.startswith("__")})
+        fake.devices = lambda *a: [types.SimpleNamespace(core_count=132)]
+        mod.jax = fake
+    from jmamba.kernels import grouped_matmul as gm
+    gm._on_hopper = lambda: True
 from jmamba.cli import load_preset
 from jmamba.config import validate
 from jmamba.driver import make_data, to_device
@@ -45,12 +62,21 @@ run = build(cfg, abstract=True)
 rows = process_rows(run.batch_sharding, cfg.train.batch_size)
 batch = to_device(next(make_data(cfg, rows)), run, rows, cfg.train.batch_size)
 t1 = time.perf_counter()
-lowered = run.step_fn.lower(run.state, batch)
+if cross:
+    lowered = run.step_fn.trace(run.state, batch).lower(lowering_platforms=("cuda",))
+else:
+    lowered = run.step_fn.lower(run.state, batch)
 t2 = time.perf_counter()
-compiled = lowered.compile()
+if not cross:
+    compiled = lowered.compile()
 t3 = time.perf_counter()
+text = lowered.as_text()
 print(json.dumps({"setup_s": round(t1 - t0, 1), "lower_s": round(t2 - t1, 1),
-                  "compile_s": round(t3 - t2, 1)}))
+                  "compile_s": "-" if cross else round(t3 - t2, 1),
+                  "custom_calls": text.count("stablehlo.custom_call"),
+                  "kernel_calls": text.count("custom_call @__gpu$xla.gpu.triton")
+                  + text.count("custom_call @mosaic_gpu"),
+                  "funcs": text.count("func.func")}))
 """
 
 
@@ -62,10 +88,14 @@ def main():
     ap.add_argument("--variants", default="scan:full,unrolled:none",
                     help="layer stack:remat pairs (scan or unrolled)")
     ap.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS for every row")
+    ap.add_argument("--cross_lower", action="store_true",
+                    help="lower for CUDA from any host (no compile): the JAX side only")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
                JAX_ENABLE_COMPILATION_CACHE="false")
+    if args.cross_lower:
+        env["JMAMBA_CROSS_LOWER"] = "1"
     if args.xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
     rows = []
@@ -84,12 +114,13 @@ def main():
             rows.append(row)
             with open(os.path.join(args.out, "compile_time.json"), "w") as f:
                 json.dump(rows, f, indent=1)
-    lines = ["| pp x ep | layers | remat | setup s | lower s | compile s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| pp x ep | layers | remat | setup s | trace+lower s | compile s | custom calls "
+             "| funcs |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         last = r.get("compile_s", r.get("error", "-")[-80:])
         lines.append(f"| {r['layout']} | {r['layers']} | {r['remat']} | "
-                     f"{r.get('setup_s', '-')} | {r.get('lower_s', '-')} | {last} |")
+                     f"{r.get('setup_s', '-')} | {r.get('lower_s', '-')} | {last} | "
+                     f"{r.get('custom_calls', '-')} | {r.get('funcs', '-')} |")
     emit_table("\n".join(lines), args.out, "compile_time.md")
 
 
