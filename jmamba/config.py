@@ -213,7 +213,8 @@ class ParallelConfig:
     # Products (of fwd, dx, dw) of the dropless exchange's later rounds (after the first)
     # that run on lax.ragged_dot even where ep_matmul runs the kernel: with the kernels in
     # a second round, ep=2 gradients differed call to call on GPUs (docs/benchmarks.md,
-    # "Tenth session"); lax.ragged_dot costs those rounds every local expert's work.
+    # the ep=2 gradient repeats); lax.ragged_dot costs those rounds every local expert's
+    # work.
     ep_later_rounds_xla: tuple[str, ...] = ("fwd", "dx", "dw")
     # Split each rank's tokens into this many chunks, each exchanged and computed on its
     # own, so that one chunk's all-to-alls can overlap another's expert matmuls (XLA's
@@ -405,9 +406,10 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Para
     _check_choice(p.remat, REMATS, "parallel.remat")
     _check_choice(p.ep_dispatch, EP_DISPATCH, "parallel.ep_dispatch")
     _check_choice(p.ep_matmul, EP_MATMULS, "parallel.ep_matmul")
-    _check(set(p.ep_later_rounds_xla) <= set(GMM_PRODUCTS), "parallel.ep_later_rounds_xla",
+    _check(isinstance(p.ep_later_rounds_xla, tuple)
+           and set(p.ep_later_rounds_xla) <= set(GMM_PRODUCTS), "parallel.ep_later_rounds_xla",
            f"must be a comma list of {','.join(GMM_PRODUCTS)} (or empty)",
-           ",".join(p.ep_later_rounds_xla))
+           p.ep_later_rounds_xla)
     _check(p.ep_capacity_factor > 0, "parallel.ep_capacity_factor", "must be > 0",
            p.ep_capacity_factor)
     if p.pp_schedule == "circular":

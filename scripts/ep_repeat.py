@@ -37,7 +37,8 @@ ARGS.add_argument("--tol", type=float, default=1e-3)
 ARGS.add_argument("--cpu_devices", type=int, default=0, help="simulate this many CPU devices")
 ARGS.add_argument("--on_xla", default="",
                   help="diagnosis: comma-separated products of the grouped matmul (fwd, dx, "
-                       "dw) to run on lax.ragged_dot, the rest on the kernels")
+                       "dw) to run on lax.ragged_dot, the rest on the kernels (round 1 only "
+                       "unless --ep_later_rounds_xla leaves later rounds on the kernels)")
 ARGS.add_argument("--shadow", action="store_true",
                   help="diagnosis: beside each kernel product, compute lax.ragged_dot on the "
                        "same inputs inside the program and report how often they differ")

@@ -95,6 +95,8 @@ def test_products_named_for_xla_skip_the_kernels(counted_kernels, xla_products):
             gm.grouped_matmul(x, w, gs, impl, blocks, **kw).astype(jnp.float32)),
             (0, 1)))(x, w))
         assert trace("kernel", xla_products=xla_products) == trace("xla")
+    from jmamba.config import EP_MATMULS, GMM_PRODUCTS  # config keeps copies (no jax import)
+    assert GMM_PRODUCTS == gm.PRODUCTS and EP_MATMULS == gm.IMPLS
     with pytest.raises(ValueError, match="xla_products"):
         gm.grouped_matmul(x, w, gs, "kernel", blocks, xla_products=("dy",))
 

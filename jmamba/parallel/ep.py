@@ -263,9 +263,9 @@ DENSE_AUTODIFF = (_dense_there, _dense_back)  # the dense exchange's plain twin
 # 0.11.2), with the Hopper kernels there too, ep=2 gradients differed from call to call
 # (2.7e-3 of the largest entry after 2 train steps of moe_1b); with round 2 alone on
 # lax.ragged_dot, or with the forward and dX products on it everywhere, they repeat, and
-# the kernels repeat when run alone on round 2's shapes (docs/benchmarks.md, "Tenth
-# session"). Round 2 carries few rows (a leftover), but lax.ragged_dot computes its buffer
-# against every local expert. `--ep_later_rounds_xla` picks the products.
+# the kernels repeat when run alone on round 2's shapes (docs/benchmarks.md, the ep=2
+# gradient repeats). Round 2 carries few rows (a leftover), but lax.ragged_dot computes its
+# buffer against every local expert. `--ep_later_rounds_xla` picks the products.
 LATER_ROUNDS_MATMUL = functools.partial(grouped_matmul, impl="xla")
 
 
