@@ -20,6 +20,8 @@ estimate of the compiled step (memory.json), and dropped copies (0 when dropless
     python3 scripts/scaling.py --out $OUT --random_tokens  # near-even routing
     python3 scripts/scaling.py --out $OUT --only "1 GPU;ep=2, 2x experts, 2x batch" \
         --also "--remat full_with_comm"                    # both in one table
+    python3 scripts/scaling.py --out $OUT --only "1 GPU;ep=2, 2x experts, 2x batch" \
+        --also "--ep_later_rounds_xla dx" --also "--ep_capacity_factor 1.5"  # three ways
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 
@@ -72,9 +75,10 @@ def main():
                     "skew on the recall data")
     ap.add_argument("--flags", default="", help="more train.py flags for every row (A/B runs; "
                     "the table of record uses none)")
-    ap.add_argument("--also", default="", help="train.py flags for a second run of every "
-                    "selected multi-GPU row, in the same table (an A/B against the defaults "
-                    "with the same 1 GPU baseline)")
+    ap.add_argument("--also", action="append", default=[],
+                    help="train.py flags for another run of every selected multi-GPU row, in "
+                    "the same table (an A/B against the defaults with the same 1 GPU "
+                    "baseline); repeat it for more variants")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="jmamba_scaling_")  # train.py log dirs
@@ -85,9 +89,8 @@ def main():
     rows = {}
     todo = [(name, shape, []) for name, shape in runs(args, n).items()
             if not args.only or name in args.only.split(";")]
-    if args.also:
-        todo += [(f"{name}, `{args.also}`", shape, args.also.split())
-                 for name, shape, _ in list(todo) if shape[0] > 1]
+    todo += [(f"{name}, `{also}`", shape, shlex.split(also))
+             for also in args.also for name, shape, _ in list(todo) if shape[0] > 1]
     for name, (gpus, layers, experts, B, pp, ep, M), more in todo:
         flags = ["--config", "moe_1b", "--n_layer", str(layers), "--n_experts", str(experts),
                  "--batch_size", str(B), "--pp", str(pp), "--ep", str(ep), "--microbatches",
