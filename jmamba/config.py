@@ -216,6 +216,10 @@ class ParallelConfig:
     # the ep=2 gradient repeats); lax.ragged_dot costs those rounds every local expert's
     # work.
     ep_later_rounds_xla: tuple[str, ...] = ("fwd", "dx", "dw")
+    # Experiment: round 2's rows join round 1's in one expert MLP on the kernel (one
+    # grouped-matmul call per product for both rounds) instead of a second MLP; rounds 3+
+    # as above. Same values (jmamba/parallel/ep.py, merge_rounds).
+    ep_merge_rounds: bool = False
     # Split each rank's tokens into this many chunks, each exchanged and computed on its
     # own, so that one chunk's all-to-alls can overlap another's expert matmuls (XLA's
     # latency-hiding scheduler decides). Dropless results do not depend on it; with drops

@@ -87,7 +87,7 @@ def sort_by_expert(experts_TxK, n_experts: int):
 # ep=2 step: ~120 ms a step per GPU in scatter fusions). With the inverse of the sort
 # order (an int32 scatter of S entries, no D) each direction is a plain gather.
 
-def _inverse(order_S):
+def inverse_permutation(order_S):
     return jnp.zeros_like(order_S).at[order_S].set(jnp.arange(order_S.shape[0],
                                                               dtype=order_S.dtype))
 
@@ -110,6 +110,11 @@ def _gather_rows_bwd(pos_NxK, ct_MxD):
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
+def permute_rows(a_NxD, idx_N):
+    """a[idx] for a permutation idx of the rows, as gathers both ways."""
+    return _gather_rows(a_NxD, idx_N, inverse_permutation(idx_N)[:, None])
+
+
 def sorted_copies_plain(x_TxD, order_S, K: int):
     """sorted_copies' twin: a plain gather (autodiff makes its backward a scatter-add)."""
     return x_TxD[order_S // K]
@@ -125,13 +130,13 @@ def combine_plain(y_sorted_SxD, order_S, weights_TxK):
 def sorted_copies(x_TxD, order_S, K: int):
     """The token copies in expert order: x[order_S // K], as gathers both ways."""
     T = x_TxD.shape[0]
-    return _gather_rows(x_TxD, order_S // K, _inverse(order_S).reshape(T, K))
+    return _gather_rows(x_TxD, order_S // K, inverse_permutation(order_S).reshape(T, K))
 
 
 def combine(y_sorted_SxD, order_S, weights_TxK):
     """Puts expert outputs back in token order and sums them with the router weights."""
     T, K = weights_TxK.shape
-    y_SxD = _gather_rows(y_sorted_SxD, _inverse(order_S), order_S[:, None])
+    y_SxD = _gather_rows(y_sorted_SxD, inverse_permutation(order_S), order_S[:, None])
     y_TxKxD = y_SxD.reshape(T, K, -1).astype(jnp.float32)
     return jnp.einsum("tkd,tk->td", y_TxKxD, weights_TxK)
 

@@ -128,6 +128,53 @@ def test_later_rounds_use_their_own_matmul(ep):
     assert seen == ["first"] * 3 + ["later"] * (len(seen) - 3)
 
 
+def test_merged_order_interleaves_two_buffers_by_expert():
+    g1, g2 = jnp.asarray([2, 0, 3]), jnp.asarray([1, 2, 0])
+    idx = np.asarray(ep_mod.merged_order(g1, g2, 7, 4))
+    # concat rows: buf1 = 0..6 (used 0-4: x0 0-1, x2 2-4), buf2 = 7..10 (x0 7, x1 8-9)
+    np.testing.assert_array_equal(idx, [0, 1, 7, 8, 9, 2, 3, 4, 5, 6, 10])
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_merged_rounds_run_on_round_one_matmul(ep, monkeypatch):
+    """With merge_rounds, rounds 1 and 2 run their MLP on `matmul` (one MLP a switch branch:
+    round 1 alone, or with round 2's rows); only rounds 3+ (ep=4) use `later_matmul`; and
+    --ep_merge_rounds reaches the exchange."""
+    from jmamba.cli import parse_config
+    from jmamba.kernels.grouped_matmul import grouped_matmul
+    from jmamba.parallel import setup
+    seen = []
+
+    def tagged(tag):
+        def mm(x, w, sizes):
+            seen.append(tag)
+            return grouped_matmul(x, w, sizes, impl="xla")
+        return mm
+    x, w, e, ws, ct = problem(T=64, skew=4.0, seed=5)
+    assert_dropless_equals_one_device(x, w, e, ws, ct, ep, matmul=tagged("first"),
+                                      later_matmul=tagged("later"), merge_rounds=True)
+    n_first = seen.count("first")
+    assert n_first >= 6 and n_first % 3 == 0  # round 1 alone + at least one merged branch
+    assert seen.count("later") == (0 if ep == 2 else len(seen) - n_first) and (
+        ep == 2 or seen.count("later") > 0)
+    got = {}
+    monkeypatch.setattr(setup, "make_ep_experts_fn", lambda *a, **kw: got.update(kw))
+    setup.experts_fn_for(parse_config(["--config", "cpu_demo", "--ep", "2",
+                                       "--ep_merge_rounds", "true"]))
+    assert got["merge_rounds"] is True
+
+
+@pytest.mark.parametrize("ep,skew,impl", [(2, 4.0, "dense"), (4, 4.0, "dense"),
+                                          (2, 0.5, "dense"), (2, 4.0, "ragged")])
+def test_merged_rounds_equal_single_device(ep, skew, impl, monkeypatch):
+    """merge_rounds: round 2's rows computed in one MLP with round 1's (rounds 3+ at ep=4
+    after it, as before); values and gradients equal the one-device MoE."""
+    if impl == "ragged":
+        monkeypatch.setattr(ep_mod, "ragged_all_to_all", emulated_ragged_all_to_all)
+    x, w, e, ws, ct = problem(T=64, skew=skew, seed=5)
+    assert_dropless_equals_one_device(x, w, e, ws, ct, ep, impl=impl, merge_rounds=True)
+
+
 @pytest.mark.parametrize("ep,skew,impl", [(2, 4.0, "dense"), (4, 4.0, "dense"),
                                           (4, 4.0, "ragged"), (2, 0.5, "dense")])
 def test_dropless_rounds_equal_single_device(ep, skew, impl, monkeypatch):
@@ -285,17 +332,18 @@ def test_ep_matmul_flag_reaches_the_experts():
 def test_later_rounds_xla_flag_picks_their_products(counted_kernels):
     """--ep_later_rounds_xla: the later rounds' products it names skip the (stand-in)
     kernels, round 1 keeps them; values and gradients are the same whatever it names, and
-    a name outside fwd,dx,dw is refused."""
+    a name outside fwd,dx,dw is refused. --ep_merge_rounds runs round 2 on the kernels
+    inside round 1's MLP, under shard_map as on GPUs: same values, more kernel calls."""
     from jmamba.cli import parse_config
     from jmamba.parallel.setup import experts_fn_for
     calls = counted_kernels
     x, w, e, ws, ct = problem(T=64, skew=4.0, seed=5)
 
-    def run(later):
+    def run(later, *more):
         calls.clear()
         fn = experts_fn_for(parse_config(["--config", "cpu_demo", "--ep", "2", "--n_experts",
                                           "8", "--ep_capacity_factor", "1.0",
-                                          "--ep_later_rounds_xla", later]))
+                                          "--ep_later_rounds_xla", later, *more]))
         ep_fn = lambda x, w, e, *ws: jax.shard_map(
             lambda *a: (lambda y, d: (y, d[None]))(*fn(*a[:5], a[5], jnp.bfloat16)),
             mesh=mesh_of(2), in_specs=(P("ep"),) * 6, out_specs=(P("ep"), P("ep")))(
@@ -303,10 +351,12 @@ def test_later_rounds_xla_flag_picks_their_products(counted_kernels):
         out = value_and_grads(ep_fn, x, w, e, ws, ct)
         return out, {p: calls.count(p) for p in ("fwd", "dx", "dw")}
     (all_k, n_all), (dx_x, n_dx), (all_x, n_none) = run(""), run("dx"), run("fwd,dx,dw")
+    merged, n_merged = run("fwd,dx,dw", "--ep_merge_rounds", "true")
+    assert all(n_merged[p] > n_none[p] for p in n_none), (n_merged, n_none)
     assert n_dx["fwd"] == n_all["fwd"] and n_dx["dw"] == n_all["dw"]
     assert 0 < n_none["dx"] == n_dx["dx"] < n_all["dx"]  # round 1's dx only
     assert 0 < n_none["fwd"] < n_all["fwd"] and 0 < n_none["dw"] < n_all["dw"]  # round 1's
-    for other in (dx_x, all_x):
+    for other in (dx_x, all_x, merged):
         for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(all_k)):
             np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-2)
     with pytest.raises(SystemExit) as bad:

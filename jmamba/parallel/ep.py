@@ -40,7 +40,8 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.lax import ragged_all_to_all
 
 from jmamba.kernels.grouped_matmul import grouped_matmul
-from jmamba.moe import EXCHANGED, combine, sort_by_expert, sorted_copies, swiglu_ragged
+from jmamba.moe import (EXCHANGED, combine, inverse_permutation, permute_rows,
+                        sort_by_expert, sorted_copies, swiglu_ragged)
 
 IMPLS = ("auto", "ragged", "dense")
 
@@ -259,6 +260,14 @@ EXCHANGES = {"ragged": (_ragged_there, _ragged_back),
 DENSE_AUTODIFF = (_dense_there, _dense_back)  # the dense exchange's plain twin
 
 
+class Sent(NamedTuple):
+    """What one exchange round sent: its plan, the received buffer and its sizes."""
+    plan: Plan
+    buf_CxD: jax.Array
+    cap_rows: int
+    slice_rows: int
+
+
 # Rounds after the first compute on lax.ragged_dot by default: on GPUs (2 x H200, jax
 # 0.11.2), with the Hopper kernels there too, ep=2 gradients differed from call to call
 # (2.7e-3 of the largest entry after 2 train steps of moe_1b); with round 2 alone on
@@ -269,10 +278,29 @@ DENSE_AUTODIFF = (_dense_there, _dense_back)  # the dense exchange's plain twin
 LATER_ROUNDS_MATMUL = functools.partial(grouped_matmul, impl="xla")
 
 
+def merged_order(g1_X, g2_X, rows_1: int, rows_2: int):
+    """Two expert-sorted buffers (rows_1 rows with group sizes g1, then rows_2 with g2, as
+    one concatenation) -> idx such that concat[idx] has, per expert x in turn, its g1[x]
+    rows of the first buffer and then its g2[x] of the second; the unused rows of both
+    follow. A permutation of rows_1 + rows_2."""
+    X = g1_X.shape[0]
+    n1, n2 = jnp.sum(g1_X), jnp.sum(g2_X)
+    begin_X = _exclusive_cumsum(g1_X + g2_X)  # expert x's first merged row
+
+    def position(i, g_X, n, before_X, unused_base):
+        x = jnp.minimum(jnp.searchsorted(jnp.cumsum(g_X), i, side="right"), X - 1)
+        used = begin_X[x] + before_X[x] + i - _exclusive_cumsum(g_X)[x]
+        return jnp.where(i < n, used, unused_base + i - n)
+    i1, i2 = jnp.arange(rows_1), jnp.arange(rows_2)
+    pos = jnp.concatenate([position(i1, g1_X, n1, jnp.zeros_like(g1_X), n1 + n2),
+                           position(i2, g2_X, n2, g1_X, n1 + n2 + rows_1 - n1)])
+    return inverse_permutation(pos)
+
+
 def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
                        capacity_factor: float | None = 1.25, impl: str = "auto",
                        matmul=grouped_matmul, dropless: bool = False, chunks: int = 1,
-                       later_matmul=LATER_ROUNDS_MATMUL):
+                       later_matmul=LATER_ROUNDS_MATMUL, merge_rounds: bool = False):
     """An experts_fn for jax.shard_map over `axis_name` (size `ep`); see the module doc.
 
     It returns (y_TxD fp32, this rank's dropped copies as an int32 scalar: its own token
@@ -290,6 +318,11 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
 
     matmul computes round 1's expert MLP, later_matmul every later round's (see
     LATER_ROUNDS_MATMUL); both compute the same function.
+
+    merge_rounds: round 2's rows join round 1's in ONE expert MLP on `matmul` (the two
+    received buffers interleaved by local expert, `merged_order`), so a layer runs one
+    grouped-matmul call per product on its first two rounds; rounds 3+ as before. Same
+    values; an experiment against the second round's kernel hazard (docs/status.md).
     """
     check_ep_layout(n_experts, ep)
     if capacity_factor is not None and not capacity_factor > 0:
@@ -339,7 +372,7 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
         owner_S = experts_TxK.reshape(-1)[order_S] // X
         x_sorted_SxD = sorted_copies(x_TxD.astype(dtype), order_S, K)
 
-        def one_round(sent_E, pair_cap=pair_rows, keep=False, mm=later_matmul):
+        def send(sent_E, pair_cap=pair_rows, keep=False):
             # A round with pair cap p moves slices of p rows into a buffer of ep * p rows;
             # without a cap (one round that may drop), slices of min(S, C) into C rows.
             # keep: name what arrived (the first round's) so `--remat full` saves it rather
@@ -354,18 +387,21 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
             # 3. Send the copies (in the compute dtype) to their experts' ranks.
             buf_CxD = name(there(x_sorted_SxD, plan, cap_rows, owner_S, axis_name,
                                  slice_rows))
+            return Sent(plan, buf_CxD, cap_rows, slice_rows)
+
+        def mlp(buf_CxD, group_sizes_X, mm):
             # 4. Local experts on the buffer; rows past the kept ones stay zero.
-            y_buf_CxD = swiglu_ragged(buf_CxD, plan.group_sizes_X, w_gate, w_up, w_down,
-                                      dtype, mm)
+            return swiglu_ragged(buf_CxD, group_sizes_X, w_gate, w_up, w_down, dtype, mm)
+
+        def receive(y_buf_CxD, sent: Sent):
             # 5. Bring results home (copies not sent this round stay zero).
-            y_SxD = back(y_buf_CxD, plan, owner_S, axis_name, slice_rows, cap_rows)
-            return y_SxD, sent_E + plan.send_keep_E
+            return back(y_buf_CxD, sent.plan, owner_S, axis_name, sent.slice_rows,
+                        sent.cap_rows)
 
-        y_sorted_SxD, sent_E = one_round(jnp.zeros_like(group_sizes_E), keep=True,
-                                         mm=matmul)
-
-        def skip(sent):
-            return jnp.zeros_like(y_sorted_SxD), sent
+        def one_round(sent_E, pair_cap=pair_rows, keep=False, mm=later_matmul):
+            out = send(sent_E, pair_cap, keep)
+            y_SxD = receive(mlp(out.buf_CxD, out.plan.group_sizes_X, mm), out)
+            return y_SxD, sent_E + out.plan.send_keep_E
 
         # Round 2 carries only what round 1 left over, usually a few rows: it runs the
         # smallest pair cap in `caps` that holds the largest leftover of any (source, owner)
@@ -375,12 +411,46 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
         # exceeded the full cap, so they keep it (and compile one copy each).
         caps = sorted({min(pair_rows, -(-math.ceil(pair_rows / d) // 8) * 8)
                        for d in (8, 2, 1)}) if rounds > 1 else []
-        for r in range(rounds - 1):
+
+        def pick_cap(sent_E):
             left_RxX = (group_sizes_E - sent_E).reshape(ep, X)
             need = jax.lax.pmax(jnp.max(jnp.sum(left_RxX, axis=1)), axis_name)
+            return need, jnp.where(need > 0, 1 + jnp.minimum(
+                jnp.searchsorted(jnp.asarray(caps), need), len(caps) - 1), 0)
+
+        if merge_rounds and rounds > 1:
+            first = send(jnp.zeros_like(group_sizes_E), keep=True)
+            g1_X = first.plan.group_sizes_X
+            sent_E = first.plan.send_keep_E
+
+            def alone(sent):
+                y1 = mlp(first.buf_CxD, g1_X, matmul)
+                return y1, jnp.zeros_like(x_sorted_SxD, dtype=y1.dtype), sent
+
+            def merged(sent, pair_cap):
+                second = send(sent, pair_cap)
+                g2_X = second.plan.group_sizes_X
+                C1 = first.buf_CxD.shape[0]
+                idx = merged_order(g1_X, g2_X, C1, second.buf_CxD.shape[0])
+                both = permute_rows(jnp.concatenate([first.buf_CxD, second.buf_CxD]), idx)
+                y = permute_rows(mlp(both, g1_X + g2_X, matmul), inverse_permutation(idx))
+                return y[:C1], receive(y[C1:], second), sent + second.plan.send_keep_E
+            y1_buf, y_more, sent_E = jax.lax.switch(
+                pick_cap(sent_E)[1], [alone] + [functools.partial(merged, pair_cap=c)
+                                                for c in caps], sent_E)
+            y_sorted_SxD = receive(y1_buf, first) + y_more
+            later = range(1, rounds - 1)
+        else:
+            y_sorted_SxD, sent_E = one_round(jnp.zeros_like(group_sizes_E), keep=True,
+                                             mm=matmul)
+            later = range(rounds - 1)
+
+        def skip(sent):
+            return jnp.zeros_like(y_sorted_SxD), sent
+
+        for r in later:
+            need, pick = pick_cap(sent_E)
             if r == 0:
-                pick = jnp.where(need > 0, 1 + jnp.minimum(
-                    jnp.searchsorted(jnp.asarray(caps), need), len(caps) - 1), 0)
                 y_more, sent_E = jax.lax.switch(
                     pick, [skip] + [functools.partial(one_round, pair_cap=c) for c in caps],
                     sent_E)

@@ -78,7 +78,8 @@ def experts_fn_for(cfg):
                               dropless=p.ep_dropless, chunks=p.ep_chunks,
                               later_matmul=functools.partial(
                                   grouped_matmul, impl=p.ep_matmul,
-                                  xla_products=p.ep_later_rounds_xla))
+                                  xla_products=p.ep_later_rounds_xla),
+                              merge_rounds=p.ep_merge_rounds)
 
 
 def attention_for_layout(cfg):
