@@ -106,12 +106,9 @@ def test_second_round_at_its_largest_cap_gives_the_same_bits(monkeypatch):
             np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("ep", [2, 4])
-def test_later_rounds_use_their_own_matmul(ep):
-    """Round 1's expert MLP (its gate, up and down matmuls) runs on `matmul`, every later
-    round's (the switch's branches; at ep=4 also the rounds under lax.cond) on
-    `later_matmul` (on GPUs the Hopper kernels and lax.ragged_dot: ep.LATER_ROUNDS_MATMUL
-    says why); the rounds together still equal the one-device MoE."""
+def tagged_matmuls():
+    """(seen, tagged): tagged(tag) is a grouped matmul (lax.ragged_dot) that appends tag to
+    seen each time it is traced."""
     from jmamba.kernels.grouped_matmul import grouped_matmul
     seen = []
 
@@ -120,6 +117,16 @@ def test_later_rounds_use_their_own_matmul(ep):
             seen.append(tag)
             return grouped_matmul(x, w, sizes, impl="xla")
         return mm
+    return seen, tagged
+
+
+@pytest.mark.parametrize("ep", [2, 4])
+def test_later_rounds_use_their_own_matmul(ep):
+    """Round 1's expert MLP (its gate, up and down matmuls) runs on `matmul`, every later
+    round's (the switch's branches; at ep=4 also the rounds under lax.cond) on
+    `later_matmul` (on GPUs the Hopper kernels and lax.ragged_dot: ep.LATER_ROUNDS_MATMUL
+    says why); the rounds together still equal the one-device MoE."""
+    seen, tagged = tagged_matmuls()
     x, w, e, ws, ct = problem(T=64, skew=4.0, seed=5)
     assert_dropless_equals_one_device(x, w, e, ws, ct, ep, matmul=tagged("first"),
                                       later_matmul=tagged("later"))
@@ -141,15 +148,8 @@ def test_merged_rounds_run_on_round_one_matmul(ep, monkeypatch):
     round 1 alone, or with round 2's rows); only rounds 3+ (ep=4) use `later_matmul`; and
     --ep_merge_rounds reaches the exchange."""
     from jmamba.cli import parse_config
-    from jmamba.kernels.grouped_matmul import grouped_matmul
     from jmamba.parallel import setup
-    seen = []
-
-    def tagged(tag):
-        def mm(x, w, sizes):
-            seen.append(tag)
-            return grouped_matmul(x, w, sizes, impl="xla")
-        return mm
+    seen, tagged = tagged_matmuls()
     x, w, e, ws, ct = problem(T=64, skew=4.0, seed=5)
     assert_dropless_equals_one_device(x, w, e, ws, ct, ep, matmul=tagged("first"),
                                       later_matmul=tagged("later"), merge_rounds=True)
