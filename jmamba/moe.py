@@ -110,9 +110,12 @@ def _gather_rows_bwd(pos_NxK, ct_MxD):
 _gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def permute_rows(a_NxD, idx_N):
-    """a[idx] for a permutation idx of the rows, as gathers both ways."""
-    return _gather_rows(a_NxD, idx_N, inverse_permutation(idx_N)[:, None])
+def permute_rows(a_NxD, idx_N, inverse_N=None):
+    """a[idx] for a permutation idx of the rows, as gathers both ways (inverse_N: idx's
+    inverse where the caller has it, else computed)."""
+    if inverse_N is None:
+        inverse_N = inverse_permutation(idx_N)
+    return _gather_rows(a_NxD, idx_N, inverse_N[:, None])
 
 
 def sorted_copies_plain(x_TxD, order_S, K: int):

@@ -137,9 +137,10 @@ def test_later_rounds_use_their_own_matmul(ep):
 
 def test_merged_order_interleaves_two_buffers_by_expert():
     g1, g2 = jnp.asarray([2, 0, 3]), jnp.asarray([1, 2, 0])
-    idx = np.asarray(ep_mod.merged_order(g1, g2, 7, 4))
+    idx, pos = map(np.asarray, ep_mod.merged_order(g1, g2, 7, 4))
     # concat rows: buf1 = 0..6 (used 0-4: x0 0-1, x2 2-4), buf2 = 7..10 (x0 7, x1 8-9)
     np.testing.assert_array_equal(idx, [0, 1, 7, 8, 9, 2, 3, 4, 5, 6, 10])
+    np.testing.assert_array_equal(idx[pos], np.arange(11))  # pos is idx's inverse
 
 
 @pytest.mark.parametrize("ep", [2, 4])

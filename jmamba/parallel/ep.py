@@ -280,9 +280,10 @@ LATER_ROUNDS_MATMUL = functools.partial(grouped_matmul, impl="xla")
 
 def merged_order(g1_X, g2_X, rows_1: int, rows_2: int):
     """Two expert-sorted buffers (rows_1 rows with group sizes g1, then rows_2 with g2, as
-    one concatenation) -> idx such that concat[idx] has, per expert x in turn, its g1[x]
-    rows of the first buffer and then its g2[x] of the second; the unused rows of both
-    follow. A permutation of rows_1 + rows_2."""
+    one concatenation) -> (idx, pos): concat[idx] has, per expert x in turn, its g1[x]
+    rows of the first buffer and then its g2[x] of the second, the unused rows of both
+    after them; pos, idx's inverse, is where each concat row lands. Permutations of
+    rows_1 + rows_2."""
     X = g1_X.shape[0]
     n1, n2 = jnp.sum(g1_X), jnp.sum(g2_X)
     begin_X = _exclusive_cumsum(g1_X + g2_X)  # expert x's first merged row
@@ -294,7 +295,7 @@ def merged_order(g1_X, g2_X, rows_1: int, rows_2: int):
     i1, i2 = jnp.arange(rows_1), jnp.arange(rows_2)
     pos = jnp.concatenate([position(i1, g1_X, n1, jnp.zeros_like(g1_X), n1 + n2),
                            position(i2, g2_X, n2, g1_X, n1 + n2 + rows_1 - n1)])
-    return inverse_permutation(pos)
+    return inverse_permutation(pos), pos
 
 
 def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
@@ -431,9 +432,10 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
                 second = send(sent, pair_cap)
                 g2_X = second.plan.group_sizes_X
                 C1 = first.buf_CxD.shape[0]
-                idx = merged_order(g1_X, g2_X, C1, second.buf_CxD.shape[0])
-                both = permute_rows(jnp.concatenate([first.buf_CxD, second.buf_CxD]), idx)
-                y = permute_rows(mlp(both, g1_X + g2_X, matmul), inverse_permutation(idx))
+                idx, pos = merged_order(g1_X, g2_X, C1, second.buf_CxD.shape[0])
+                both = permute_rows(jnp.concatenate([first.buf_CxD, second.buf_CxD]), idx,
+                                    pos)
+                y = permute_rows(mlp(both, g1_X + g2_X, matmul), pos, idx)
                 return y[:C1], receive(y[C1:], second), sent + second.plan.send_keep_E
             y1_buf, y_more, sent_E = jax.lax.switch(
                 pick_cap(sent_E)[1], [alone] + [functools.partial(merged, pair_cap=c)
