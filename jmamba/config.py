@@ -216,10 +216,18 @@ class ParallelConfig:
     # the ep=2 gradient repeats); lax.ragged_dot costs those rounds every local expert's
     # work.
     ep_later_rounds_xla: tuple[str, ...] = ("fwd", "dx", "dw")
-    # Experiment: round 2's rows join round 1's in one expert MLP on the kernel (one
-    # grouped-matmul call per product for both rounds) instead of a second MLP; rounds 3+
-    # as above. Same values (jmamba/parallel/ep.py, merge_rounds).
-    ep_merge_rounds: bool = False
+    # Round 2's rows join round 1's in one expert MLP on the kernel (one grouped-matmul
+    # call per product for both rounds) instead of a second MLP; rounds 3+ as above. Same
+    # values; on GPUs it repeats call to call and was the fastest correct ep=2 exchange
+    # measured (docs/benchmarks.md, "Eleventh session"; jmamba/parallel/ep.py).
+    ep_merge_rounds: bool = True
+    # How the gradient passes the exchange rounds' lax.switch/cond: "autodiff" (JAX's:
+    # every branch returns the union of all branches' residuals, zero-filled where not
+    # its own; ~50 ms a step of copies and zero fills on the ep=2 moe_1b row) or
+    # "recompute" (jmamba/parallel/switch_vjp.py: the residuals are the switch's inputs,
+    # and the backward recomputes the branch taken; same values; under --remat full the
+    # same matmuls and exchanges, without remat one more forward of the branch).
+    ep_rounds_grad: str = "autodiff"
     # Split each rank's tokens into this many chunks, each exchanged and computed on its
     # own, so that one chunk's all-to-alls can overlap another's expert matmuls (XLA's
     # latency-hiding scheduler decides). Dropless results do not depend on it; with drops
@@ -429,6 +437,7 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Para
     _check(not (m.attn_impl == "cudnn" and m.attn_layer_idx and p.ep > 1), "model.attn_impl",
            "'cudnn' crashes XLA's compiler at parallel.ep > 1 (jax 0.11.2); use 'auto' "
            "(xla attention there)", m.attn_impl)
+    _check_choice(p.ep_rounds_grad, ("autodiff", "recompute"), "parallel.ep_rounds_grad")
     _check(p.ep_chunks >= 1 and t.seq_len % p.ep_chunks == 0, "parallel.ep_chunks",
            f"must be >= 1 and divide train.seq_len = {t.seq_len}", p.ep_chunks)
     _check(p.ep_chunks == 1 or (p.ep > 1 and m.mlp == "moe"), "parallel.ep_chunks",

@@ -58,8 +58,9 @@ ARGS.add_argument("--round2", choices=("switch", "largest", "switch_largest"),
                        "nothing left gives zeros)")
 ARGS.add_argument("--flags", default="",
                   help='extra train.py flags as one string: --flags="--ep_dispatch ragged"; '
-                       "round 2 on the kernels as before the tenth session: "
-                       "--flags=\"--ep_later_rounds_xla ''\"")
+                       "round 2 as an MLP of its own on the kernels, as before the tenth session "
+                       "(the reproducer): --flags=\"--ep_merge_rounds false "
+                       "--ep_later_rounds_xla ''\"")
 args = ARGS.parse_args()
 if args.cpu_devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")

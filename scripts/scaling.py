@@ -21,7 +21,7 @@ estimate of the compiled step (memory.json), and dropped copies (0 when dropless
     python3 scripts/scaling.py --out $OUT --only "1 GPU;ep=2, 2x experts, 2x batch" \
         --also "--remat full_with_comm"                    # both in one table
     python3 scripts/scaling.py --out $OUT --only "1 GPU;ep=2, 2x experts, 2x batch" \
-        --also "--ep_later_rounds_xla dx" --also "--ep_capacity_factor 1.5"  # three ways
+        --also "--ep_merge_rounds false" --also "--ep_capacity_factor 1.5"  # three ways
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def test_later_rounds_use_their_own_matmul(ep):
     seen, tagged = tagged_matmuls()
     x, w, e, ws, ct = problem(T=64, skew=4.0, seed=5)
     assert_dropless_equals_one_device(x, w, e, ws, ct, ep, matmul=tagged("first"),
-                                      later_matmul=tagged("later"))
+                                      later_matmul=tagged("later"), merge_rounds=False)
     # traced in program order: round 1's three matmuls, then three per later branch/round
     assert len(seen) > 3 and len(seen) % 3 == 0
     assert seen == ["first"] * 3 + ["later"] * (len(seen) - 3)
@@ -163,27 +163,28 @@ def test_merged_rounds_run_on_round_one_matmul(ep, monkeypatch):
     setup.experts_fn_for(parse_config(["--config", "cpu_demo", "--ep", "2",
                                        "--ep_merge_rounds", "true"]))
     assert got["merge_rounds"] is True
+    setup.experts_fn_for(parse_config(["--config", "cpu_demo", "--ep", "2"]))
+    assert got["merge_rounds"] is True  # the default
 
 
-@pytest.mark.parametrize("ep,skew,impl", [(2, 4.0, "dense"), (4, 4.0, "dense"),
-                                          (2, 0.5, "dense"), (2, 4.0, "ragged")])
-def test_merged_rounds_equal_single_device(ep, skew, impl, monkeypatch):
-    """merge_rounds: round 2's rows computed in one MLP with round 1's (rounds 3+ at ep=4
-    after it, as before); values and gradients equal the one-device MoE."""
-    if impl == "ragged":
-        monkeypatch.setattr(ep_mod, "ragged_all_to_all", emulated_ragged_all_to_all)
+@pytest.mark.parametrize("ep,skew", [(2, 4.0), (4, 4.0)])
+def test_unmerged_rounds_equal_single_device(ep, skew):
+    """merge_rounds=False (--ep_merge_rounds false): round 2 as an MLP of its own, under the
+    switch; values and gradients equal the one-device MoE. (The default, merged, is
+    test_dropless_rounds_equal_single_device.)"""
     x, w, e, ws, ct = problem(T=64, skew=skew, seed=5)
-    assert_dropless_equals_one_device(x, w, e, ws, ct, ep, impl=impl, merge_rounds=True)
+    assert_dropless_equals_one_device(x, w, e, ws, ct, ep, merge_rounds=False)
 
 
 @pytest.mark.parametrize("ep,skew,impl", [(2, 4.0, "dense"), (4, 4.0, "dense"),
-                                          (4, 4.0, "ragged"), (2, 0.5, "dense")])
+                                          (4, 4.0, "ragged"), (2, 0.5, "dense"),
+                                          (2, 4.0, "ragged")])
 def test_dropless_rounds_equal_single_device(ep, skew, impl, monkeypatch):
     """Capacity 1.0 per round and skewed routing: copies that do not fit wait for later
     rounds (asserted to be needed), and values and gradients equal the one-device MoE.
-    Pair cap 32 at ep=2; the largest leftover is 32 at skew 4 and 4 at skew 0.5, so the
-    second round runs at pair caps 32 and 8; at ep=4 (pair cap 8, leftover 24) rounds 3
-    and 4 run too."""
+    The default merges round 2 into round 1's MLP. Pair cap 32 at ep=2; the largest
+    leftover is 32 at skew 4 and 4 at skew 0.5, so the second round runs at pair caps 32
+    and 8; at ep=4 (pair cap 8, leftover 24) rounds 3 and 4 run too."""
     if impl == "ragged":
         monkeypatch.setattr(ep_mod, "ragged_all_to_all", emulated_ragged_all_to_all)
     x, w, e, ws, ct = problem(T=64, skew=skew, seed=5)
@@ -340,11 +341,13 @@ def test_later_rounds_xla_flag_picks_their_products(counted_kernels):
     calls = counted_kernels
     x, w, e, ws, ct = problem(T=64, skew=4.0, seed=5)
 
-    def run(later, *more):
+    def run(later, merge="false", grad="autodiff"):
         calls.clear()
         fn = experts_fn_for(parse_config(["--config", "cpu_demo", "--ep", "2", "--n_experts",
                                           "8", "--ep_capacity_factor", "1.0",
-                                          "--ep_later_rounds_xla", later, *more]))
+                                          "--ep_later_rounds_xla", later,
+                                          "--ep_merge_rounds", merge,
+                                          "--ep_rounds_grad", grad]))
         ep_fn = lambda x, w, e, *ws: jax.shard_map(
             lambda *a: (lambda y, d: (y, d[None]))(*fn(*a[:5], a[5], jnp.bfloat16)),
             mesh=mesh_of(2), in_specs=(P("ep"),) * 6, out_specs=(P("ep"), P("ep")))(
@@ -352,17 +355,56 @@ def test_later_rounds_xla_flag_picks_their_products(counted_kernels):
         out = value_and_grads(ep_fn, x, w, e, ws, ct)
         return out, {p: calls.count(p) for p in ("fwd", "dx", "dw")}
     (all_k, n_all), (dx_x, n_dx), (all_x, n_none) = run(""), run("dx"), run("fwd,dx,dw")
-    merged, n_merged = run("fwd,dx,dw", "--ep_merge_rounds", "true")
+    merged, n_merged = run("fwd,dx,dw", merge="true")
+    recomputed, n_recomputed = run("fwd,dx,dw", merge="true", grad="recompute")
     assert all(n_merged[p] > n_none[p] for p in n_none), (n_merged, n_none)
+    assert all(n_recomputed[p] > n_none[p] for p in n_none), (n_recomputed, n_none)
     assert n_dx["fwd"] == n_all["fwd"] and n_dx["dw"] == n_all["dw"]
     assert 0 < n_none["dx"] == n_dx["dx"] < n_all["dx"]  # round 1's dx only
     assert 0 < n_none["fwd"] < n_all["fwd"] and 0 < n_none["dw"] < n_all["dw"]  # round 1's
-    for other in (dx_x, all_x, merged):
+    for other in (dx_x, all_x, merged, recomputed):
         for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(all_k)):
             np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-2)
-    with pytest.raises(SystemExit) as bad:
-        parse_config(["--config", "cpu_demo", "--ep", "2", "--ep_later_rounds_xla", "dy"])
-    assert bad.value.code == 2
+    for bad_flag in (["--ep_later_rounds_xla", "dy"], ["--ep_rounds_grad", "recompile"]):
+        with pytest.raises(SystemExit) as bad:
+            parse_config(["--config", "cpu_demo", "--ep", "2", *bad_flag])
+        assert bad.value.code == 2
+
+
+def cond_output_bytes(fn, *args) -> int:
+    """Bytes the conditionals of fn's linearized program return (residuals included),
+    over every nested jaxpr."""
+    def walk(jaxpr):
+        total = 0
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "cond":
+                total += sum(v.aval.size * v.aval.dtype.itemsize for v in eqn.outvars)
+            for p in eqn.params.values():
+                for j in (p if isinstance(p, (tuple, list)) else (p,)):
+                    j = getattr(j, "jaxpr", j)
+                    if isinstance(j, jax.extend.core.Jaxpr):
+                        total += walk(j)
+        return total
+    return walk(jax.make_jaxpr(lambda *a: jax.linearize(fn, *a)[1](*a))(*args).jaxpr)
+
+
+@pytest.mark.parametrize("ep,merge", [(2, True), (4, True), (2, False)])
+def test_recomputed_rounds_equal_autodiff(ep, merge):
+    """--ep_rounds_grad recompute (recompute_rounds): the rounds' switch and conds keep only
+    their inputs for the backward and recompute the branch taken. Values and gradients
+    equal JAX's autodiff of the same rounds, and the conditionals return fewer bytes (no
+    zero-filled residual slot for every branch not taken)."""
+    x, w, e, ws, ct = problem(T=64, skew=4.0, seed=5)
+    got, returned = {}, {}
+    for recompute in (False, True):
+        fn = functools.partial(run_ep, ep, capacity_factor=1.0, dropless=True,
+                               merge_rounds=merge, recompute_rounds=recompute)
+        got[recompute] = value_and_grads(fn, x, w, e, ws, ct)
+        returned[recompute] = cond_output_bytes(
+            lambda x, *ws: jnp.sum(fn(x, w, e, *ws)[0] * ct), x, *ws)
+    for a, b in zip(jax.tree.leaves(got[True]), jax.tree.leaves(got[False])):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert 0 < returned[True] < returned[False], returned
 
 
 @pytest.mark.parametrize("ep,chunks", [(2, 2), (4, 4)])

@@ -83,11 +83,13 @@ def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule):
     assert_grads_match(grads, grads_ref, atol=1e-5)
 
 
-def test_chunked_exchange_equals_single_device(reference):
-    """--ep_chunks 2 inside 1F1B's per-layer recompute at (2, 2, 2): the one-device loss
-    and gradients (tests/test_ep.py checks the experts alone, with later rounds)."""
+@pytest.mark.parametrize("settings", [dict(ep_chunks=2), dict(ep_rounds_grad="recompute")])
+def test_exchange_options_equal_single_device(reference, settings):
+    """--ep_chunks 2, and --ep_rounds_grad recompute, inside 1F1B's per-layer recompute at
+    (2, 2, 2): the one-device loss and gradients (tests/test_ep.py checks the experts
+    alone, with later rounds)."""
     params, loss_ref, _, grads_ref = reference
-    loss, metrics, grads = run(make_cfg(2, 2, 2, ep_chunks=2), params)
+    loss, metrics, grads = run(make_cfg(2, 2, 2, **settings), params)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     assert int(metrics["dropped_tokens"]) == 0
     assert_grads_match(grads, grads_ref, atol=1e-5)
@@ -190,11 +192,14 @@ def test_validation_loss_is_the_one_device_loss_at_pp_x_ep():
 
 def test_full_remat_keeps_the_exchange_and_equals_one_device(reference):
     """`--remat full` at ep=2 keeps what crossed the network, so the backward runs fewer
-    all-to-alls than `full_with_comm`, which recomputes it; both equal one device."""
+    all-to-alls than `full_with_comm`, which recomputes it; `--ep_rounds_grad recompute`
+    runs as many as `full`; all equal one device."""
     params, loss_ref, _, grads_ref = reference
     n_all_to_all = {}
-    for remat in ("full", "full_with_comm"):
-        cfg = make_cfg(1, 2, 1, remat=remat)
+    for remat in ("full", "full_with_comm", "full recompute"):
+        remat, *grad = remat.split()
+        cfg = make_cfg(1, 2, 1, remat=remat, ep_rounds_grad=(grad or ["autodiff"])[0])
+        remat = " ".join([remat, *grad])
         layout, value_and_grad, stage_params = pipeline_parts(cfg, params)
         compiled = jax.jit(value_and_grad).lower(stage_params, the_batch()).compile()
         n_all_to_all[remat] = compiled.as_text().count(" all-to-all(")
@@ -203,3 +208,6 @@ def test_full_remat_keeps_the_exchange_and_equals_one_device(reference):
         np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
         assert_grads_match(grads, grads_ref, atol=1e-5)
     assert 0 < n_all_to_all["full"] < n_all_to_all["full_with_comm"], n_all_to_all
+    # --ep_rounds_grad recompute: the same exchanges under --remat full (the layer's
+    # recompute no longer runs the rounds' forward; their backward does)
+    assert n_all_to_all["full recompute"] == n_all_to_all["full"], n_all_to_all

@@ -42,6 +42,7 @@ from jax.lax import ragged_all_to_all
 from jmamba.kernels.grouped_matmul import grouped_matmul
 from jmamba.moe import (EXCHANGED, combine, inverse_permutation, permute_rows,
                         sort_by_expert, sorted_copies, swiglu_ragged)
+from jmamba.parallel import switch_vjp
 
 IMPLS = ("auto", "ragged", "dense")
 
@@ -274,7 +275,8 @@ class Sent(NamedTuple):
 # lax.ragged_dot, or with the forward and dX products on it everywhere, they repeat, and
 # the kernels repeat when run alone on round 2's shapes (docs/benchmarks.md, the ep=2
 # gradient repeats). Round 2 carries few rows (a leftover), but lax.ragged_dot computes its
-# buffer against every local expert. `--ep_later_rounds_xla` picks the products.
+# buffer against every local expert. `--ep_later_rounds_xla` picks the products. By default
+# round 2 has no MLP of its own (merge_rounds, below), so this serves rounds 3+ only.
 LATER_ROUNDS_MATMUL = functools.partial(grouped_matmul, impl="xla")
 
 
@@ -301,7 +303,8 @@ def merged_order(g1_X, g2_X, rows_1: int, rows_2: int):
 def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
                        capacity_factor: float | None = 1.25, impl: str = "auto",
                        matmul=grouped_matmul, dropless: bool = False, chunks: int = 1,
-                       later_matmul=LATER_ROUNDS_MATMUL, merge_rounds: bool = False):
+                       later_matmul=LATER_ROUNDS_MATMUL, merge_rounds: bool = True,
+                       recompute_rounds: bool = False):
     """An experts_fn for jax.shard_map over `axis_name` (size `ep`); see the module doc.
 
     It returns (y_TxD fp32, this rank's dropped copies as an int32 scalar: its own token
@@ -320,10 +323,16 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
     matmul computes round 1's expert MLP, later_matmul every later round's (see
     LATER_ROUNDS_MATMUL); both compute the same function.
 
-    merge_rounds: round 2's rows join round 1's in ONE expert MLP on `matmul` (the two
-    received buffers interleaved by local expert, `merged_order`), so a layer runs one
-    grouped-matmul call per product on its first two rounds; rounds 3+ as before. Same
-    values; an experiment against the second round's kernel hazard (docs/status.md).
+    merge_rounds (the default): round 2's rows join round 1's in ONE expert MLP on
+    `matmul` (the two received buffers interleaved by local expert, `merged_order`), so a
+    layer runs one grouped-matmul call per product on its first two rounds; rounds 3+ on
+    later_matmul. Same values. On GPUs a second kernel MLP made ep=2 gradients differ call
+    to call, and round 2 on lax.ragged_dot cost 0.48 against 0.62 weak scaling merged
+    (docs/benchmarks.md, "Eleventh session"). merge_rounds=False: round 2 on later_matmul.
+
+    recompute_rounds: the rounds' switch and conds are switch_vjp.switch (residuals: the
+    inputs; the backward recomputes the branch taken) instead of jax.lax.switch, whose
+    gradient zero-fills every other branch's residuals. Same values.
     """
     check_ep_layout(n_experts, ep)
     if capacity_factor is not None and not capacity_factor > 0:
@@ -333,6 +342,10 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
     if impl == "auto":  # dense measured faster on H200s at ep=2 (docs/benchmarks.md)
         impl = "dense"
     there, back = EXCHANGES[impl]
+
+    def switch(index, branches, *operands):  # (looked up per call: tests patch lax.switch)
+        fn = switch_vjp.switch if recompute_rounds else jax.lax.switch
+        return fn(index, branches, *operands)
     X = n_experts // ep
 
     def chunked_fn(x_TxD, weights_TxK, experts_TxK, w_gate, w_up, w_down, dtype):
@@ -437,7 +450,9 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
                                     pos)
                 y = permute_rows(mlp(both, g1_X + g2_X, matmul), pos, idx)
                 return y[:C1], receive(y[C1:], second), sent + second.plan.send_keep_E
-            y1_buf, y_more, sent_E = jax.lax.switch(
+            # (Round 1's results go home outside the switch: inside, the backward's
+            # recompute of the branch would exchange them again.)
+            y1_buf, y_more, sent_E = switch(
                 pick_cap(sent_E)[1], [alone] + [functools.partial(merged, pair_cap=c)
                                                 for c in caps], sent_E)
             y_sorted_SxD = receive(y1_buf, first) + y_more
@@ -453,11 +468,12 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
         for r in later:
             need, pick = pick_cap(sent_E)
             if r == 0:
-                y_more, sent_E = jax.lax.switch(
+                y_more, sent_E = switch(
                     pick, [skip] + [functools.partial(one_round, pair_cap=c) for c in caps],
                     sent_E)
             else:
-                y_more, sent_E = jax.lax.cond(need > 0, one_round, skip, sent_E)
+                y_more, sent_E = switch((need > 0).astype(jnp.int32), [skip, one_round],
+                                        sent_E)
             y_sorted_SxD = y_sorted_SxD + y_more
         y_sorted_SxD = checkpoint_name(y_sorted_SxD, EXCHANGED)  # every round's results
         dropped = (S - jnp.sum(sent_E)).astype(jnp.int32)

@@ -79,7 +79,8 @@ def experts_fn_for(cfg):
                               later_matmul=functools.partial(
                                   grouped_matmul, impl=p.ep_matmul,
                                   xla_products=p.ep_later_rounds_xla),
-                              merge_rounds=p.ep_merge_rounds)
+                              merge_rounds=p.ep_merge_rounds,
+                              recompute_rounds=p.ep_rounds_grad == "recompute")
 
 
 def attention_for_layout(cfg):
