@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -97,6 +98,7 @@ def run_one(preset, pp, ep, M, impl, args, work):
              "1", "--progress", "lines"]
     if impl == "chunked":
         flags += ["--ssm_impl", "chunked"]
+    flags += shlex.split(args.flags)
     row = train_run(f"{preset}_{pp}x{ep}_m{M}_{impl}", flags, work)
     return {**row, "preset": preset, "layout": (pp, ep, M), "impl": impl}
 
@@ -156,6 +158,9 @@ def main():
     ap.add_argument("--resume_check", default="moe_1b:2x1x4",
                     help="preset:PxExM whose run saves checkpoints and resumes from the "
                     "first (empty: skip)")
+    ap.add_argument("--flags", default="",
+                    help="more train.py flags for every run, to check a candidate default "
+                    "before it becomes one (the GPU truth runs use none)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="jmamba_layouts_")  # train.py log dirs
@@ -200,7 +205,8 @@ def resume_check(preset, pp, ep, M, args, work):
     ckpt = os.path.join(work, f"ckpt_{preset}")
     flags = ["--config", preset, "--pp", str(pp), "--ep", str(ep), "--microbatches", str(M),
              "--steps", str(args.steps), "--warmup_steps", str(args.warmup), "--log_every",
-             "1", "--progress", "lines", "--ckpt_dir", ckpt, "--ckpt_every", "3"]
+             "1", "--progress", "lines", "--ckpt_dir", ckpt, "--ckpt_every", "3",
+             *shlex.split(args.flags)]
     first = train_run(f"{preset}_save", flags, work)
     steps = sorted(int(d) for d in os.listdir(ckpt) if d.isdigit()) if os.path.isdir(
         ckpt) else []
