@@ -221,12 +221,12 @@ class ParallelConfig:
     # values; on GPUs it repeats call to call and was the fastest correct ep=2 exchange
     # measured (docs/benchmarks.md, "Eleventh session"; jmamba/parallel/ep.py).
     ep_merge_rounds: bool = True
-    # How the gradient passes the exchange rounds' lax.switch/cond: "autodiff" (JAX's:
-    # every branch returns the union of all branches' residuals, zero-filled where not
-    # its own; ~50 ms a step of copies and zero fills on the ep=2 moe_1b row) or
-    # "recompute" (jmamba/parallel/switch_vjp.py: the residuals are the switch's inputs,
-    # and the backward recomputes the branch taken; same values; under --remat full the
-    # same matmuls and exchanges, without remat one more forward of the branch).
+    # How the gradient passes the exchange rounds' switches: "autodiff" (JAX's: every
+    # branch returns the union of all branches' residuals, zero-filled where not its own;
+    # ~50 ms a step of copies and zero fills on the ep=2 moe_1b row) or "recompute"
+    # (jmamba/parallel/switch_vjp.py: the residuals are the switch's inputs, and the
+    # backward recomputes the branch taken; same values; at ep=2 under --remat full the
+    # same matmuls and exchanges; without remat one more forward of the branch).
     ep_rounds_grad: str = "autodiff"
     # Split each rank's tokens into this many chunks, each exchanged and computed on its
     # own, so that one chunk's all-to-alls can overlap another's expert matmuls (XLA's

@@ -330,7 +330,7 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
     to call, and round 2 on lax.ragged_dot cost 0.48 against 0.62 weak scaling merged
     (docs/benchmarks.md, "Eleventh session"). merge_rounds=False: round 2 on later_matmul.
 
-    recompute_rounds: the rounds' switch and conds are switch_vjp.switch (residuals: the
+    recompute_rounds: the rounds' switches are switch_vjp.switch (residuals: the
     inputs; the backward recomputes the branch taken) instead of jax.lax.switch, whose
     gradient zero-fills every other branch's residuals. Same values.
     """

@@ -9,8 +9,12 @@ the conditional's outputs: in the ep=2 moe_1b trace on 2 x H200, ~38 ms a step o
 device-to-device copies of those sizes plus ~11 ms of zero broadcasts (docs/benchmarks.md,
 "Eleventh session"). Here the only residuals are the switch's inputs (the same for every
 branch), and the backward is a switch over the branches' VJPs, which recompute their own
-forward. Under `--remat full` the layer's recompute no longer needs the branch's forward
-(its outputs only feed the layer's outputs), so the branch still runs its forward twice.
+forward. Under `--remat full`, with two rounds (ep=2 at the default capacity), the layer's
+recompute no longer needs the branch's forward (its outputs only feed the layer's
+outputs), so the branch still runs its forward twice; with more rounds the next round's
+pick reads the switch's count output, so the recompute also runs the branch's small
+count exchange. A remat policy that saves names or dots no longer reaches inside the
+branches: they are always recomputed.
 
 Twin: jax.lax.switch (tests/test_switch_vjp.py compares values and gradients).
 """
@@ -50,7 +54,10 @@ def switch(index, branches, *operands):
                 seen[id(c)] = len(hoisted)
                 hoisted.append(c)
             slots.append(seen[id(c)])
-        converted.append(_Branch(closed.jaxpr, jax.tree.structure(out_shape), tuple(slots)))
+        # (without its consts: they are the forward's tracers, which the backward's
+        # equation would otherwise keep alive)
+        converted.append(_Branch(closed.with_consts(()), jax.tree.structure(out_shape),
+                                 tuple(slots)))
     return _switch(tuple(converted), jnp.asarray(index, jnp.int32), operands, tuple(hoisted))
 
 
@@ -60,14 +67,16 @@ def _call(branch: _Branch, operands, hoisted):
     return jax.tree.unflatten(branch.out_tree, fn(*jax.tree.leaves(operands)))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _switch(branches, index, operands, hoisted):
+def _forward(branches, index, operands, hoisted):
     return jax.lax.switch(index, [functools.partial(_call, b) for b in branches],
                           operands, hoisted)
 
 
+_switch = jax.custom_vjp(_forward, nondiff_argnums=(0,))
+
+
 def _switch_fwd(branches, index, operands, hoisted):
-    return _switch(branches, index, operands, hoisted), (index, operands, hoisted)
+    return _forward(branches, index, operands, hoisted), (index, operands, hoisted)
 
 
 def _switch_bwd(branches, res, ct_out):
