@@ -262,10 +262,10 @@ DENSE_AUTODIFF = (_dense_there, _dense_back)  # the dense exchange's plain twin
 
 
 class Sent(NamedTuple):
-    """What one exchange round sent: its plan, the received buffer and its sizes."""
+    """What one exchange round sent: its plan, the received buffer (cap rows) and the rows
+    of each slice it moved."""
     plan: Plan
     buf_CxD: jax.Array
-    cap_rows: int
     slice_rows: int
 
 
@@ -401,7 +401,7 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
             # 3. Send the copies (in the compute dtype) to their experts' ranks.
             buf_CxD = name(there(x_sorted_SxD, plan, cap_rows, owner_S, axis_name,
                                  slice_rows))
-            return Sent(plan, buf_CxD, cap_rows, slice_rows)
+            return Sent(plan, buf_CxD, slice_rows)
 
         def mlp(buf_CxD, group_sizes_X, mm):
             # 4. Local experts on the buffer; rows past the kept ones stay zero.
@@ -410,7 +410,7 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
         def receive(y_buf_CxD, sent: Sent):
             # 5. Bring results home (copies not sent this round stay zero).
             return back(y_buf_CxD, sent.plan, owner_S, axis_name, sent.slice_rows,
-                        sent.cap_rows)
+                        sent.buf_CxD.shape[0])
 
         def one_round(sent_E, pair_cap=pair_rows, keep=False, mm=later_matmul):
             out = send(sent_E, pair_cap, keep)
