@@ -226,8 +226,10 @@ class ParallelConfig:
     # ~50 ms a step of copies and zero fills on the ep=2 moe_1b row) or "recompute"
     # (jmamba/parallel/switch_vjp.py: the residuals are the switch's inputs, and the
     # backward recomputes the branch taken; same values; at ep=2 under --remat full the
-    # same matmuls and exchanges; without remat one more forward of the branch).
-    ep_rounds_grad: str = "autodiff"
+    # same matmuls and exchanges; without remat one more forward of the branch). The
+    # default since the twelfth session: ep=2 moe_1b 375.7 ms against 431.5 ms, peak
+    # 29.66 GB against 34.82 (2 x H200, same call; docs/benchmarks.md).
+    ep_rounds_grad: str = "recompute"
     # Split each rank's tokens into this many chunks, each exchanged and computed on its
     # own, so that one chunk's all-to-alls can overlap another's expert matmuls (XLA's
     # latency-hiding scheduler decides). Dropless results do not depend on it; with drops

@@ -165,6 +165,7 @@ def test_merged_rounds_run_on_round_one_matmul(ep, monkeypatch):
     assert got["merge_rounds"] is True
     setup.experts_fn_for(parse_config(["--config", "cpu_demo", "--ep", "2"]))
     assert got["merge_rounds"] is True  # the default
+    assert got["recompute_rounds"] is True  # --ep_rounds_grad recompute, the default
 
 
 @pytest.mark.parametrize("ep,skew", [(2, 4.0), (4, 4.0), (2, 0.5)])

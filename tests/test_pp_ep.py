@@ -83,10 +83,10 @@ def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule):
     assert_grads_match(grads, grads_ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("settings", [dict(ep_chunks=2), dict(ep_rounds_grad="recompute")])
+@pytest.mark.parametrize("settings", [dict(ep_chunks=2), dict(ep_rounds_grad="autodiff")])
 def test_exchange_options_equal_single_device(reference, settings):
-    """--ep_chunks 2, and --ep_rounds_grad recompute, inside 1F1B's per-layer recompute at
-    (2, 2, 2): the one-device loss and gradients (tests/test_ep.py checks the experts
+    """--ep_chunks 2, and --ep_rounds_grad autodiff (not the default), inside 1F1B's
+    per-layer recompute at (2, 2, 2): the one-device loss and gradients (tests/test_ep.py checks the experts
     alone, with later rounds)."""
     params, loss_ref, _, grads_ref = reference
     loss, metrics, grads = run(make_cfg(2, 2, 2, **settings), params)

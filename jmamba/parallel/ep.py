@@ -304,7 +304,7 @@ def make_ep_experts_fn(n_experts: int, ep: int, axis_name: str = "ep",
                        capacity_factor: float | None = 1.25, impl: str = "auto",
                        matmul=grouped_matmul, dropless: bool = False, chunks: int = 1,
                        later_matmul=LATER_ROUNDS_MATMUL, merge_rounds: bool = True,
-                       recompute_rounds: bool = False):
+                       recompute_rounds: bool = True):
     """An experts_fn for jax.shard_map over `axis_name` (size `ep`); see the module doc.
 
     It returns (y_TxD fp32, this rank's dropped copies as an int32 scalar: its own token
