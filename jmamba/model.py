@@ -27,7 +27,7 @@ from jmamba.attention import self_attention
 from jmamba.config import ModelConfig
 from jmamba.layers import GatedMLP, Mamba2Mixer, RMSNorm, rms_norm, uniform_init
 from jmamba.moe import EXCHANGED, MoE, moe_dropless
-from jmamba.xent import token_losses  # (also model.token_losses for the pipelines)
+from jmamba.xent import linear_token_losses, token_losses
 
 
 class Block(nnx.Module):
@@ -279,14 +279,32 @@ def kind_segments(cfg: ModelConfig, layer_ids_Y, n_rows: int):
     return [(a, b, int(ids[a])) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-def head_logits(params, hidden, residual, cfg: ModelConfig):
-    """Final add + RMSNorm + lm_head (tied to the embedding unless configured otherwise)."""
-    dtype = jnp.dtype(cfg.dtype)
+def _head_parts(params, hidden, residual, cfg: ModelConfig):
+    """Final add + RMSNorm -> (normed [..., D] in the compute dtype, lm_head weight [D, V]
+    in the parameters' dtype; tied to the embedding unless configured otherwise)."""
     residual = hidden.astype(residual.dtype) + residual
-    h = rms_norm(residual, params["norm_f"]["scale"], cfg.rms_norm_eps, dtype)
+    h = rms_norm(residual, params["norm_f"]["scale"], cfg.rms_norm_eps, jnp.dtype(cfg.dtype))
     w_DxV = (params["embed"]["embedding"].T if cfg.tie_embeddings
              else params["lm_head"]["kernel"])
-    return jnp.dot(h, w_DxV.astype(dtype))
+    return h, w_DxV
+
+
+def head_logits(params, hidden, residual, cfg: ModelConfig):
+    """Final add + RMSNorm + lm_head."""
+    h, w_DxV = _head_parts(params, hidden, residual, cfg)
+    return jnp.dot(h, w_DxV.astype(h.dtype))
+
+
+def head_losses(params, hidden, residual, targets_BxL, mask_BxL, cfg: ModelConfig):
+    """(nll_sum, correct_sum) of the head's logits: token_losses(head_logits(...)), or
+    with cfg.loss_chunks > 1 the same through xent.linear_token_losses, which makes one
+    chunk of tokens' logits at a time (no [B, L, V] array in the step)."""
+    if cfg.loss_chunks <= 1:
+        return token_losses(head_logits(params, hidden, residual, cfg), targets_BxL, mask_BxL)
+    h_BxLxD, w_DxV = _head_parts(params, hidden, residual, cfg)
+    D = h_BxLxD.shape[-1]
+    return linear_token_losses(h_BxLxD.reshape(-1, D), w_DxV, targets_BxL.reshape(-1),
+                               mask_BxL.reshape(-1), cfg.loss_chunks, h_BxLxD.dtype)
 
 
 def total_loss(cfg: ModelConfig, nll_sum, n_tokens, aux_sum, z_sum, n_rows):
@@ -309,8 +327,8 @@ def loss_fn(params, batch, cfg: ModelConfig, remat: str = "none"):
     hidden, residual = embed(params["embed"], batch["inputs"], cfg)
     hidden, residual, aux_B, z_B, counts_YxE, dropped = run_layers(
         params["layers"], hidden, residual, cfg, remat, seq_idx_BxL=batch.get("seq_idx"))
-    logits = head_logits(params, hidden, residual, cfg)
-    nll_sum, correct_sum = token_losses(logits, batch["targets"], batch["mask"])
+    nll_sum, correct_sum = head_losses(params, hidden, residual, batch["targets"],
+                                       batch["mask"], cfg)
     n_tokens = jnp.sum(batch["mask"].astype(jnp.float32))
     loss, parts = total_loss(cfg, nll_sum, n_tokens, jnp.sum(aux_B), jnp.sum(z_B),
                              batch["inputs"].shape[0])

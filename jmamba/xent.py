@@ -12,8 +12,12 @@ dtype; the forward keeps only the per-token logsumexp. `token_losses_plain` is t
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+
+from jmamba.kernels import vma
 
 
 def token_losses_plain(logits_BxLxV, targets_BxL, mask_BxL):
@@ -58,3 +62,83 @@ def _bwd(res, cts):
 
 
 token_losses.defvjp(_fwd, _bwd)
+
+
+# The head and the loss over token chunks (`model.loss_chunks` > 1). Why by hand: the
+# plain path makes the [B, L, V] logits and then their gradient (3.3 GB apiece in bf16 at
+# moe_1b's 16 x 2048 tokens), and both sit at the step's memory peak. Here a scan over
+# chunks of tokens makes one chunk's logits at a time and, while they are live, that
+# chunk's share of the gradient for a unit cotangent (nll_sum is linear in what the
+# cotangent scales): dX for the chunk's rows, and dW summed over chunks in fp32. The
+# backward only scales those by the cotangent, so no logits are made twice (the idea of
+# Liger-Kernel's fused linear cross-entropy; this is a plain-JAX version). Twin:
+# token_losses(x @ w, ...), tests/test_xent.py.
+
+def _chunked(x_NxD, targets_N, mask_N, chunks: int):
+    """Rows padded (mask 0) to a multiple of chunks and split: [chunks, N / chunks, ...]."""
+    N = x_NxD.shape[0]
+    pad = -N % chunks
+    if pad:
+        x_NxD = jnp.pad(x_NxD, ((0, pad), (0, 0)))
+        targets_N = jnp.pad(targets_N, (0, pad))
+        mask_N = jnp.pad(mask_N, (0, pad))
+    n = (N + pad) // chunks
+    return (x_NxD.reshape(chunks, n, -1), targets_N.reshape(chunks, n),
+            mask_N.reshape(chunks, n)), pad
+
+
+def _linear_sums(x_NxD, w_DxV, targets_N, mask_N, chunks: int, with_grads: bool):
+    """Sums (and, with_grads, their gradients for a unit cotangent: dx in x's dtype, dw in
+    fp32) of token_losses(x @ w), chunk by chunk."""
+    (x_CxNxD, t_CxN, m_CxN), _ = _chunked(x_NxD, targets_N, mask_N, chunks)
+
+    def body(carry, xs):
+        nll, correct, dw_DxV = carry
+        x_nxD, t_n, m_n = xs
+        logits_nxV = jnp.dot(x_nxD, w_DxV)
+        (nll_c, correct_c), lse_n = _sums(logits_nxV[None], t_n[None], m_n[None])
+        dx_nxD = None
+        if with_grads:  # _bwd's formula at g = 1
+            hit_nxV = jax.lax.broadcasted_iota(jnp.int32, logits_nxV.shape, 1) == t_n[:, None]
+            d_nxV = ((jnp.exp(logits_nxV.astype(jnp.float32) - lse_n[0][:, None])
+                      - hit_nxV.astype(jnp.float32))
+                     * m_n.astype(jnp.float32)[:, None]).astype(logits_nxV.dtype)
+            dx_nxD = jnp.dot(d_nxV, w_DxV.T)
+            dw_DxV = dw_DxV + jnp.dot(x_nxD.T, d_nxV, preferred_element_type=jnp.float32)
+        return (nll + nll_c, correct + correct_c, dw_DxV), dx_nxD
+
+    # inside shard_map the carries vary wherever the inputs do
+    axes = vma.varying_axes(x_NxD, w_DxV, targets_N, mask_N)
+    zero = vma.to_varying(jnp.zeros((), jnp.float32), axes)
+    dw0 = vma.to_varying(jnp.zeros(w_DxV.shape if with_grads else (), jnp.float32), axes)
+    (nll, correct, dw_DxV), dx_CxNxD = jax.lax.scan(body, (zero, zero, dw0),
+                                                    (x_CxNxD, t_CxN, m_CxN))
+    if not with_grads:
+        return (nll, correct), None
+    dx_NxD = dx_CxNxD.reshape(-1, x_NxD.shape[1])[:x_NxD.shape[0]]
+    return (nll, correct), (dx_NxD, dw_DxV)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def linear_token_losses(x_NxD, w_DxV, targets_N, mask_N, chunks: int, dtype):
+    """token_losses(x @ w.astype(dtype), targets, mask) for x [N, D] (in dtype) and w
+    [D, V] (any float dtype), `chunks` chunks of rows at a time: (nll_sum, correct_sum)."""
+    return _linear_sums(x_NxD, w_DxV.astype(dtype), targets_N, mask_N, chunks, False)[0]
+
+
+def _linear_fwd(x_NxD, w_DxV, targets_N, mask_N, chunks, dtype):
+    sums, grads = _linear_sums(x_NxD, w_DxV.astype(dtype), targets_N, mask_N, chunks, True)
+    # Empty slices carry x's and w's dtypes and mesh-axis types to the backward.
+    return sums, (grads, x_NxD[:0, :0], w_DxV[:0, :0])
+
+
+def _linear_bwd(chunks, dtype, res, cts):
+    (dx_NxD, dw_DxV), x_like, w_like = res
+    g = cts[0]
+    # Each gradient typed like its primal: summed over the mesh axes where only the tokens
+    # (and the cotangent) vary, as autodiff of the dot would.
+    return (vma.cotangent_like((dx_NxD.astype(jnp.float32) * g).astype(x_like.dtype), x_like),
+            vma.cotangent_like((dw_DxV * g).astype(w_like.dtype), w_like), None, None)
+
+
+linear_token_losses.defvjp(_linear_fwd, _linear_bwd)

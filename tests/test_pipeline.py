@@ -20,9 +20,11 @@ MODEL = ModelConfig(d_model=16, n_layer=8, vocab_size=40, headdim=8, d_state=8, 
 TRAIN = TrainConfig(batch_size=8, seq_len=24, n_pairs=4)
 
 
-def make_cfg(pp, M=4, schedule="gpipe", split="", comm="pair", tied=True, virtual=2):
+def make_cfg(pp, M=4, schedule="gpipe", split="", comm="pair", tied=True, virtual=2,
+             loss_chunks=1):
     return validate(Config(
-        model=dataclasses.replace(MODEL, tie_embeddings=tied), train=TRAIN,
+        model=dataclasses.replace(MODEL, tie_embeddings=tied, loss_chunks=loss_chunks),
+        train=TRAIN,
         parallel=ParallelConfig(pp=pp, microbatches=M, pp_schedule=schedule, pp_split=split,
                                 pp_comm=comm, pp_virtual=virtual)))
 
@@ -45,19 +47,20 @@ def reference():
 
 
 LAYOUTS = [  # pp = 1 with microbatches runs in test_kernels_in_shard_map.py
-    # pp, microbatches, schedule, split, comm, tied
-    (2, 4, "1f1b", "3,5", "sum", True),
-    (4, 4, "1f1b", "1,3,3,1", "pair", False),
-    (4, 8, "gpipe", "", "sum", True),
-    (4, 4, "circular", "", "pair", False),
-    (2, 2, "circular", "1,3,3,1", "sum", True),
+    # pp, microbatches, schedule, split, comm, tied, loss_chunks (the reference: 1)
+    (2, 4, "1f1b", "3,5", "sum", True, 5),
+    (4, 4, "1f1b", "1,3,3,1", "pair", False, 1),
+    (4, 8, "gpipe", "", "sum", True, 1),
+    (4, 4, "circular", "", "pair", False, 4),
+    (2, 2, "circular", "1,3,3,1", "sum", True, 1),
 ]
 
 
-@pytest.mark.parametrize("pp,M,schedule,split,comm,tied", LAYOUTS)
-def test_pipeline_equals_single_device(reference, pp, M, schedule, split, comm, tied):
+@pytest.mark.parametrize("pp,M,schedule,split,comm,tied,loss_chunks", LAYOUTS)
+def test_pipeline_equals_single_device(reference, pp, M, schedule, split, comm, tied,
+                                       loss_chunks):
     params, loss_ref, metrics_ref, grads_ref = reference[tied]
-    cfg = make_cfg(pp, M, schedule, split, comm, tied)
+    cfg = make_cfg(pp, M, schedule, split, comm, tied, loss_chunks=loss_chunks)
     layout = lay.StageLayout.from_config(cfg)
     loss_fn = pipeline_loss(cfg, layout, make_mesh(pp, 1))
     (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(

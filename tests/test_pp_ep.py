@@ -24,10 +24,10 @@ def the_batch():
     return {k: jnp.asarray(v) for k, v in recall_batch(1, 0, 8, 24, 40, 4).items()}
 
 
-def make_cfg(pp, ep, M=2, **settings):
+def make_cfg(pp, ep, M=2, loss_chunks=1, **settings):
     """Default schedule and EP settings (1f1b; dropless rounds, capacity 1.25 per round)
     unless given."""
-    return validate(Config(model=MODEL, train=TrainConfig(batch_size=8, seq_len=24, n_pairs=4),
+    return validate(Config(model=dataclasses.replace(MODEL, loss_chunks=loss_chunks), train=TrainConfig(batch_size=8, seq_len=24, n_pairs=4),
                            parallel=ParallelConfig(pp=pp, ep=ep, microbatches=M, **settings)))
 
 
@@ -70,11 +70,12 @@ def assert_grads_match(grads, grads_ref, atol):
 
 # (2, 2, 2) 1F1B runs in test_kernels_in_shard_map.py (kernels, default settings) and, on a
 # hybrid stack, in test_attention.py.
-@pytest.mark.parametrize("pp,ep,M,schedule", [(1, 4, 1, "1f1b"), (2, 2, 4, "gpipe"),
-                                              (4, 2, 4, "circular")])
-def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule):
+# loss_chunks: the chunked head (the reference runs the plain one).
+@pytest.mark.parametrize("pp,ep,M,schedule,loss_chunks", [
+    (1, 4, 1, "1f1b", 2), (2, 2, 4, "gpipe", 3), (4, 2, 4, "circular", 1)])
+def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule, loss_chunks):
     params, loss_ref, metrics_ref, grads_ref = reference
-    loss, metrics, grads = run(make_cfg(pp, ep, M, pp_schedule=schedule), params)
+    loss, metrics, grads = run(make_cfg(pp, ep, M, loss_chunks, pp_schedule=schedule), params)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     for key in ("ce", "aux_loss", "z_loss"):
         np.testing.assert_allclose(metrics[key], metrics_ref[key], rtol=1e-5, err_msg=key)

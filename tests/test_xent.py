@@ -1,11 +1,12 @@
 """The cross-entropy's one-pass backward against log_softmax + autodiff (its twin)."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jmamba.xent import token_losses, token_losses_plain
+from jmamba.xent import linear_token_losses, token_losses, token_losses_plain
 
 
 def value_and_grad(fn, logits, targets, mask):
@@ -41,3 +42,64 @@ def test_fused_backward_has_no_scatter():
         return str(jax.make_jaxpr(grad)(logits)).count("scatter")
 
     assert n_scatters(token_losses_plain) > 0 and n_scatters(token_losses) == 0
+
+
+def head_value_and_grads(fn, x, w, targets, mask):
+    def loss(x, w):
+        nll, correct = fn(x, w, targets, mask)
+        return 0.37 * nll, correct
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
+
+
+@pytest.mark.parametrize("dtype,chunks,tol", [(jnp.float32, 1, 1e-6), (jnp.float32, 5, 1e-6),
+                                              (jnp.bfloat16, 4, 2e-2)])
+def test_chunked_head_equals_its_twin(dtype, chunks, tol):
+    """linear_token_losses (chunks of tokens, gradients made in the forward) against
+    token_losses of the whole x @ w: sums and both gradients; 5 chunks pads 96 rows."""
+    k = jax.random.split(jax.random.key(1), 4)
+    N, D, V = 96, 24, 97
+    x = jax.random.normal(k[0], (N, D)).astype(dtype)
+    w = 0.5 * jax.random.normal(k[1], (D, V))  # fp32, as the parameters are
+    targets = jax.random.randint(k[2], (N,), 0, V)
+    mask = jax.random.uniform(k[3], (N,)) > 0.3
+    twin = lambda x, w, t, m: token_losses(jnp.dot(x, w.astype(dtype))[None], t[None], m[None])
+    chunked = lambda x, w, t, m: linear_token_losses(x, w, t, m, chunks, jnp.dtype(dtype))
+    (nll, correct), (gx, gw) = head_value_and_grads(chunked, x, w, targets, mask)
+    (nll2, correct2), (gx2, gw2) = head_value_and_grads(twin, x, w, targets, mask)
+    assert gx.dtype == x.dtype and gw.dtype == w.dtype
+    np.testing.assert_allclose(nll, nll2, rtol=1e-6 if dtype == jnp.float32 else 1e-3)
+    assert float(correct) == float(correct2) and float(correct) > 0
+    for g, g2 in ((gx, gx2), (gw, gw2)):
+        scale = float(jnp.max(jnp.abs(g2.astype(jnp.float32))))
+        np.testing.assert_allclose(np.asarray(g, np.float32) / scale,
+                                   np.asarray(g2, np.float32) / scale, atol=tol)
+    assert not np.any(np.asarray(gx, np.float32)[~np.asarray(mask)])
+    # without differentiation: the same sums, no gradient work
+    got = jax.jit(chunked)(x, w, targets, mask)
+    np.testing.assert_allclose(got[0], nll / 0.37, rtol=1e-5)
+
+
+def test_chunked_head_makes_no_whole_logits():
+    """The gradient's program holds no [N, V]-sized array (one chunk's at most); the
+    twin's does."""
+    N, D, V, chunks = 64, 8, 50, 4
+    x, w = jnp.ones((N, D)), jnp.ones((D, V))
+    targets, mask = jnp.zeros((N,), jnp.int32), jnp.ones((N,))
+
+    def biggest(fn):
+        jaxpr = jax.make_jaxpr(jax.grad(lambda x, w: fn(x, w, targets, mask)[0],
+                                        argnums=(0, 1)))(x, w)
+        sizes = []
+
+        def walk(jx):
+            for eqn in jx.eqns:
+                sizes.extend(v.aval.size for v in eqn.outvars if hasattr(v.aval, "size"))
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+        walk(jaxpr.jaxpr)
+        return max(sizes)
+
+    twin = lambda x, w, t, m: token_losses(jnp.dot(x, w)[None], t[None], m[None])
+    chunked = lambda x, w, t, m: linear_token_losses(x, w, t, m, chunks, jnp.float32)
+    assert biggest(twin) >= N * V
+    assert biggest(chunked) <= N * V // chunks

@@ -170,8 +170,8 @@ def make_pipeline_loss(cfg, layout: StageLayout, mesh, experts_fn=moe_dropless,
             h, res, aux_B, z_B, counts_YxE, dropped = stage(h, res)
 
             def head():
-                logits = model.head_logits(head_params, h, res, head_cfg)
-                return model.token_losses(logits, targets_MxBxL[mb], mask_MxBxL[mb])
+                return model.head_losses(head_params, h, res, targets_MxBxL[mb],
+                                         mask_MxBxL[mb], head_cfg)
 
             nll, correct = (head() if one_stage else
                             lax.cond(valid & last, head, lambda: _vary((0.0, 0.0))))

@@ -178,8 +178,7 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
         def head_loss(io_, h, r, targets, mask):
             head_params = {"embed": {"embedding": io_["table"][-1]},
                            "norm_f": {"scale": io_["scale"][-1]}}
-            logits = model.head_logits(head_params, h, r, head_cfg)
-            return model.token_losses(logits, targets, mask)
+            return model.head_losses(head_params, h, r, targets, mask, head_cfg)
 
         zeros_io = jax.tree.map(jnp.zeros_like, io)
         pair_shape = (Bm, L, m.d_model)
