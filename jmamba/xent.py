@@ -50,15 +50,20 @@ def _fwd(logits_BxLxV, targets_BxL, mask_BxL):
     return sums, (logits_BxLxV, targets_BxL, mask_BxL, lse_BxL)
 
 
+def _logits_grad(logits_BxLxV, targets_BxL, lse_BxL, scale_BxL):
+    """d nll_sum / d logits times scale: (softmax - one_hot(target)) * scale, in the
+    logits' dtype."""
+    p_BxLxV = jnp.exp(logits_BxLxV.astype(jnp.float32) - lse_BxL[..., None])
+    hit_BxLxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxLxV.shape,
+                                         logits_BxLxV.ndim - 1) == targets_BxL[..., None]
+    d_BxLxV = (p_BxLxV - hit_BxLxV.astype(jnp.float32)) * scale_BxL[..., None]
+    return d_BxLxV.astype(logits_BxLxV.dtype)
+
+
 def _bwd(res, cts):
     logits_BxLxV, targets_BxL, mask_BxL, lse_BxL = res
-    g_nll = cts[0]
-    p_BxLxV = jnp.exp(logits_BxLxV.astype(jnp.float32) - lse_BxL[..., None])
-    hit_BxLxV = jax.lax.broadcasted_iota(jnp.int32, logits_BxLxV.shape, 2) == \
-        targets_BxL[..., None]
-    scale_BxL = mask_BxL.astype(jnp.float32) * g_nll
-    d_BxLxV = (p_BxLxV - hit_BxLxV.astype(jnp.float32)) * scale_BxL[..., None]
-    return d_BxLxV.astype(logits_BxLxV.dtype), None, None
+    scale_BxL = mask_BxL.astype(jnp.float32) * cts[0]
+    return _logits_grad(logits_BxLxV, targets_BxL, lse_BxL, scale_BxL), None, None
 
 
 token_losses.defvjp(_fwd, _bwd)
@@ -98,11 +103,8 @@ def _linear_sums(x_NxD, w_DxV, targets_N, mask_N, chunks: int, with_grads: bool)
         logits_nxV = jnp.dot(x_nxD, w_DxV)
         (nll_c, correct_c), lse_n = _sums(logits_nxV[None], t_n[None], m_n[None])
         dx_nxD = None
-        if with_grads:  # _bwd's formula at g = 1
-            hit_nxV = jax.lax.broadcasted_iota(jnp.int32, logits_nxV.shape, 1) == t_n[:, None]
-            d_nxV = ((jnp.exp(logits_nxV.astype(jnp.float32) - lse_n[0][:, None])
-                      - hit_nxV.astype(jnp.float32))
-                     * m_n.astype(jnp.float32)[:, None]).astype(logits_nxV.dtype)
+        if with_grads:  # at a unit cotangent
+            d_nxV = _logits_grad(logits_nxV, t_n, lse_n[0], m_n.astype(jnp.float32))
             dx_nxD = jnp.dot(d_nxV, w_DxV.T)
             dw_DxV = dw_DxV + jnp.dot(x_nxD.T, d_nxV, preferred_element_type=jnp.float32)
         return (nll + nll_c, correct + correct_c, dw_DxV), dx_nxD
@@ -127,9 +129,13 @@ def linear_token_losses(x_NxD, w_DxV, targets_N, mask_N, chunks: int, dtype):
 
 
 def _linear_fwd(x_NxD, w_DxV, targets_N, mask_N, chunks, dtype):
-    sums, grads = _linear_sums(x_NxD, w_DxV.astype(dtype), targets_N, mask_N, chunks, True)
-    # Empty slices carry x's and w's dtypes and mesh-axis types to the backward.
-    return sums, (grads, x_NxD[:0, :0], w_DxV[:0, :0])
+    sums, (dx_NxD, dw_DxV) = _linear_sums(x_NxD, w_DxV.astype(dtype), targets_N, mask_N,
+                                          chunks, True)
+    # dW kept in the compute dtype, as the plain head's dot returns it (under the GPipe and
+    # circular loops, whose autodiff stacks what the head keeps once per tick, that halves
+    # the [ticks, D, V] it costs in bf16). Empty slices carry x's and w's dtypes and
+    # mesh-axis types to the backward.
+    return sums, ((dx_NxD, dw_DxV.astype(dtype)), x_NxD[:0, :0], w_DxV[:0, :0])
 
 
 def _linear_bwd(chunks, dtype, res, cts):
@@ -138,7 +144,8 @@ def _linear_bwd(chunks, dtype, res, cts):
     # Each gradient typed like its primal: summed over the mesh axes where only the tokens
     # (and the cotangent) vary, as autodiff of the dot would.
     return (vma.cotangent_like((dx_NxD.astype(jnp.float32) * g).astype(x_like.dtype), x_like),
-            vma.cotangent_like((dw_DxV * g).astype(w_like.dtype), w_like), None, None)
+            vma.cotangent_like((dw_DxV.astype(jnp.float32) * g).astype(w_like.dtype), w_like),
+            None, None)
 
 
 linear_token_losses.defvjp(_linear_fwd, _linear_bwd)

@@ -58,13 +58,17 @@ LAYOUTS = [  # pp = 1 with microbatches runs in test_kernels_in_shard_map.py
 
 @pytest.mark.parametrize("pp,M,schedule,split,comm,tied,loss_chunks", LAYOUTS)
 def test_pipeline_equals_single_device(reference, pp, M, schedule, split, comm, tied,
-                                       loss_chunks):
+                                       loss_chunks, monkeypatch):
     params, loss_ref, metrics_ref, grads_ref = reference[tied]
     cfg = make_cfg(pp, M, schedule, split, comm, tied, loss_chunks=loss_chunks)
     layout = lay.StageLayout.from_config(cfg)
     loss_fn = pipeline_loss(cfg, layout, make_mesh(pp, 1))
+    chunked, real = [], model.linear_token_losses
+    monkeypatch.setattr(model, "linear_token_losses",
+                        lambda *a: chunked.append(a[4]) or real(*a))
     (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
         lay.to_stage(params, layout), the_batch())
+    assert set(chunked) == ({loss_chunks} if loss_chunks > 1 else set())  # the chunked head ran
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     for key in ("ce", "aux_loss", "z_loss", "accuracy"):
         np.testing.assert_allclose(metrics[key], metrics_ref[key], rtol=1e-5, err_msg=key)

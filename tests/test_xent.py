@@ -103,3 +103,33 @@ def test_chunked_head_makes_no_whole_logits():
     chunked = lambda x, w, t, m: linear_token_losses(x, w, t, m, chunks, jnp.float32)
     assert biggest(twin) >= N * V
     assert biggest(chunked) <= N * V // chunks
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_one_device_loss_with_chunked_head_equals_the_plain_head(tied):
+    """model.loss_fn with --loss_chunks 3 (the lm_head tied to the embedding, or its own):
+    the plain head's loss, metrics and every gradient."""
+    import dataclasses
+
+    from jmamba import model
+    from jmamba.config import ModelConfig
+    from jmamba.data import recall_batch
+    m = ModelConfig(d_model=16, n_layer=1, vocab_size=40, headdim=8, d_state=8, chunk_size=8,
+                    n_experts=4, d_expert=16, tie_embeddings=tied)
+    params = model.init_params(m, jax.random.key(0))
+    batch = {k: jnp.asarray(v) for k, v in recall_batch(0, 0, 4, 24, 40, 4).items()}
+    got = {}
+    for chunks in (1, 3):
+        cfg = dataclasses.replace(m, loss_chunks=chunks)
+        got[chunks] = jax.jit(jax.value_and_grad(
+            lambda p: model.loss_fn(p, batch, cfg), has_aux=True))(params)
+    (loss, metrics), grads = got[3]
+    (loss_ref, metrics_ref), grads_ref = got[1]
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    np.testing.assert_allclose(metrics["accuracy"], metrics_ref["accuracy"], rtol=1e-6)
+    assert ("lm_head" in grads) == (not tied)
+    for (path, g_ref), g in zip(jax.tree_util.tree_flatten_with_path(grads_ref)[0],
+                                jax.tree.leaves(grads)):
+        scale = float(jnp.max(jnp.abs(g_ref))) + 1e-12
+        np.testing.assert_allclose(g / scale, g_ref / scale, atol=1e-5,  # summation order
+                                   err_msg=jax.tree_util.keystr(path))
