@@ -27,7 +27,8 @@ def the_batch():
 def make_cfg(pp, ep, M=2, loss_chunks=1, **settings):
     """Default schedule and EP settings (1f1b; dropless rounds, capacity 1.25 per round)
     unless given."""
-    return validate(Config(model=dataclasses.replace(MODEL, loss_chunks=loss_chunks), train=TrainConfig(batch_size=8, seq_len=24, n_pairs=4),
+    return validate(Config(model=dataclasses.replace(MODEL, loss_chunks=loss_chunks),
+                           train=TrainConfig(batch_size=8, seq_len=24, n_pairs=4),
                            parallel=ParallelConfig(pp=pp, ep=ep, microbatches=M, **settings)))
 
 
@@ -73,9 +74,13 @@ def assert_grads_match(grads, grads_ref, atol):
 # loss_chunks: the chunked head (the reference runs the plain one).
 @pytest.mark.parametrize("pp,ep,M,schedule,loss_chunks", [
     (1, 4, 1, "1f1b", 2), (2, 2, 4, "gpipe", 3), (4, 2, 4, "circular", 1)])
-def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule, loss_chunks):
+def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule, loss_chunks, monkeypatch):
     params, loss_ref, metrics_ref, grads_ref = reference
+    chunked, real = [], model.linear_token_losses
+    monkeypatch.setattr(model, "linear_token_losses",
+                        lambda *a: chunked.append(a[4]) or real(*a))
     loss, metrics, grads = run(make_cfg(pp, ep, M, loss_chunks, pp_schedule=schedule), params)
+    assert set(chunked) == ({loss_chunks} if loss_chunks > 1 else set())  # the chunked head ran
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     for key in ("ce", "aux_loss", "z_loss"):
         np.testing.assert_allclose(metrics[key], metrics_ref[key], rtol=1e-5, err_msg=key)
@@ -87,8 +92,8 @@ def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule, loss_chunks)
 @pytest.mark.parametrize("settings", [dict(ep_chunks=2), dict(ep_rounds_grad="autodiff")])
 def test_exchange_options_equal_single_device(reference, settings):
     """--ep_chunks 2, and --ep_rounds_grad autodiff (not the default), inside 1F1B's
-    per-layer recompute at (2, 2, 2): the one-device loss and gradients (tests/test_ep.py checks the experts
-    alone, with later rounds)."""
+    per-layer recompute at (2, 2, 2): the one-device loss and gradients (tests/test_ep.py
+    checks the experts alone, with later rounds)."""
     params, loss_ref, _, grads_ref = reference
     loss, metrics, grads = run(make_cfg(2, 2, 2, **settings), params)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
