@@ -39,7 +39,9 @@ def reference():
     return single_device(MODEL, the_batch())
 
 
-@pytest.mark.parametrize("pp,ep,M", [(1, 1, 2), (2, 1, 2), (1, 2, 2), (2, 2, 2)])
+# (2, 2, 2) with the kernels: test_packed_documents_in_shard_map_equal_single_device below
+# (the same program plus document masks; one compile fewer for the suite's time).
+@pytest.mark.parametrize("pp,ep,M", [(1, 1, 2), (2, 1, 2), (1, 2, 2)])
 def test_kernels_in_shard_map_equal_single_device(reference, mosaic_standin, pp, ep, M):
     params, loss_ref, metrics_ref, grads_ref = reference
     loss, metrics, grads = run(make_cfg(pp, ep, M), params, the_batch())

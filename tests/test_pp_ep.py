@@ -71,15 +71,18 @@ def assert_grads_match(grads, grads_ref, atol):
 
 # (2, 2, 2) 1F1B runs in test_kernels_in_shard_map.py (kernels, default settings) and, on a
 # hybrid stack, in test_attention.py.
-# loss_chunks: the chunked head (the reference runs the plain one).
-@pytest.mark.parametrize("pp,ep,M,schedule,loss_chunks", [
-    (1, 4, 1, "1f1b", 2), (2, 2, 4, "gpipe", 3), (4, 2, 4, "circular", 1)])
-def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule, loss_chunks, monkeypatch):
+# loss_chunks: the chunked head (the reference runs the plain one); (1, 4, 1) also
+# exchanges in 2 chunks (--ep_chunks 2; tests/test_ep.py checks the experts alone).
+@pytest.mark.parametrize("pp,ep,M,schedule,loss_chunks,ep_chunks", [
+    (1, 4, 1, "1f1b", 2, 2), (2, 2, 4, "gpipe", 3, 1), (4, 2, 4, "circular", 1, 1)])
+def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule, loss_chunks, ep_chunks,
+                                    monkeypatch):
     params, loss_ref, metrics_ref, grads_ref = reference
     chunked, real = [], model.linear_token_losses
     monkeypatch.setattr(model, "linear_token_losses",
                         lambda *a: chunked.append(a[4]) or real(*a))
-    loss, metrics, grads = run(make_cfg(pp, ep, M, loss_chunks, pp_schedule=schedule), params)
+    loss, metrics, grads = run(make_cfg(pp, ep, M, loss_chunks, pp_schedule=schedule,
+                                        ep_chunks=ep_chunks), params)
     assert set(chunked) == ({loss_chunks} if loss_chunks > 1 else set())  # the chunked head ran
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     for key in ("ce", "aux_loss", "z_loss"):
@@ -89,13 +92,12 @@ def test_pp_ep_equals_single_device(reference, pp, ep, M, schedule, loss_chunks,
     assert_grads_match(grads, grads_ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("settings", [dict(ep_chunks=2), dict(ep_rounds_grad="autodiff")])
-def test_exchange_options_equal_single_device(reference, settings):
-    """--ep_chunks 2, and --ep_rounds_grad autodiff (not the default), inside 1F1B's
-    per-layer recompute at (2, 2, 2): the one-device loss and gradients (tests/test_ep.py
-    checks the experts alone, with later rounds)."""
+def test_autodiff_rounds_equal_single_device(reference):
+    """--ep_rounds_grad autodiff (not the default) inside 1F1B's per-layer recompute at
+    (2, 2, 2): the one-device loss and gradients (tests/test_ep.py checks the experts
+    alone, with later rounds)."""
     params, loss_ref, _, grads_ref = reference
-    loss, metrics, grads = run(make_cfg(2, 2, 2, **settings), params)
+    loss, metrics, grads = run(make_cfg(2, 2, 2, ep_rounds_grad="autodiff"), params)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     assert int(metrics["dropped_tokens"]) == 0
     assert_grads_match(grads, grads_ref, atol=1e-5)
