@@ -304,7 +304,7 @@ def head_losses(params, hidden, residual, targets_BxL, mask_BxL, cfg: ModelConfi
     h_BxLxD, w_DxV = _head_parts(params, hidden, residual, cfg)
     D = h_BxLxD.shape[-1]
     return linear_token_losses(h_BxLxD.reshape(-1, D), w_DxV, targets_BxL.reshape(-1),
-                               mask_BxL.reshape(-1), cfg.loss_chunks, h_BxLxD.dtype)
+                               mask_BxL.reshape(-1), cfg.loss_chunks)
 
 
 def total_loss(cfg: ModelConfig, nll_sum, n_tokens, aux_sum, z_sum, n_rows):

@@ -88,14 +88,13 @@ def _chunked(x_NxD, targets_N, mask_N, chunks: int):
         targets_N = jnp.pad(targets_N, (0, pad))
         mask_N = jnp.pad(mask_N, (0, pad))
     n = (N + pad) // chunks
-    return (x_NxD.reshape(chunks, n, -1), targets_N.reshape(chunks, n),
-            mask_N.reshape(chunks, n)), pad
+    return x_NxD.reshape(chunks, n, -1), targets_N.reshape(chunks, n), mask_N.reshape(chunks, n)
 
 
 def _linear_sums(x_NxD, w_DxV, targets_N, mask_N, chunks: int, with_grads: bool):
     """Sums (and, with_grads, their gradients for a unit cotangent: dx in x's dtype, dw in
     fp32) of token_losses(x @ w), chunk by chunk."""
-    (x_CxNxD, t_CxN, m_CxN), _ = _chunked(x_NxD, targets_N, mask_N, chunks)
+    x_CxNxD, t_CxN, m_CxN = _chunked(x_NxD, targets_N, mask_N, chunks)
 
     def body(carry, xs):
         nll, correct, dw_DxV = carry
@@ -121,14 +120,17 @@ def _linear_sums(x_NxD, w_DxV, targets_N, mask_N, chunks: int, with_grads: bool)
     return (nll, correct), (dx_NxD, dw_DxV)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def linear_token_losses(x_NxD, w_DxV, targets_N, mask_N, chunks: int, dtype):
-    """token_losses(x @ w.astype(dtype), targets, mask) for x [N, D] (in dtype) and w
-    [D, V] (any float dtype), `chunks` chunks of rows at a time: (nll_sum, correct_sum)."""
-    return _linear_sums(x_NxD, w_DxV.astype(dtype), targets_N, mask_N, chunks, False)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def linear_token_losses(x_NxD, w_DxV, targets_N, mask_N, chunks: int):
+    """token_losses(x @ w.astype(x.dtype), targets, mask) for x [N, D] in the compute dtype
+    and w [D, V] (any float dtype), `chunks` chunks of rows at a time: (nll_sum,
+    correct_sum)."""
+    return _linear_sums(x_NxD, w_DxV.astype(x_NxD.dtype), targets_N, mask_N, chunks,
+                        False)[0]
 
 
-def _linear_fwd(x_NxD, w_DxV, targets_N, mask_N, chunks, dtype):
+def _linear_fwd(x_NxD, w_DxV, targets_N, mask_N, chunks):
+    dtype = x_NxD.dtype
     sums, (dx_NxD, dw_DxV) = _linear_sums(x_NxD, w_DxV.astype(dtype), targets_N, mask_N,
                                           chunks, True)
     # dW kept in the compute dtype, as the plain head's dot returns it (under the GPipe and
@@ -138,7 +140,7 @@ def _linear_fwd(x_NxD, w_DxV, targets_N, mask_N, chunks, dtype):
     return sums, ((dx_NxD, dw_DxV.astype(dtype)), x_NxD[:0, :0], w_DxV[:0, :0])
 
 
-def _linear_bwd(chunks, dtype, res, cts):
+def _linear_bwd(chunks, res, cts):
     (dx_NxD, dw_DxV), x_like, w_like = res
     g = cts[0]
     # Each gradient typed like its primal: summed over the mesh axes where only the tokens

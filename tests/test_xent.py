@@ -63,7 +63,7 @@ def test_chunked_head_equals_its_twin(dtype, chunks, tol):
     targets = jax.random.randint(k[2], (N,), 0, V)
     mask = jax.random.uniform(k[3], (N,)) > 0.3
     twin = lambda x, w, t, m: token_losses(jnp.dot(x, w.astype(dtype))[None], t[None], m[None])
-    chunked = lambda x, w, t, m: linear_token_losses(x, w, t, m, chunks, jnp.dtype(dtype))
+    chunked = lambda x, w, t, m: linear_token_losses(x, w, t, m, chunks)
     (nll, correct), (gx, gw) = head_value_and_grads(chunked, x, w, targets, mask)
     (nll2, correct2), (gx2, gw2) = head_value_and_grads(twin, x, w, targets, mask)
     assert gx.dtype == x.dtype and gw.dtype == w.dtype
@@ -100,7 +100,7 @@ def test_chunked_head_makes_no_whole_logits():
         return max(sizes)
 
     twin = lambda x, w, t, m: token_losses(jnp.dot(x, w)[None], t[None], m[None])
-    chunked = lambda x, w, t, m: linear_token_losses(x, w, t, m, chunks, jnp.float32)
+    chunked = lambda x, w, t, m: linear_token_losses(x, w, t, m, chunks)
     assert biggest(twin) >= N * V
     assert biggest(chunked) <= N * V // chunks
 
