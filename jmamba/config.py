@@ -34,11 +34,14 @@ class ModelConfig:
     conv_bias: bool = True
     bias: bool = False
     ssm_impl: str = "auto"  # the Pallas kernel on GPU (where its tiles fit), chunked on CPU
-    # The head and loss over this many chunks of tokens (jmamba/xent.py,
-    # linear_token_losses): one chunk's [tokens, V] logits at a time instead of the whole
-    # batch's and their gradient (2 x 3.3 GB at moe_1b's 16 x 2048 bf16 tokens). Same
-    # values up to summation order; 1: the plain head.
-    loss_chunks: int = 1
+    # The head and loss over chunks of tokens (jmamba/xent.py, linear_token_losses): one
+    # chunk's [tokens, V] logits at a time instead of the whole batch's and their gradient
+    # (2 x 3.3 GB at moe_1b's 16 x 2048 bf16 tokens). Same values up to summation order.
+    # 0 (the default): chunks of about LOSS_CHUNK_TOKENS (model.py) tokens, i.e. the plain
+    # head up to that many; 1: the plain head; N: N chunks. On 2 x H200 (docs/benchmarks.md,
+    # thirteenth session) 8 chunks of 4096 tokens cut the pp=2 peak 25.35 -> 22.53 GB at no
+    # cost, while 8 chunks of 512 tokens cost 4.5% of a small step.
+    loss_chunks: int = 0
     # The layer stack as one lax.scan (one compiled layer) or unrolled (MaxText's
     # scan_layers=False: each layer its own compiled code and residual buffers). The scan
     # stacks every layer's residuals into [Y, ...] arrays and reads them back: on one H100
@@ -300,7 +303,8 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     lo, hi = m.A_init_range
     _check(0 < lo <= hi, "model.A_init_range", "need 0 < low <= high", m.A_init_range)
     _check_choice(m.ssm_impl, SSM_IMPLS, "model.ssm_impl")
-    _check(m.loss_chunks >= 1, "model.loss_chunks", "must be >= 1", m.loss_chunks)
+    _check(m.loss_chunks >= 0, "model.loss_chunks", "must be >= 0 (0: chunks of ~4096 tokens)",
+           m.loss_chunks)
     _check_choice(m.dtype, DTYPES, "model.dtype")
     _check(m.rms_norm_eps > 0, "model.rms_norm_eps", "must be > 0", m.rms_norm_eps)
     _check_choice(m.mlp, MLP_KINDS, "model.mlp")

@@ -295,16 +295,28 @@ def head_logits(params, hidden, residual, cfg: ModelConfig):
     return jnp.dot(h, w_DxV.astype(h.dtype))
 
 
+# model.loss_chunks = 0 splits the head into chunks of about this many tokens: 8 chunks of
+# 4096 cost nothing measurable on H200s, 8 of 512 cost 4.5% of a small step
+# (docs/benchmarks.md, thirteenth session).
+LOSS_CHUNK_TOKENS = 4096
+
+
+def loss_chunk_count(cfg: ModelConfig, n_tokens: int) -> int:
+    """How many chunks the head and loss of n_tokens tokens run in (1: the plain head)."""
+    return cfg.loss_chunks or max(1, -(-n_tokens // LOSS_CHUNK_TOKENS))
+
+
 def head_losses(params, hidden, residual, targets_BxL, mask_BxL, cfg: ModelConfig):
     """(nll_sum, correct_sum) of the head's logits: token_losses(head_logits(...)), or
-    with cfg.loss_chunks > 1 the same through xent.linear_token_losses, which makes one
-    chunk of tokens' logits at a time (no [B, L, V] array in the step)."""
-    if cfg.loss_chunks <= 1:
+    in more than one chunk (loss_chunk_count) the same through xent.linear_token_losses,
+    which makes one chunk of tokens' logits at a time (no [B, L, V] array in the step)."""
+    chunks = loss_chunk_count(cfg, targets_BxL.size)
+    if chunks <= 1:
         return token_losses(head_logits(params, hidden, residual, cfg), targets_BxL, mask_BxL)
     h_BxLxD, w_DxV = _head_parts(params, hidden, residual, cfg)
     D = h_BxLxD.shape[-1]
     return linear_token_losses(h_BxLxD.reshape(-1, D), w_DxV, targets_BxL.reshape(-1),
-                               mask_BxL.reshape(-1), cfg.loss_chunks)
+                               mask_BxL.reshape(-1), chunks)
 
 
 def total_loss(cfg: ModelConfig, nll_sum, n_tokens, aux_sum, z_sum, n_rows):

@@ -133,3 +133,33 @@ def test_one_device_loss_with_chunked_head_equals_the_plain_head(tied):
         scale = float(jnp.max(jnp.abs(g_ref))) + 1e-12
         np.testing.assert_allclose(g / scale, g_ref / scale, atol=1e-5,  # summation order
                                    err_msg=jax.tree_util.keystr(path))
+
+
+def test_default_loss_chunks_split_by_token_count(monkeypatch):
+    """model.loss_chunks = 0 (the default): the plain head up to LOSS_CHUNK_TOKENS tokens,
+    above it chunks of about that many (here 3 for 9000 tokens), with the plain head's
+    values; an explicit count is taken as given."""
+    import dataclasses
+
+    from jmamba import model
+    from jmamba.config import ModelConfig
+    m = ModelConfig(d_model=16, n_layer=1, vocab_size=40, headdim=8, d_state=8, chunk_size=8)
+    assert m.loss_chunks == 0
+    assert model.loss_chunk_count(m, model.LOSS_CHUNK_TOKENS) == 1
+    assert model.loss_chunk_count(m, 2 * model.LOSS_CHUNK_TOKENS + 1) == 3
+    assert model.loss_chunk_count(dataclasses.replace(m, loss_chunks=1), 10 ** 6) == 1
+    assert model.loss_chunk_count(dataclasses.replace(m, loss_chunks=5), 100) == 5
+    params = model.init_params(m, jax.random.key(0))
+    k = jax.random.split(jax.random.key(1), 3)
+    hidden = jax.random.normal(k[0], (3, 3000, 16))
+    residual = jax.random.normal(k[1], (3, 3000, 16))
+    targets = jax.random.randint(k[2], (3, 3000), 0, 40)
+    mask = jnp.ones((3, 3000), bool).at[:, -7:].set(False)
+    seen, real = [], model.linear_token_losses
+    monkeypatch.setattr(model, "linear_token_losses", lambda *a: seen.append(a[4]) or real(*a))
+    got = model.head_losses(params, hidden, residual, targets, mask, m)
+    assert seen == [3]
+    want = model.head_losses(params, hidden, residual, targets, mask,
+                             dataclasses.replace(m, loss_chunks=1))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
