@@ -8,9 +8,10 @@ under shard_map over 'ep' (moe_1b's ep=2 shapes by default: 32768 tokens a rank,
   one round cf 2.0   no switch (ep x the rows at ep=2: what the default avoids)
   dropping cf 1.25   no switch, copies past the buffer dropped (not a training choice)
   no switch, branch k  the dropless code with its switch replaced by a call of branch k
-Each row runs in a fresh process; the dropless row also under each XLA command-buffer
-setting in --cb_sets, so a setting that fails (e.g. "Failed to instantiate CUDA graph")
-fails only its row.
+Each row runs in a fresh process; the dropless and "no switch, branch 1" rows also under
+each other XLA command-buffer setting in --cb_sets (none, or conditionals and collectives
+captured too), so a setting that fails (e.g. "Failed to instantiate CUDA graph") fails
+only its row.
 
     python3 scripts/ep_conditional.py --out $OUT                 # 2 GPUs
     python3 scripts/ep_conditional.py --out /tmp/x --small       # CPU smoke run
@@ -34,10 +35,12 @@ ROWS = {"dropless cf 1.25": dict(capacity_factor=1.25, dropless=True),
         "no switch, branch 2": dict(capacity_factor=1.25, dropless=True, branch=2),
         "one round cf 2.0": dict(capacity_factor=2.0, dropless=True),
         "dropping cf 1.25": dict(capacity_factor=1.25, dropless=False)}
-# "" = XLA's default command buffers; others name the command types to capture
-# (adding CONDITIONAL alone ran, 56.0 against 55.6 ms; adding CONDITIONAL, WHILE and
-# COLLECTIVES made train.py fail to instantiate its CUDA graph: docs/benchmarks.md)
-CB_SETS = ("", "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,COLLECTIVES")
+# "" = XLA's default command buffers, "off" = none (every kernel launched by the host: a
+# step that waits on the host more shows it more); others name the command types to
+# capture (adding CONDITIONAL alone ran, 56.0 against 55.6 ms; adding CONDITIONAL, WHILE
+# and COLLECTIVES made train.py fail to instantiate its CUDA graph: docs/benchmarks.md)
+CB_SETS = ("", "off", "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,COLLECTIVES")
+CB_ROWS = ("dropless cf 1.25", "no switch, branch 1")  # the rows run under the other sets
 
 
 def one_row(args) -> dict:
@@ -135,13 +138,13 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     results = []
     for cb in args.cb_sets.split(";"):
-        for row in (ROWS if not cb else ["dropless cf 1.25"]):
+        for row in (ROWS if not cb else CB_ROWS):
             env = dict(os.environ)
             if args.small:
                 env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
             if cb:
-                env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "")
-                                    + f" --xla_gpu_enable_command_buffer={cb}").strip()
+                env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer="
+                                    + ("" if cb == "off" else cb)).strip()
             cmd = [sys.executable, __file__, "--out", args.out, "--row", row]
             for k in ("ep", "tokens", "experts", "d_model", "ffn", "layers", "steps", "skew"):
                 cmd += [f"--{k}", str(getattr(args, k))]
