@@ -178,6 +178,7 @@ PP_SCHEDULES = ("1f1b", "gpipe", "circular")
 PP_COMMS = ("pair", "sum")
 REMATS = ("auto", "none", "full", "full_with_comm", "dots")
 EP_DISPATCH = ("auto", "ragged", "dense")
+EP_OVERFLOWS = ("rounds", "redo")
 EP_MATMULS = ("auto", "kernel", "xla")  # jmamba/kernels/grouped_matmul.py IMPLS
 GMM_PRODUCTS = ("fwd", "dx", "dw")  # jmamba/kernels/grouped_matmul.py PRODUCTS
 
@@ -243,6 +244,15 @@ class ParallelConfig:
     # latency-hiding scheduler decides). Dropless results do not depend on it; with drops
     # each chunk has its own share of the buffer. Must divide train.seq_len.
     ep_chunks: int = 1
+    # How a dropless exchange serves copies that do not fit the first round's buffer:
+    # "rounds" (the default): more exchange rounds in the layer, picked by a data-dependent
+    # switch in every layer's forward and backward (XLA on GPUs copies a switch's index to
+    # the host and waits); "redo": every layer runs ONE round at ep_capacity_factor, and a
+    # step in which any copy did not fit is computed again, whole, with one round at
+    # capacity ep (which never drops): one switch a step. The same values either way;
+    # metrics add ep_redone (1 for a step computed twice). Pick a capacity factor that
+    # holds the usual routing skew, or most steps run twice. Not yet measured on GPUs.
+    ep_overflow: str = "rounds"
 
     @property
     def virtual(self) -> int:
@@ -450,6 +460,10 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Para
            "'cudnn' crashes XLA's compiler at parallel.ep > 1 (jax 0.11.2); use 'auto' "
            "(xla attention there)", m.attn_impl)
     _check_choice(p.ep_rounds_grad, ("autodiff", "recompute"), "parallel.ep_rounds_grad")
+    _check_choice(p.ep_overflow, EP_OVERFLOWS, "parallel.ep_overflow")
+    _check(p.ep_overflow == "rounds" or p.ep_dropless, "parallel.ep_overflow",
+           "'redo' recomputes a step whose copies overflowed, which only a dropless exchange "
+           "does; with parallel.ep_dropless false leave it at 'rounds'", p.ep_overflow)
     _check(p.ep_chunks >= 1 and t.seq_len % p.ep_chunks == 0, "parallel.ep_chunks",
            f"must be >= 1 and divide train.seq_len = {t.seq_len}", p.ep_chunks)
     _check(p.ep_chunks == 1 or (p.ep > 1 and m.mlp == "moe"), "parallel.ep_chunks",

@@ -55,7 +55,8 @@ def with_router_bias(params, new_bias):
 def make_train_step(loss_fn: Callable, optimizer, schedule, grad_clip: float,
                     fix_grads: Callable = lambda g: g, grad_sq_norm: Callable = sq_norm,
                     skip_nonfinite: bool = False, ep: int = 1, bias_rate: float = 0.0,
-                    layer_rows: Callable = lambda x: x) -> Callable:
+                    layer_rows: Callable = lambda x: x,
+                    redo_loss_fn: Callable | None = None) -> Callable:
     """loss_fn(params, batch) -> (loss, metrics with 'expert_counts' [Y, E] and
     'dropped_tokens'); every other metric passes through.
 
@@ -70,10 +71,30 @@ def make_train_step(loss_fn: Callable, optimizer, schedule, grad_clip: float,
     bias_step of the step's global expert counts (the optimizer's update of it, weight decay
     included, is discarded; its gradient is zero). layer_rows maps a canonical [n_layer, ...]
     array to the params' layer layout (a pipeline's stage stacking; identity on one device).
+
+    redo_loss_fn (--ep_overflow redo): where loss_fn reports dropped_tokens > 0, the loss,
+    metrics and gradients are redo_loss_fn's instead (a loss that never drops), computed in
+    a lax.cond, so only such steps pay for it; metrics add ep_redone (1.0 for those steps).
     """
 
+    def value_and_grads(state: TrainState, batch):
+        out = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        if redo_loss_fn is None:
+            return out
+
+        def keep(out):
+            (loss, parts), grads = out
+            return (loss, {**parts, "ep_redone": jnp.zeros((), jnp.float32)}), grads
+
+        def redo(out):
+            del out
+            (loss, parts), grads = jax.value_and_grad(redo_loss_fn, has_aux=True)(
+                state.params, batch)
+            return (loss, {**parts, "ep_redone": jnp.ones((), jnp.float32)}), grads
+        return jax.lax.cond(out[0][1]["dropped_tokens"] > 0, redo, keep, out)
+
     def train_step(state: TrainState, batch):
-        (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch)
+        (loss, parts), grads = value_and_grads(state, batch)
         grads = fix_grads(grads)
         g_norm = jnp.sqrt(grad_sq_norm(grads))
         scale = jnp.where(g_norm < grad_clip, 1.0, grad_clip / g_norm)

@@ -87,6 +87,10 @@ def train_run(name, flags, work):
                ep_load=round(statistics.median(
                    r.get("ep_load_max_over_mean", 1.0) for r in recs), 2),
                losses={r["step"]: r["loss"] for r in recs})
+    if any("ep_redone" in r for r in recs):  # --ep_overflow redo: a redone step costs ~2x,
+        # so the median hides it; the mean over the timed steps does not
+        row.update(redone=int(sum(r.get("ep_redone", 0) for r in recs)),
+                   mean_step_ms=round(1e3 * statistics.mean(r["step_time_s"] for r in rated), 1))
     print(f"== {name}: {row['step_ms']} ms, peak {row['peak_gb']} GB, "
           f"loss {recs[-1]['loss']:.4f}", flush=True)
     return row

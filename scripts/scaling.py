@@ -112,7 +112,7 @@ def main():
     base = rows.get("1 GPU", {})
     lines = ["| run | GPUs | layers | experts | batch | M | step ms | tokens/s | per-GPU work vs "
              "1 GPU | peak GB per GPU | XLA estimate GB | dropped | expert load max/mean | "
-             "ep rank load max/mean |", "|" + "---|" * 14]
+             "ep rank load max/mean | --ep_overflow redo |", "|" + "---|" * 15]
     for name, r in rows.items():
         eff = "-"
         if "step_ms" in r and "step_ms" in base:
@@ -124,7 +124,9 @@ def main():
                      f"{r['M']} | {r.get('step_ms', 'rc=%s' % r['rc'])} | "
                      f"{r.get('tokens_per_s', '-')} | {eff} | {r.get('peak_gb', '-')} | "
                      f"{r.get('xla_total_gb', '-')} | {r.get('dropped', '-')} | "
-                     f"{r.get('expert_load', '-')} | {r.get('ep_load', '-')} |")
+                     f"{r.get('expert_load', '-')} | {r.get('ep_load', '-')} |"
+                     + (f" redone {r['redone']} steps (mean {r['mean_step_ms']} ms) |"
+                        if "redone" in r else " |"))
     text = "\n".join(lines)
     emit_table(text, args.out, "scaling.md")
 

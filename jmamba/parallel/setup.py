@@ -69,18 +69,30 @@ def with_remat(cfg, remat: str):
 
 
 def experts_fn_for(cfg):
-    """Local dropless experts at ep = 1; the ep all-to-all dispatch otherwise."""
+    """Local dropless experts at ep = 1; the ep all-to-all dispatch otherwise (with
+    --ep_overflow redo one round that counts what did not fit; see redo_cfg)."""
     m, p = cfg.model, cfg.parallel
     if p.ep == 1 or m.mlp != "moe":
         return moe_dropless
+    one_round = p.ep_overflow == "redo"
     return make_ep_experts_fn(m.n_experts, p.ep, "ep", p.ep_capacity_factor, p.ep_dispatch,
                               matmul=functools.partial(grouped_matmul, impl=p.ep_matmul),
-                              dropless=p.ep_dropless, chunks=p.ep_chunks,
+                              dropless=p.ep_dropless and not one_round, chunks=p.ep_chunks,
                               later_matmul=functools.partial(
                                   grouped_matmul, impl=p.ep_matmul,
                                   xla_products=p.ep_later_rounds_xla),
                               merge_rounds=p.ep_merge_rounds,
                               recompute_rounds=p.ep_rounds_grad == "recompute")
+
+
+def redo_cfg(cfg):
+    """With --ep_overflow redo: the config of the step's second computation, one exchange
+    round at capacity ep (every copy fits, whatever the routing); None otherwise."""
+    p = cfg.parallel
+    if p.ep_overflow != "redo" or p.ep == 1 or cfg.model.mlp != "moe":
+        return None
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(
+        p, ep_overflow="rounds", ep_capacity_factor=float(p.ep)))
 
 
 def attention_for_layout(cfg):
@@ -165,9 +177,13 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
         state = sharded_init(init, layout, mesh, optimizer, state_sh)(params)
     batch_sh = NamedSharding(mesh, spec("batch"))
 
+    redo = redo_cfg(cfg)
+
     def step_for(remat):
         step = make_train_step(pipeline_loss(with_remat(cfg, remat), layout, mesh), optimizer,
                                lr_schedule(t), t.grad_clip,
+                               redo_loss_fn=None if redo is None else pipeline_loss(
+                                   with_remat(redo, remat), layout, mesh),
                                fix_grads=functools.partial(tie_gradients, layout=layout),
                                grad_sq_norm=functools.partial(unique_sq_norm, layout=layout),
                                skip_nonfinite=t.skip_nonfinite, ep=p.ep,
@@ -177,7 +193,8 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
                        out_shardings=(state_sh, replicated), donate_argnums=0)
     # The pipelined loss without differentiation runs the forward only (GPipe order, for
     # every schedule): the one-device loss.
-    eval_fn = jax.jit(pipeline_loss(with_remat(cfg, "none"), layout, mesh),
+    # (With --ep_overflow redo, evaluation runs the exchange that never drops.)
+    eval_fn = jax.jit(pipeline_loss(with_remat(redo or cfg, "none"), layout, mesh),
                       in_shardings=(param_sh, batch_sh), out_shardings=replicated)
     return Training(step_for(first_remat), state,
                     functools.partial(to_canonical, layout=layout), mesh, layout, batch_sh,
