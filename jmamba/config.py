@@ -464,6 +464,10 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Para
     _check(p.ep_overflow == "rounds" or p.ep_dropless, "parallel.ep_overflow",
            "'redo' recomputes a step whose copies overflowed, which only a dropless exchange "
            "does; with parallel.ep_dropless false leave it at 'rounds'", p.ep_overflow)
+    _check(p.ep_overflow == "rounds" or (p.ep > 1 and m.mlp == "moe"), "parallel.ep_overflow",
+           "'redo' changes the expert-parallel exchange, so it needs parallel.ep > 1 and "
+           f"model.mlp = 'moe' (here ep = {p.ep}, mlp = {m.mlp!r}); leave it at 'rounds'",
+           p.ep_overflow)
     _check(p.ep_chunks >= 1 and t.seq_len % p.ep_chunks == 0, "parallel.ep_chunks",
            f"must be >= 1 and divide train.seq_len = {t.seq_len}", p.ep_chunks)
     _check(p.ep_chunks == 1 or (p.ep > 1 and m.mlp == "moe"), "parallel.ep_chunks",

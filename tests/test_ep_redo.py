@@ -81,4 +81,6 @@ def test_redo_needs_a_dropless_exchange():
         cfg_at(1, 2, 1, ep_overflow="redo", ep_dropless=False)
     with pytest.raises(ValueError, match="ep_overflow"):
         cfg_at(1, 2, 1, ep_overflow="again")
+    with pytest.raises(ValueError, match="needs parallel.ep > 1"):
+        cfg_at(2, 1, 2, ep_overflow="redo")
     assert dataclasses.replace(ParallelConfig()).ep_overflow == "rounds"
