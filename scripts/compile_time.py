@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -30,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from gpu_layouts import emit_table  # noqa: E402
 
 CHILD = r"""
-import dataclasses, json, os, sys, time, types
+import json, os, sys, time, types
 t0 = time.perf_counter()
 import jax, jax.numpy as jnp
 cross = os.environ.get("JMAMBA_CROSS_LOWER") == "1"
@@ -47,17 +48,13 @@ if cross:  # diagnosis only: every GPU path (Hopper kernels, cuDNN, Pallas Trito
         mod.jax = fake
     from jmamba.kernels import grouped_matmul as gm
     gm._on_hopper = lambda: True
-from jmamba.cli import load_preset
-from jmamba.config import validate
+from jmamba.cli import parse_config
 from jmamba.driver import make_data, to_device
 from jmamba.parallel.setup import build, process_rows
-preset, pp, ep, scan, remat, more = sys.argv[1:7]
-cfg = load_preset(preset)
-cfg = validate(dataclasses.replace(
-    cfg, model=dataclasses.replace(cfg.model, scan_layers=scan == "scan"),
-    parallel=dataclasses.replace(cfg.parallel, pp=int(pp), ep=int(ep),
-                                 microbatches=1 if int(pp) == 1 else 2 * int(pp),
-                                 remat=remat, **json.loads(more))))
+preset, pp, ep, scan, remat = sys.argv[1:6]
+cfg = parse_config(["--config", preset, "--scan_layers", str(scan == "scan"), "--pp", pp,
+                    "--ep", ep, "--microbatches", "1" if pp == "1" else str(2 * int(pp)),
+                    "--remat", remat, *sys.argv[6:]])
 run = build(cfg, abstract=True)
 rows = process_rows(run.batch_sharding, cfg.train.batch_size)
 batch = to_device(next(make_data(cfg, rows)), run, rows, cfg.train.batch_size)
@@ -92,9 +89,8 @@ def main():
     ap.add_argument("--variants", default="scan:full,unrolled:none",
                     help="layer stack:remat pairs (scan or unrolled)")
     ap.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS for every row")
-    ap.add_argument("--parallel", default="",
-                    help="more parallel fields for every row, e.g. ep_overflow=redo,"
-                    "ep_capacity_factor=1.5 (numbers are read as numbers)")
+    ap.add_argument("--flags", default="",
+                    help="more train.py flags for every row, e.g. \"--ep_overflow redo\"")
     ap.add_argument("--cross_lower", action="store_true",
                     help="lower for CUDA from any host (no compile): the JAX side only")
     args = ap.parse_args()
@@ -109,21 +105,14 @@ def main():
                                 f"_count={jax_cpu_devices_needed(args.layouts)}").strip()
     if args.xla_flags:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
-    more = {}
-    for item in filter(None, args.parallel.split(",")):
-        key, value = item.split("=", 1)
-        try:
-            more[key] = float(value) if "." in value else int(value)
-        except ValueError:
-            more[key] = value
     rows = []
     for layout in args.layouts.split(","):
         pp, ep = layout.split("x")
         for variant in args.variants.split(","):
             scan, remat = variant.split(":")
             proc = subprocess.run([sys.executable, "-c", CHILD, args.preset, pp, ep, scan,
-                                   remat, json.dumps(more)], env=env, capture_output=True,
-                                  text=True)
+                                   remat, *shlex.split(args.flags)], env=env,
+                                  capture_output=True, text=True)
             row = {"layout": layout, "layers": scan, "remat": remat, "rc": proc.returncode}
             try:
                 row.update(json.loads(proc.stdout.strip().splitlines()[-1]))

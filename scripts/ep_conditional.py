@@ -15,7 +15,7 @@ captured too), so a setting that fails (e.g. "Failed to instantiate CUDA graph")
 only its row.
 
     python3 scripts/ep_conditional.py --out $OUT                 # 2 GPUs
-    python3 scripts/ep_conditional.py --out /tmp/x --small       # CPU smoke run
+    python3 scripts/ep_conditional.py --out runs/epc --small     # CPU smoke run
 """
 
 from __future__ import annotations

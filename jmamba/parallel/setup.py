@@ -87,9 +87,10 @@ def experts_fn_for(cfg):
 
 def redo_cfg(cfg):
     """With --ep_overflow redo: the config of the step's second computation, one exchange
-    round at capacity ep (every copy fits, whatever the routing); None otherwise."""
+    round at capacity ep (every copy fits, whatever the routing); None otherwise. (The
+    config check allows redo only at ep > 1 with an MoE.)"""
     p = cfg.parallel
-    if p.ep_overflow != "redo" or p.ep == 1 or cfg.model.mlp != "moe":
+    if p.ep_overflow != "redo":
         return None
     return dataclasses.replace(cfg, parallel=dataclasses.replace(
         p, ep_overflow="rounds", ep_capacity_factor=float(p.ep)))
