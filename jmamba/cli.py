@@ -53,6 +53,12 @@ def load_preset(name: str) -> Config:
 def _parse_value(text: str, typ, flag: str, parser):
     """Turns a flag's text into the field's type, or exits naming the flag."""
     try:
+        if typ == bool | None:  # a tri-state: true, false or auto (None, settled later)
+            if text.lower() == "auto":
+                return None
+            if text.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError("expected true, false or auto")
+            return text.lower() in ("1", "true", "yes", "on")
         if typ is bool:
             if text.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -94,8 +100,12 @@ def build_parser(cfg: Config) -> tuple[argparse.ArgumentParser, dict]:
         dest = f"{section}__{name}"
         dests[dest] = (section, name, typ, "/".join(flags))
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
-        parser.add_argument(*flags, dest=dest, default=None, metavar=typ.__name__.upper()
-                            if isinstance(typ, type) else "A,B", help=f"(default: {shown})")
+        if typ == bool | None:
+            metavar, shown = "BOOL|auto", "auto" if value is None else value
+        else:
+            metavar = typ.__name__.upper() if isinstance(typ, type) else "A,B"
+        parser.add_argument(*flags, dest=dest, default=None, metavar=metavar,
+                            help=f"(default: {shown})")
     return parser, dests
 
 

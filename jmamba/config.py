@@ -44,12 +44,13 @@ class ModelConfig:
     loss_chunks: int = 0
     # The layer stack as one lax.scan (one compiled layer) or unrolled (MaxText's
     # scan_layers=False: each layer its own compiled code and residual buffers). The scan
-    # stacks every layer's residuals into [Y, ...] arrays and reads them back: on one H100
-    # the moe_1b step at batch 8 took 155.9 ms scanned (full remat, the fastest scanned)
-    # against 115.5 unrolled without remat (docs/benchmarks.md, issue 17). Unrolled compiles
-    # take minutes (~4 for moe_1b on one H100; at ep=2 over 6, not yet measured to the
-    # end), so the scan stays the default. 1F1B's stages scan their layers either way.
-    scan_layers: bool = True
+    # stacks every layer's residuals into [Y, ...] arrays and reads them back. None (auto,
+    # the default): unrolled on one GPU, the scan on every other layout and on the CPU
+    # (parallel.setup.scans_layers). On 2 x H200 (docs/benchmarks.md, fourteenth session)
+    # moe_1b's one-GPU step took 200.4 ms unrolled (no remat) against 257.9 scanned (full
+    # remat), compiling in 36 s against 15; at ep=2 unrolled compiled in 187 s against 45
+    # and needed 87.5 GB against 26.7 for 3% less time. 1F1B's stages scan either way.
+    scan_layers: bool | None = None
     # Block and LM.
     rms_norm_eps: float = 1e-5
     residual_in_fp32: bool = True

@@ -19,7 +19,7 @@ from jmamba.guard import (EXIT_BAD_INPUT, Hooks, NonFiniteLoss, RunError, SkipLi
                           StopSignals, check_finite)
 from jmamba.metrics import (FIT_SHARE, Profiler, RunLog, compiled_memory, device_memory,
                             device_pool_bytes, fit_warning, fits, write_memory_report)
-from jmamba.parallel.setup import build, process_rows, remat_choices
+from jmamba.parallel.setup import build, process_rows, remat_choices, scans_layers
 from jmamba.preflight import preflight
 from jmamba.tokens import mark_documents
 
@@ -113,6 +113,10 @@ def compile_step(run, cfg: Config, state, batch, note):
         note(f"jmamba: --remat auto: without remat the step needs "
              f"{memory['total_bytes'] / 2**30:.1f} GB per device, more than the pool's "
              f"{FIT_SHARE * pool / 2**30:.1f} GB; compiling with --remat {choices[i + 1]}")
+    if cfg.model.scan_layers is None:
+        scan = scans_layers(cfg)
+        memory = {**memory, "scan_layers": scan} if memory else memory
+        note(f"jmamba: --scan_layers auto chose {'the scan' if scan else 'unrolled layers'}")
     if cfg.parallel.remat == "auto":
         memory = {**memory, "remat": remat} if memory else memory
         note(f"jmamba: --remat auto chose {remat}")

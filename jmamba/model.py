@@ -189,6 +189,12 @@ REMAT_POLICIES = {
 LAYER_INPUT = "layer_input"
 
 
+def scans(cfg: ModelConfig) -> bool:
+    """Whether the layer stack runs as one lax.scan. `scan_layers` None (auto) is settled
+    per layout by parallel.setup.with_layer_stack; the model alone reads it as the scan."""
+    return cfg.scan_layers is not False
+
+
 def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "none",
                experts_fn=moe_dropless, n_active=None, seq_idx_BxL=None, layer_ids_Y=None):
     """Scans the blocks of a [Y, ...] parameter stack over (hidden, residual).
@@ -219,7 +225,7 @@ def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "
             # at batch 16 on one H100 without it: 42.5 GB, where the scan needs 20.7; with
             # it: not yet measured on a GPU).
             block = jax.checkpoint(block, policy=REMAT_POLICIES[remat],
-                                   prevent_cse=not cfg.scan_layers)
+                                   prevent_cse=not scans(cfg))
         if n_active is None:
             return block
 
@@ -234,7 +240,7 @@ def run_layers(layers_YxTree, hidden, residual, cfg: ModelConfig, remat: str = "
         n = jax.tree.leaves(xs)[0].shape[0]
         if n_active is not None:
             xs = (jnp.arange(n), xs)
-        if cfg.scan_layers:
+        if scans(cfg):
             return jax.lax.scan(body, carry, xs)
         # The scan's twin, unrolled: the same math, layer i on row i. One jitted layer
         # called n times: JAX lowers it (and its Pallas kernels) once, and XLA inlines the

@@ -91,6 +91,8 @@ def main():
     ap.add_argument("--xla_flags", default="", help="appended to XLA_FLAGS for every row")
     ap.add_argument("--flags", default="",
                     help="more train.py flags for every row, e.g. \"--ep_overflow redo\"")
+    ap.add_argument("--row_timeout", type=float, default=None,
+                    help="seconds one row may take; a row past it is recorded as a timeout")
     ap.add_argument("--cross_lower", action="store_true",
                     help="lower for CUDA from any host (no compile): the JAX side only")
     args = ap.parse_args()
@@ -110,14 +112,21 @@ def main():
         pp, ep = layout.split("x")
         for variant in args.variants.split(","):
             scan, remat = variant.split(":")
-            proc = subprocess.run([sys.executable, "-c", CHILD, args.preset, pp, ep, scan,
-                                   remat, *shlex.split(args.flags)], env=env,
-                                  capture_output=True, text=True)
-            row = {"layout": layout, "layers": scan, "remat": remat, "rc": proc.returncode}
+            row = {"layout": layout, "layers": scan, "remat": remat}
             try:
-                row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-            except (IndexError, ValueError):
-                row["error"] = (proc.stdout + proc.stderr)[-600:]
+                proc = subprocess.run([sys.executable, "-c", CHILD, args.preset, pp, ep,
+                                       scan, remat, *shlex.split(args.flags)], env=env,
+                                      capture_output=True, text=True,
+                                      timeout=args.row_timeout)
+            except subprocess.TimeoutExpired:
+                row.update(rc="timeout", error=f"over {args.row_timeout:.0f} s")
+                proc = None
+            if proc is not None:
+                row["rc"] = proc.returncode
+                try:
+                    row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+                except (IndexError, ValueError):
+                    row["error"] = (proc.stdout + proc.stderr)[-600:]
             print(json.dumps(row), flush=True)
             rows.append(row)
             with open(os.path.join(args.out, "compile_time.json"), "w") as f:

@@ -15,11 +15,18 @@ def test_help_lists_every_field_with_its_default():
     assert text.count("(default:") == len(list(_fields(Config())))
 
 
+def test_scan_layers_takes_true_false_or_auto():
+    for text, want in (("true", True), ("false", False), ("auto", None)):
+        assert parse_config(["--scan_layers", text]).model.scan_layers is want
+    assert parse_config([]).model.scan_layers is None
+
+
 @pytest.mark.parametrize("argv,needles", [
     (["--stpes", "3"], ["--stpes", "--steps"]),
     (["--model.d_modle=32"], ["--model.d_modle", "--model.d_model"]),
     (["--steps", "many"], ["--steps", "many"]),
     (["--tie_embeddings", "maybe"], ["--tie_embeddings", "true or false"]),
+    (["--scan_layers", "maybe"], ["--scan_layers", "true, false or auto"]),
     (["--model.mlp", "moee"], ["model.mlp", "did you mean 'moe'"]),
     (["--remat", "ful"], ["parallel.remat", "did you mean 'full'"]),
 ])

@@ -20,7 +20,8 @@ from jmamba import driver
 from jmamba.driver import make_data, train
 from jmamba.guard import Hooks, StopSignals
 from jmamba.metrics import FIT_SHARE, MEMORY_KEYS, RunLog, fit_warning, parse_profile_steps
-from jmamba.parallel.setup import build, remat_choices, with_remat
+from jmamba.parallel.setup import (build, remat_choices, scans_layers, with_layer_stack,
+                                   with_remat)
 from jmamba.step import init_state, make_train_step
 
 TINY = ModelConfig(d_model=16, n_layer=2, headdim=8, d_state=8, chunk_size=16, d_expert=16)
@@ -46,9 +47,10 @@ def test_run_writes_metrics_tensorboard_and_trace(tmp_path):
     assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
     assert glob.glob(str(tmp_path / "plugins/profile/*/*.xplane.pb"))
     memory = json.load(open(tmp_path / "memory.json"))  # XLA's estimate, before step 1
-    assert set(memory) == set(MEMORY_KEYS) | {"remat"}
+    assert set(memory) == set(MEMORY_KEYS) | {"remat", "scan_layers"}
     assert memory["total_bytes"] >= memory["temp_bytes"] > 0 and memory["argument_bytes"] > 0
     assert memory["remat"] == "none"  # --remat auto where the pool is unknown (the CPU)
+    assert memory["scan_layers"] is True  # --scan_layers auto on the CPU
 
 
 def test_remat_auto_compiles_full_remat_when_none_does_not_fit(tmp_path, monkeypatch):
@@ -71,8 +73,8 @@ def test_remat_auto_compiles_full_remat_when_none_does_not_fit(tmp_path, monkeyp
 def test_remat_auto_rules():
     """What --remat auto tries, by layout, layer stack and backend (setup.remat_choices)."""
     cfg = tiny("unused")
-    scanned, unrolled = cfg, dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, scan_layers=False))
+    scanned, unrolled = (dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, scan_layers=s)) for s in (True, False))
     assert remat_choices(scanned, "gpu") == ("full",)  # the scan: full measured faster
     assert remat_choices(unrolled, "gpu") == ("none", "full")  # none where it fits
     assert remat_choices(scanned, "cpu") == ("none", "full")
@@ -80,6 +82,30 @@ def test_remat_auto_rules():
                                                                    microbatches=4))
     assert remat_choices(piped, "gpu") == ("none",)  # 1F1B recomputes whatever --remat says
     assert remat_choices(with_remat(unrolled, "dots"), "gpu") == ("dots",)
+
+
+def test_scan_layers_auto_rules():
+    """--scan_layers auto (None): unrolled on one GPU only; the scan on the CPU, on every
+    multi-device or microbatched layout, and wherever the flag is given (setup.scans_layers).
+    remat auto follows the settled stack."""
+    cfg = tiny("unused")
+    assert cfg.model.scan_layers is None  # the default is auto
+
+    def at(**parallel):
+        return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel,
+                                                                     **parallel))
+    assert not scans_layers(cfg, "gpu") and scans_layers(cfg, "cpu")
+    assert remat_choices(cfg, "gpu") == ("none", "full")
+    for layout in (dict(ep=2), dict(pp=2, microbatches=4), dict(microbatches=4)):
+        assert scans_layers(at(**layout), "gpu"), layout
+    assert remat_choices(at(ep=2), "gpu") == ("full",)
+    for given in (True, False):
+        fixed = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                                   scan_layers=given))
+        assert scans_layers(fixed, "gpu") is given and scans_layers(fixed, "cpu") is given
+        assert with_layer_stack(fixed).model.scan_layers is given
+    assert with_layer_stack(cfg, "gpu").model.scan_layers is False
+    assert with_layer_stack(cfg, "cpu").model.scan_layers is True
 
 
 def test_fit_warning_names_what_to_change():

@@ -59,9 +59,27 @@ def remat_choices(cfg, backend: str | None = None) -> tuple[str, ...]:
         return (p.remat,)
     if uses_1f1b(cfg):
         return ("none",)
-    if cfg.model.scan_layers and (backend or jax.default_backend()) != "cpu":
+    if scans_layers(cfg, backend) and (backend or jax.default_backend()) != "cpu":
         return ("full",)
     return AUTO_REMATS
+
+
+def scans_layers(cfg, backend: str | None = None) -> bool:
+    """What `--scan_layers auto` (None) means for cfg's layout: unrolled layers on one GPU
+    (one device, one microbatch), the scan everywhere else. On 2 x H200 (docs/benchmarks.md,
+    fourteenth session) moe_1b's one-GPU step unrolled without remat took 200.4 ms against
+    257.9 scanned with full remat, and compiled in 36 s against 15; at ep=2 unrolled it
+    compiled in 187 s against 45 and took 87.5 GB against 26.7 for 3% less time; on the
+    CPU unrolled compiles are slower for no gain."""
+    if cfg.model.scan_layers is not None:
+        return cfg.model.scan_layers
+    return not (is_single_device(cfg) and (backend or jax.default_backend()) != "cpu")
+
+
+def with_layer_stack(cfg, backend: str | None = None):
+    """cfg with `--scan_layers auto` settled for its layout (scans_layers)."""
+    scan = scans_layers(cfg, backend)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, scan_layers=scan))
 
 
 def with_remat(cfg, remat: str):
@@ -133,6 +151,7 @@ def build(cfg, params=None, abstract: bool = False) -> Training:
 
     abstract: the state is only its shapes, dtypes and shardings (ShapeDtypeStructs), for a
     run about to restore a checkpoint: no memory goes to parameters it would overwrite."""
+    cfg = with_layer_stack(cfg)
     m, t, p = cfg.model, cfg.train, cfg.parallel
     optimizer = make_optimizer(t)
     # Jitted at every layout, so a fresh run draws the same values whatever its layout
