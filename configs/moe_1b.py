@@ -17,8 +17,9 @@ CONFIG = Config(
     train=dataclasses.replace(
         TrainConfig(), steps=10_000, batch_size=8, seq_len=2048, lr=3e-4, warmup_steps=500,
         log_dir="runs/moe_1b"),
-    # --remat auto: full remat with the layer scan (17.5 GB at batch 8 on one H100); with
-    # --scan_layers false it runs without remat where that fits (32.5 GB at batch 8, 52.2 at
-    # 16), 1.35x faster after a ~4-minute compile (docs/benchmarks.md).
+    # On one GPU --scan_layers auto unrolls the layers and --remat auto then runs without
+    # remat where that fits (47.2 GB at batch 16 on an H200: 200.4 ms against 257.9 with the
+    # scan and full remat; a 36-s compile); other layouts scan with full remat
+    # (docs/benchmarks.md, fourteenth session).
     parallel=ParallelConfig(),
 )

@@ -5,7 +5,7 @@ ep=2 no step finished in ~400 s).
 
     python3 scripts/compile_time.py --out $OUT                          # moe_1b, 1 GPU
     python3 scripts/compile_time.py --out $OUT --layouts 1x1,1x2        # and ep=2
-    python3 scripts/compile_time.py --out $OUT --xla_flags "--xla_gpu_autotune_level=0"
+    python3 scripts/compile_time.py --out $OUT --xla_flags=--xla_gpu_autotune_level=0
     python3 scripts/compile_time.py --out runs/compile_time --preset cpu_demo  # CPU smoke test
     python3 scripts/compile_time.py --out runs/xlower --cross_lower  # on a CPU host: trace
         # and lower for CUDA as a Hopper GPU would (kernels, cuDNN), no XLA compile: the
