@@ -3,7 +3,7 @@
 
     python3 scripts/moe_step.py --out $OUT --mamba_src .peer           # batch 8 and 16
     python3 scripts/moe_step.py --out $OUT --mamba_src .peer --batches 8 \
-        --variants "default;--remat none"                              # fewer rows
+        --variants "default;--remat full"                              # fewer rows
     XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 scripts/moe_step.py --out $OUT \
         --no_peer --batches 8 --profile                                # kernel time by kind
 
@@ -66,7 +66,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--mamba_src", default=".peer")
     ap.add_argument("--batches", default="8,16")
-    ap.add_argument("--variants", default="default;--remat none",
+    ap.add_argument("--variants", default="default;--scan_layers true",
                     help="train.py flag sets separated by ; ('default' adds none)")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--no_peer", action="store_true")
