@@ -10,6 +10,7 @@ Against one GPU running the moe_1b preset (16 layers, 16 experts) at batch B:
   ep=2   twice the experts (32), twice the batch: per-GPU work is tokens/s / GPUs over
          one GPU's, i.e. t(1 GPU) / t(ep=2) at equal per-GPU batch and experts per GPU.
   (2,2)  where four GPUs are visible: twice the layers and experts, twice the batch.
+  (2,4), (4,2)  where eight are: pp x the layers, ep x the experts and the batch.
 Each row also gives the fullest GPU's peak memory (memory_stats) and XLA's per-device
 estimate of the compiled step (memory.json), and dropped copies (0 when dropless).
 
@@ -48,6 +49,9 @@ def runs(args, n_gpus):
            "ep=2, 2x experts, 2x batch": (2, 16, 32, 2 * B, 1, 2, 1)}
     if n_gpus >= 4:
         out["(2,2), 2x layers, 2x experts, 2x batch"] = (4, 32, 32, 2 * B * M, 2, 2, M)
+    if n_gpus >= 8:
+        out["(2,4), 2x layers, 4x experts, 4x batch"] = (8, 32, 64, 4 * B * M, 2, 4, M)
+        out["(4,2), 4x layers, 2x experts, 2x batch"] = (8, 64, 32, 2 * B * M, 4, 2, M)
     return out
 
 
