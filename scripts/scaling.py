@@ -1,10 +1,13 @@
 """Weak scaling of pipeline and expert parallelism through train.py, default flags.
 
-Against one GPU running the moe_1b preset (16 layers, 16 experts) at batch B:
+Against one GPU running the moe_1b preset (16 layers, 16 experts) at batch B with the
+default flags (unrolled layers, no remat where it fits), and against the same GPU with the
+layer scan and full remat ("1 GPU, scan + full remat"), which is what the multi-GPU
+layouts' stages run (1F1B recomputes every layer; ep > 1 scans):
   pp=2   twice the layers (32) in M microbatches of B rows (each GPU runs 16 layers on B
          rows, as the one GPU does): per-GPU work is tokens/s x layers / GPUs over the same
-         for one GPU; 1 - that is the measured bubble (transfers included), against
-         (p-1)/(M+p-1) in theory.
+         for one GPU; 1 - that against the scanned row is the measured bubble (transfers
+         included), against (p-1)/(M+p-1) in theory.
   pp=2, same batch: 32 layers at batch B in M microbatches of B/M rows (the memory
          comparison: two GPUs hold twice the layers at the same batch).
   ep=2   twice the experts (32), twice the batch: per-GPU work is tokens/s / GPUs over
@@ -40,10 +43,18 @@ from gpu_layouts import emit_table, gpu_count, train_run  # noqa: E402
 from trace_share import device_shares, find_trace  # noqa: E402
 
 
+# One GPU with the layer scan and full remat, what every multi-GPU layout's stages run by
+# default (1F1B recomputes each layer; ep > 1 scans): a second baseline that separates
+# the layout's own cost from the one-GPU default's unrolled, no-remat step.
+SCANNED = "1 GPU, scan + full remat"
+ROW_FLAGS = {SCANNED: ["--scan_layers", "true", "--remat", "full"]}
+
+
 def runs(args, n_gpus):
     """name -> (gpus, layers, experts, batch, pp, ep, M)."""
     B, M = args.batch, args.microbatches
     out = {"1 GPU": (1, 16, 16, B, 1, 1, 1),
+           SCANNED: (1, 16, 16, B, 1, 1, 1),
            "pp=2, 2x layers": (2, 32, 16, B * M, 2, 1, M),
            "pp=2, 2x layers, same batch": (2, 32, 16, B, 2, 1, M),
            "ep=2, 2x experts, 2x batch": (2, 16, 32, 2 * B, 1, 2, 1)}
@@ -91,7 +102,7 @@ def main():
     if args.random_tokens:
         extra += ["--data", random_token_file(work)]
     rows = {}
-    todo = [(name, shape, []) for name, shape in runs(args, n).items()
+    todo = [(name, shape, ROW_FLAGS.get(name, [])) for name, shape in runs(args, n).items()
             if not args.only or name in args.only.split(";")]
     todo += [(f"{name}, `{also}`", shape, shlex.split(also))
              for also in args.also for name, shape, _ in list(todo) if shape[0] > 1]
@@ -113,20 +124,24 @@ def main():
             print(json.dumps(shares, indent=1), flush=True)
         with open(os.path.join(args.out, "scaling.json"), "w") as f:
             json.dump(rows, f, indent=1)
-    base = rows.get("1 GPU", {})
+    def efficiency(r, base):
+        """Token-layers per second per GPU (top-k keeps a token's expert work the same
+        whatever the expert count), over one GPU's."""
+        if "step_ms" not in r or "step_ms" not in base:
+            return "-"
+        work_rate = r["tokens_per_s"] * r["layers"] / r["gpus"]
+        return f"{work_rate / (base['tokens_per_s'] * base['layers']):.2f}"
+
+    base, scanned = rows.get("1 GPU", {}), rows.get(SCANNED, {})
     lines = ["| run | GPUs | layers | experts | batch | M | step ms | tokens/s | per-GPU work vs "
-             "1 GPU | peak GB per GPU | XLA estimate GB | dropped | expert load max/mean | "
-             "ep rank load max/mean | --ep_overflow redo |", "|" + "---|" * 15]
+             "1 GPU | vs 1 GPU scan + full remat | peak GB per GPU | XLA estimate GB | dropped "
+             "| expert load max/mean | ep rank load max/mean | --ep_overflow redo |",
+             "|" + "---|" * 16]
     for name, r in rows.items():
-        eff = "-"
-        if "step_ms" in r and "step_ms" in base:
-            # Token-layers per second per GPU (top-k keeps a token's expert work the same
-            # whatever the expert count), over one GPU's.
-            work_rate = r["tokens_per_s"] * r["layers"] / r["gpus"]
-            eff = f"{work_rate / (base['tokens_per_s'] * base['layers']):.2f}"
         lines.append(f"| {name} | {r['gpus']} | {r['layers']} | {r['experts']} | {r['batch']} | "
                      f"{r['M']} | {r.get('step_ms', 'rc=%s' % r['rc'])} | "
-                     f"{r.get('tokens_per_s', '-')} | {eff} | {r.get('peak_gb', '-')} | "
+                     f"{r.get('tokens_per_s', '-')} | {efficiency(r, base)} | "
+                     f"{efficiency(r, scanned)} | {r.get('peak_gb', '-')} | "
                      f"{r.get('xla_total_gb', '-')} | {r.get('dropped', '-')} | "
                      f"{r.get('expert_load', '-')} | {r.get('ep_load', '-')} |"
                      + (f" redone {r['redone']} steps (mean {r['mean_step_ms']} ms) |"
