@@ -69,8 +69,8 @@ def scans_layers(cfg, backend: str | None = None) -> bool:
     (one device, one microbatch), the scan everywhere else. On 2 x H200 (docs/benchmarks.md,
     fourteenth session) moe_1b's one-GPU step unrolled without remat took 200.4 ms against
     257.9 scanned with full remat, and compiled in 36 s against 15; at ep=2 unrolled it
-    compiled in 187 s against 45 and took 87.5 GB against 26.7 for 3% less time; on the
-    CPU unrolled compiles are slower for no gain."""
+    compiled in 187 s against 45 and took 87.5 GB against 26.7 for 3% less time. The CPU
+    (tests, demos) keeps the scan it always ran: unrolled is not measured faster there."""
     if cfg.model.scan_layers is not None:
         return cfg.model.scan_layers
     return not (is_single_device(cfg) and (backend or jax.default_backend()) != "cpu")
