@@ -177,6 +177,7 @@ PROGRESS = ("auto", "bar", "lines")  # issue 7
 LOADERS = ("auto", "grain", "numpy")  # issue 7
 PP_SCHEDULES = ("1f1b", "gpipe", "circular")
 PP_COMMS = ("pair", "sum")
+PP_STASHES = ("inputs", "residuals")
 REMATS = ("auto", "none", "full", "full_with_comm", "dots")
 EP_DISPATCH = ("auto", "ragged", "dense")
 EP_OVERFLOWS = ("rounds", "redo")
@@ -202,6 +203,11 @@ class ParallelConfig:
     # What crosses a stage boundary: "sum" (hidden + residual, in the residual's dtype; the
     # next block adds them first anyway, so it is exact) or the "pair" (one more array)
     pp_comm: str = "sum"
+    # What a 1F1B stage keeps between a microbatch's forward and its backward: "inputs"
+    # (each layer's input; the backward recomputes every layer, the cost of full remat) or
+    # "residuals" (what autodiff saves, unrolled layers: no recompute, ~the no-remat
+    # step's activations per microbatch in flight; pipeline_1f1b.py)
+    pp_stash: str = "inputs"
     # per-layer rematerialisation: auto (the fastest that fits, setup.remat_choices: with
     # unrolled layers none where XLA's estimate of the compiled step fits the device pool,
     # else full; with scanned layers on a GPU full, measured faster than none there); none;
@@ -438,6 +444,10 @@ def validate_parallel(p: ParallelConfig, m: ModelConfig, t: TrainConfig) -> Para
     _check(p.microbatches >= 1, "parallel.microbatches", "must be >= 1", p.microbatches)
     _check_choice(p.pp_schedule, PP_SCHEDULES, "parallel.pp_schedule")
     _check_choice(p.pp_comm, PP_COMMS, "parallel.pp_comm")
+    _check_choice(p.pp_stash, PP_STASHES, "parallel.pp_stash")
+    if p.pp_stash == "residuals":
+        _check(p.pp > 1 and p.pp_schedule == "1f1b", "parallel.pp_stash",
+               "residuals needs --pp > 1 and --pp_schedule 1f1b", p.pp_stash)
     _check_choice(p.remat, REMATS, "parallel.remat")
     _check_choice(p.ep_dispatch, EP_DISPATCH, "parallel.ep_dispatch")
     _check_choice(p.ep_matmul, EP_MATMULS, "parallel.ep_matmul")

@@ -10,6 +10,9 @@ layouts' stages run (1F1B recomputes every layer; ep > 1 scans):
          included), against (p-1)/(M+p-1) in theory.
   pp=2, same batch: 32 layers at batch B in M microbatches of B/M rows (the memory
          comparison: two GPUs hold twice the layers at the same batch).
+  pp=2, half microbatches: the weak-scaling batch in 2M microbatches of B/2 rows (with
+         --also "--pp_stash residuals": stages without recompute, 2p - 2 microbatches of
+         activations held).
   ep=2   twice the experts (32), twice the batch: per-GPU work is tokens/s / GPUs over
          one GPU's, i.e. t(1 GPU) / t(ep=2) at equal per-GPU batch and experts per GPU.
   (2,2)  where four GPUs are visible: twice the layers and experts, twice the batch.
@@ -57,6 +60,9 @@ def runs(args, n_gpus):
            SCANNED: (1, 16, 16, B, 1, 1, 1),
            "pp=2, 2x layers": (2, 32, 16, B * M, 2, 1, M),
            "pp=2, 2x layers, same batch": (2, 32, 16, B, 2, 1, M),
+           # the same tokens a step in microbatches of B/2 rows: what --pp_stash residuals
+           # needs to hold 2p - 2 microbatches of activations
+           "pp=2, 2x layers, half microbatches": (2, 32, 16, B * M, 2, 1, 2 * M),
            "ep=2, 2x experts, 2x batch": (2, 16, 32, 2 * B, 1, 2, 1)}
     if n_gpus >= 4:
         out["(2,2), 2x layers, 2x experts, 2x batch"] = (4, 32, 32, 2 * B * M, 2, 2, M)

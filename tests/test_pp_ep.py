@@ -198,6 +198,32 @@ def test_validation_loss_is_the_one_device_loss_at_pp_x_ep():
     np.testing.assert_allclose(want["eval_loss"], np.mean(by_hand), rtol=1e-6)
 
 
+@pytest.mark.parametrize("pp,ep,M,split", [(2, 2, 2, ""), (4, 1, 4, "1,3,3,1")])
+def test_residual_stash_equals_single_device(reference, pp, ep, M, split):
+    """--pp_stash residuals: 1F1B stages keep autodiff's residuals of their unrolled layers
+    (the pullback's leaves in K slots) and run no recompute; loss, metrics and gradients
+    equal one device, with uneven stages (padded layers), at pp x ep, and at pp = 4 (6
+    slots)."""
+    params, loss_ref, metrics_ref, grads_ref = reference
+    cfg = make_cfg(pp, ep, M, pp_split=split, pp_stash="residuals")
+    loss, metrics, grads = run(cfg, params)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+    for key in ("ce", "aux_loss", "z_loss"):
+        np.testing.assert_allclose(metrics[key], metrics_ref[key], rtol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(metrics["expert_counts"], metrics_ref["expert_counts"])
+    assert_grads_match(grads, grads_ref, atol=1e-5)
+
+
+def test_residual_stash_needs_a_1f1b_pipeline():
+    for parallel in (ParallelConfig(pp=1, pp_stash="residuals"),
+                     ParallelConfig(pp=2, microbatches=2, pp_schedule="gpipe",
+                                    pp_stash="residuals")):
+        with pytest.raises(ValueError, match="parallel.pp_stash.*1f1b"):
+            validate(Config(model=MODEL, parallel=parallel))
+    with pytest.raises(ValueError, match="parallel.pp_stash"):
+        validate(Config(model=MODEL, parallel=ParallelConfig(pp_stash="all")))
+
+
 def test_full_remat_keeps_the_exchange_and_equals_one_device(reference):
     """`--remat full` at ep=2 keeps what crossed the network, so the backward runs fewer
     all-to-alls than `full_with_comm`, which recomputes it (both with the default

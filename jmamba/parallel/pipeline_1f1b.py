@@ -71,6 +71,8 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
     graphdef = model.block_graphdef(m)
     head_cfg = m if m.tie_embeddings else tied_head_config(m)
     moe = m.mlp == "moe"
+    residuals = p.pp_stash == "residuals" and pp > 1
+    pull_tree = {}  # the stage pullback's treedef (--pp_stash residuals), set while tracing
 
     def block(p_y, h, r, seq_BxL, layer_id):
         h, r, a, z, counts_E, dropped = nnx.merge(graphdef, p_y)(h, r, experts_fn, seq_BxL,
@@ -175,6 +177,49 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                                                 (js, layers_Y), reverse=True)
             return acc_Y, (ct_h, ct_r)
 
+        def stage_fn(layers, h, r, seq):
+            """The stage's layers unrolled, as one differentiable function (for
+            --pp_stash residuals): ((h, r, aux per row, z per row), (counts_YxE, dropped))."""
+            zB = _vary(jnp.zeros((Bm,), jnp.float32))
+            carry, counts = (h, r, zB, zB, _vary(jnp.zeros((), jnp.int32))), []
+            for j in range(layout.ymax):
+                p_y = jax.tree.map(lambda a: a[j], layers)
+
+                def run(c, p_y=p_y, j=j):
+                    h, r, aux_B, z_B, dropped = c
+                    (h2, r2, a, z), (counts_E, d) = block(p_y, h, r, seq, rows_SxY[s, j])
+                    return (h2, r2, aux_B + a, z_B + z, dropped + d), counts_E
+
+                def skip(c):
+                    return c, _vary(jnp.zeros((E,), jnp.int32))
+                carry, counts_E = (lax.cond(j < n_active, run, skip, carry) if padded
+                                   else run(carry))
+                counts.append(counts_E)
+            h, r, aux_B, z_B, dropped = carry
+            return (h, r, aux_B, z_B), (jnp.stack(counts), dropped)
+
+        def pull_of(h, r, seq):
+            """The stage's forward outputs and autodiff's pullback (its residuals are the
+            pullback's leaves)."""
+            return jax.vjp(lambda L, h, r: stage_fn(L, h, r, seq), layers_Y, h, r,
+                           has_aux=True)
+
+        def residual_forward(h, r, seq, stash, k):
+            """stage_forward's twin for --pp_stash residuals: the pullback's leaves go into
+            slot k of the stash (one buffer per leaf)."""
+            (h, r, aux_B, z_B), pull, (counts_YxE, dropped) = pull_of(h, r, seq)
+            stash = [lax.dynamic_update_index_in_dim(buf, _vary(leaf).astype(buf.dtype), k, 0)
+                     for buf, leaf in zip(stash, jax.tree.leaves(pull))]
+            return (h, r), (jnp.sum(aux_B), jnp.sum(z_B), counts_YxE, dropped), stash
+
+        def residual_backward(stash, k, ct_h, ct_r, acc_Y):
+            """stage_backward's twin for --pp_stash residuals: the pullback rebuilt from slot
+            k, no recompute."""
+            pull = jax.tree.unflatten(pull_tree["def"], [buf[k] for buf in stash])
+            ones_B = _vary(jnp.ones((Bm,), jnp.float32))
+            g, ct_h, ct_r = pull((ct_h, ct_r, c_aux * ones_B, c_z * ones_B))
+            return jax.tree.map(jnp.add, acc_Y, g), (ct_h, ct_r)
+
         def head_loss(io_, h, r, targets, mask):
             head_params = {"embed": {"embedding": io_["table"][-1]},
                            "norm_f": {"scale": io_["scale"][-1]}}
@@ -193,6 +238,8 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 return stage_forward(h, r, seq_of(i))
             h, r = lax.cond(is_first, lambda: _vary(embed(io, inputs_MxBxL[i])),
                             lambda: _vary(to_pair(msg)))
+            if residuals:
+                return residual_forward(h, r, seq_of(i), stash, i % K)
             return stage_forward(h, r, seq_of(i), stash, i % K)
 
         def no_forward(stash):
@@ -252,9 +299,14 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
 
             # 2. Backward of microbatch i_b (the last stage: the one it just ran forward).
             def backward(acc_Y):
-                acc_Y, (ct_h, ct_r) = (
-                    stage_backward(fout[2], None, *ct_out, acc_Y, seq_of(i_b)) if pp == 1
-                    else stage_backward(stash, i_b % K, *ct_out, acc_Y, seq_of(i_b)))
+                if pp == 1:
+                    acc_Y, (ct_h, ct_r) = stage_backward(fout[2], None, *ct_out, acc_Y,
+                                                         seq_of(i_b))
+                elif residuals:
+                    acc_Y, (ct_h, ct_r) = residual_backward(stash, i_b % K, *ct_out, acc_Y)
+                else:
+                    acc_Y, (ct_h, ct_r) = stage_backward(stash, i_b % K, *ct_out, acc_Y,
+                                                         seq_of(i_b))
 
                 def embed_grads():  # the residual out of the embedding is a constant zero
                     pull = jax.vjp(lambda io_: embed(io_, inputs_MxBxL[i_b])[0], io)[1]
@@ -306,7 +358,15 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
         # pp = 1 needs no stash (forward and backward of a microbatch share a tick); at
         # pp > 1 SPMD gives every device the same buffers, and the last stage keeps its
         # current microbatch's layer inputs in its own.
-        stash0 = jnp.zeros((K, layout.ymax) + pair_shape, res_dtype)
+        if residuals:
+            # The pullback's structure and leaf shapes, from an abstract trace (no compute).
+            def probe():
+                pull = pull_of(*zero_pair, seq_of(0))[1]
+                pull_tree["def"] = jax.tree.structure(pull)
+                return jax.tree.leaves(pull)
+            stash0 = [jnp.zeros((K,) + leaf.shape, leaf.dtype) for leaf in jax.eval_shape(probe)]
+        else:
+            stash0 = jnp.zeros((K, layout.ymax) + pair_shape, res_dtype)
         acc0 = {"nll": 0.0, "correct": 0.0, "aux": 0.0, "z": 0.0,
                 "counts": jnp.zeros((m.n_layer + 1, E), jnp.int32),
                 "dropped": jnp.zeros((), jnp.int32)}
