@@ -14,6 +14,7 @@ from flax import nnx
 
 from jmamba.config import ModelConfig
 from jmamba.kernels.grouped_matmul import grouped_matmul
+from jmamba.kernels.vma import to_varying, varying_axes
 from jmamba.layers import GatedMLP, uniform_init
 
 # The name of values an experts_fn brought over the network (the expert-parallel exchange's
@@ -77,7 +78,9 @@ def sort_by_expert(experts_TxK, n_experts: int):
     """Orders the T*K token copies by expert. Returns (order_S, token_S, group_sizes_E)."""
     K = experts_TxK.shape[-1]
     flat_S = experts_TxK.reshape(-1)
-    order_S = jnp.argsort(flat_S, stable=True)
+    # (Inside shard_map jax 0.11.2 types argsort's result as the same on every device
+    # whatever its input: it is typed like its input here, as its values are.)
+    order_S = to_varying(jnp.argsort(flat_S, stable=True), varying_axes(flat_S))
     group_sizes_E = jnp.bincount(flat_S, length=n_experts).astype(jnp.int32)
     return order_S, order_S // K, group_sizes_E
 

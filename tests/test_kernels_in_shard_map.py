@@ -27,12 +27,12 @@ def the_batch():
     return {k: jnp.asarray(v) for k, v in recall_batch(2, 0, 8, 24, 40, 4).items()}
 
 
-def make_cfg(pp, ep, M, ssm_impl="kernel", schedule="1f1b"):
+def make_cfg(pp, ep, M, ssm_impl="kernel", schedule="1f1b", **parallel):
     return validate(Config(
         model=ModelConfig(**{**MODEL.__dict__, "ssm_impl": ssm_impl}),
         train=TrainConfig(batch_size=8, seq_len=24, n_pairs=4),
         parallel=ParallelConfig(pp=pp, ep=ep, microbatches=M,  # default EP: dropless
-                                pp_schedule=schedule)))
+                                pp_schedule=schedule, **parallel)))
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +52,19 @@ def test_kernels_in_shard_map_equal_single_device(reference, mosaic_standin, pp,
     assert_grads_match(grads, grads_ref, atol=1e-4)
 
 
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe"])
-def test_gpu_path_types_trace_in_shard_map(reference, mosaic_standin, monkeypatch, schedule):
+@pytest.mark.parametrize("schedule,stash", [("1f1b", "inputs"), ("gpipe", "inputs"),
+                                            ("1f1b", "residuals")])
+def test_gpu_path_types_trace_in_shard_map(reference, mosaic_standin, monkeypatch, schedule,
+                                           stash):
     """The Triton path (interpret=False) traced, forward and backward, at (pp, ep, M) =
-    (2, 2, 2) under 1F1B (its own VJP) and GPipe (autodiff through the loop): every
-    pallas_call output and custom-VJP cotangent must be typed, or tracing raises as it did
-    on GPUs. The gradients' types must equal the parameters'."""
+    (2, 2, 2) under 1F1B (its own VJP; with either stash) and GPipe (autodiff through the
+    loop): every pallas_call output and custom-VJP cotangent must be typed, or tracing
+    raises as it did on GPUs (and as the residual stash did before its leaves kept their
+    types). The gradients' types must equal the parameters'."""
     monkeypatch.setattr(ssd_pallas_mod, "ssd_pallas",
                         functools.partial(ssd_pallas_mod.ssd_pallas, interpret=False))
-    _, vg, stage_params = pipeline_parts(make_cfg(2, 2, 2, schedule=schedule), reference[0])
+    _, vg, stage_params = pipeline_parts(make_cfg(2, 2, 2, schedule=schedule, pp_stash=stash),
+                                         reference[0])
     (loss, _), grads = jax.eval_shape(vg, stage_params, the_batch())
     assert loss.shape == ()
     for g, p in zip(jax.tree.leaves(grads), jax.tree.leaves(stage_params)):
@@ -82,18 +86,19 @@ def packed_batch():
 # (tests/test_attention.py). GPipe carries the documents through its own loop: checked
 # on the chunked SSD (the interpreted kernel under GPipe's autodiff took ~97 s of the
 # suite); the kernel's GPU path under GPipe is traced in test_gpu_path_types_trace_...
-@pytest.mark.parametrize("pp,ep,M,schedule,ssm_impl", [(2, 2, 2, "1f1b", "kernel"),
-                                                       (2, 1, 2, "gpipe", "chunked")])
+@pytest.mark.parametrize("pp,ep,M,schedule,ssm_impl,parallel", [
+    (2, 2, 2, "1f1b", "kernel", {}), (2, 1, 2, "gpipe", "chunked", {}),
+    (2, 2, 2, "1f1b", "kernel", dict(pp_stash="residuals", pp_split="1,3"))])
 def test_packed_documents_in_shard_map_equal_single_device(mosaic_standin, pp, ep, M,
-                                                           schedule, ssm_impl):
+                                                           schedule, ssm_impl, parallel):
     """seq_idx through the pipelines' microbatches and stages (the kernel in shard_map
-    under 1F1B): loss and gradients equal one device's (chunked twin), which seq_idx
-    changes."""
+    under 1F1B, with either stash; the residual one on uneven stages): loss and gradients
+    equal one device's (chunked twin), which seq_idx changes."""
     batch = packed_batch()
     params, loss_ref, _, grads_ref = single_device(MODEL, batch)
     no_docs = {k: v for k, v in batch.items() if k != "seq_idx"}
     assert abs(float(single_device(MODEL, no_docs)[1]) - float(loss_ref)) > 1e-4
-    cfg = make_cfg(pp, ep, M, ssm_impl=ssm_impl, schedule=schedule)
+    cfg = make_cfg(pp, ep, M, ssm_impl=ssm_impl, schedule=schedule, **parallel)
     loss, _, grads = run(cfg, params, batch)
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     assert_grads_match(grads, grads_ref, atol=1e-4)

@@ -200,7 +200,10 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
 
         def pull_of(h, r, seq):
             """The stage's forward outputs and autodiff's pullback (its residuals are the
-            pullback's leaves)."""
+            pullback's leaves). The document indices are made varying over every axis, as
+            the rest of the stage's inputs are, so every leaf that depends on an input
+            varies over 'pp' (see _leaf_kind)."""
+            seq = None if seq is None else _vary(seq)
             return jax.vjp(lambda L, h, r: stage_fn(L, h, r, seq), layers_Y, h, r,
                            has_aux=True)
 
@@ -208,14 +211,26 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             """stage_forward's twin for --pp_stash residuals: the pullback's leaves go into
             slot k of the stash (one buffer per leaf)."""
             (h, r, aux_B, z_B), pull, (counts_YxE, dropped) = pull_of(h, r, seq)
-            stash = [lax.dynamic_update_index_in_dim(buf, _vary(leaf).astype(buf.dtype), k, 0)
-                     for buf, leaf in zip(stash, jax.tree.leaves(pull))]
+            kept = [leaf for leaf, kind in zip(jax.tree.leaves(pull), pull_tree["kinds"])
+                    if kind != CONSTANT]
+            stash = [lax.dynamic_update_index_in_dim(buf, _vary(leaf), k, 0)
+                     for buf, leaf in zip(stash, kept)]
             return (h, r), (jnp.sum(aux_B), jnp.sum(z_B), counts_YxE, dropped), stash
 
         def residual_backward(stash, k, ct_h, ct_r, acc_Y):
             """stage_backward's twin for --pp_stash residuals: the pullback rebuilt from slot
             k, no recompute."""
-            pull = jax.tree.unflatten(pull_tree["def"], [buf[k] for buf in stash])
+            # Each leaf back with the type autodiff gave it (the slots are typed as varying
+            # over every mesh axis): constants (the same on every device, made from no
+            # input) are made again, which a fresh trace does (JAX drops the rest of it as
+            # dead code); leaves psum'd / pmax'd over ep inside the stage (the same on every
+            # ep rank) are pmax'd over those axes, which returns them unchanged.
+            fresh = jax.tree.leaves(pull_of(*zero_pair, seq_of(0))[1])
+            slots = iter(buf[k] for buf in stash)
+            leaves = [fresh[n] if kind == CONSTANT else
+                      (lax.pmax(next(slots), kind) if kind else next(slots))
+                      for n, kind in enumerate(pull_tree["kinds"])]
+            pull = jax.tree.unflatten(pull_tree["def"], leaves)
             ones_B = _vary(jnp.ones((Bm,), jnp.float32))
             g, ct_h, ct_r = pull((ct_h, ct_r, c_aux * ones_B, c_z * ones_B))
             return jax.tree.map(jnp.add, acc_Y, g), (ct_h, ct_r)
@@ -364,7 +379,10 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 pull = pull_of(*zero_pair, seq_of(0))[1]
                 pull_tree["def"] = jax.tree.structure(pull)
                 return jax.tree.leaves(pull)
-            stash0 = [jnp.zeros((K,) + leaf.shape, leaf.dtype) for leaf in jax.eval_shape(probe)]
+            leaves = jax.eval_shape(probe)
+            pull_tree["kinds"] = [_leaf_kind(leaf) for leaf in leaves]
+            stash0 = [jnp.zeros((K,) + leaf.shape, leaf.dtype)
+                      for leaf, kind in zip(leaves, pull_tree["kinds"]) if kind != CONSTANT]
         else:
             stash0 = jnp.zeros((K, layout.ymax) + pair_shape, res_dtype)
         acc0 = {"nll": 0.0, "correct": 0.0, "aux": 0.0, "z": 0.0,
@@ -402,6 +420,28 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
         return fn(stage_params["layers"], stage_params["io"], *parts)
 
     return run
+
+
+CONSTANT = "constant"
+
+
+def _leaf_kind(leaf):
+    """How a stage pullback's leaf travels through the --pp_stash residuals slots: ()
+    (varying over every mesh axis: stored as is); the axes it is the same on, all of them
+    other than 'pp' (made so by a psum / pmax over ep inside the stage: stored, and pmax'd
+    over them when read); or CONSTANT (the same on every device: every stage input varies
+    over 'pp', so a leaf that does not is made from no input, and is made again)."""
+    varying = jax.typeof(leaf).manual_axis_type.varying
+    missing = tuple(a for a in MESH_AXES if a not in varying)
+    if not missing:
+        return ()
+    if "pp" not in missing:
+        return missing
+    if varying:
+        raise NotImplementedError(
+            f"--pp_stash residuals: a stage residual {leaf.shape} varies over "
+            f"{sorted(varying)} only; use the default --pp_stash inputs")
+    return CONSTANT
 
 
 def _sum_to_spec(g, pspec: P):
