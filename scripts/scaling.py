@@ -100,6 +100,9 @@ def main():
                     help="train.py flags for another run of every selected multi-GPU row, in "
                     "the same table (an A/B against the defaults with the same 1 GPU "
                     "baseline); repeat it for more variants")
+    ap.add_argument("--also_only", action="store_true",
+                    help="run the multi-GPU rows only with the --also flags (the one-GPU "
+                    "rows still run): when the defaults' rows were measured before")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="jmamba_scaling_")  # train.py log dirs
@@ -112,6 +115,8 @@ def main():
             if not args.only or name in args.only.split(";")]
     todo += [(f"{name}, `{also}`", shape, shlex.split(also))
              for also in args.also for name, shape, _ in list(todo) if shape[0] > 1]
+    if args.also_only:
+        todo = [row for row in todo if row[1][0] == 1 or "`" in row[0]]
     for name, (gpus, layers, experts, B, pp, ep, M), more in todo:
         flags = ["--config", "moe_1b", "--n_layer", str(layers), "--n_experts", str(experts),
                  "--batch_size", str(B), "--pp", str(pp), "--ep", str(ep), "--microbatches",

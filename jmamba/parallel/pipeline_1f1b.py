@@ -112,23 +112,29 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             """Microbatch i's document indices (None: one document a row)."""
             return None if seq_MxBxL is None else seq_MxBxL[i]
 
+        def layer_step(c, p_y, j, seq):
+            """One layer on the carry (h, r, aux per row, z per row, dropped): ((the new
+            carry), the layer's expert counts). A padded stage's missing layers (j past
+            its count) pass the carry through."""
+            def run(c):
+                h, r, aux_B, z_B, dropped = c
+                (h2, r2, a, z), (counts_E, d) = block(p_y, h, r, seq, rows_SxY[s, j])
+                return (h2, r2, aux_B + a, z_B + z, dropped + d), counts_E
+
+            def skip(c):
+                return c, _vary(jnp.zeros((E,), jnp.int32))
+            return lax.cond(j < n_active, run, skip, c) if padded else run(c)
+
         def stage_forward(h, r, seq, stash=None, k=None):
             """Layers of this stage; returns the output pair, the MoE sums and the stash
             with every layer's input written into slot k (pp > 1: in place, one layer at a
             time, so no stage-sized buffer of layer inputs is live next to the stash), or,
             at pp = 1 (no stash), the [Y, ...] layer inputs."""
             def body(carry, xs):
-                (h, r, aux_B, z_B, dropped), stash = carry
+                c, stash = carry
                 j, p_y = xs
-
-                def run():
-                    (h2, r2, a, z), (counts_E, d) = block(p_y, h, r, seq, rows_SxY[s, j])
-                    return (h2, r2, aux_B + a, z_B + z, dropped + d), counts_E
-
-                def skip():
-                    return (h, r, aux_B, z_B, dropped), _vary(jnp.zeros((E,), jnp.int32))
-
-                out = lax.cond(j < n_active, run, skip) if padded else run()
+                h, r = c[:2]
+                out = layer_step(c, p_y, j, seq)
                 # A block reads its input pair only as h + r (Block.__call__), so that sum,
                 # in the residual's dtype, is all the backward needs: 4 bytes an element
                 # instead of 6 for bf16 hidden + fp32 residual.
@@ -183,17 +189,8 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             zB = _vary(jnp.zeros((Bm,), jnp.float32))
             carry, counts = (h, r, zB, zB, _vary(jnp.zeros((), jnp.int32))), []
             for j in range(layout.ymax):
-                p_y = jax.tree.map(lambda a: a[j], layers)
-
-                def run(c, p_y=p_y, j=j):
-                    h, r, aux_B, z_B, dropped = c
-                    (h2, r2, a, z), (counts_E, d) = block(p_y, h, r, seq, rows_SxY[s, j])
-                    return (h2, r2, aux_B + a, z_B + z, dropped + d), counts_E
-
-                def skip(c):
-                    return c, _vary(jnp.zeros((E,), jnp.int32))
-                carry, counts_E = (lax.cond(j < n_active, run, skip, carry) if padded
-                                   else run(carry))
+                carry, counts_E = layer_step(carry, jax.tree.map(lambda a: a[j], layers), j,
+                                             seq)
                 counts.append(counts_E)
             h, r, aux_B, z_B, dropped = carry
             return (h, r, aux_B, z_B), (jnp.stack(counts), dropped)
