@@ -32,6 +32,10 @@ def main():
     ap.add_argument("--schedules", default="1f1b,gpipe")
     ap.add_argument("--remats", default="none,full")
     ap.add_argument("--loss_chunks", default="1", help="model.loss_chunks values, e.g. 1,8")
+    ap.add_argument("--pp_stash", default="inputs",
+                    help="parallel.pp_stash values for the pp=2 runs, e.g. inputs,residuals")
+    ap.add_argument("--scan_layers", default="auto", choices=["auto", "true", "false"],
+                    help="model.scan_layers for every run (auto: the scan on the CPU)")
     ap.add_argument("--weak", action="store_true",
                     help="pp=2 at batch M x B (microbatches of the pp=1 batch)")
     args = ap.parse_args()
@@ -46,13 +50,17 @@ def main():
 
     base = load_preset(args.preset)
 
-    def total_gb(n_layer, pp, M, schedule, remat, chunks):
+    scan = {"auto": None, "true": True, "false": False}[args.scan_layers]
+
+    def total_gb(n_layer, pp, M, schedule, remat, chunks, stash="inputs"):
         B = args.batch * (M if args.weak and pp > 1 else 1)
         cfg = validate(dataclasses.replace(
-            base, model=dataclasses.replace(base.model, n_layer=n_layer, loss_chunks=chunks),
+            base, model=dataclasses.replace(base.model, n_layer=n_layer, loss_chunks=chunks,
+                                         scan_layers=scan),
             train=dataclasses.replace(base.train, batch_size=B, warmup_steps=0),
             parallel=dataclasses.replace(base.parallel, pp=pp, microbatches=M,
-                                         pp_schedule=schedule, remat=remat)))
+                                         pp_schedule=schedule, remat=remat,
+                                         pp_stash=stash)))
         t = cfg.train
         run = build(cfg, abstract=True)
         one_row = recall_batch(0, 0, 1, t.seq_len, cfg.model.vocab_size, t.n_pairs)
@@ -65,16 +73,19 @@ def main():
     N = args.layers
     print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; preset "
           f"{args.preset}, batch {args.batch}{' (pp=2: M x batch)' if args.weak else ''}\n")
-    print("| remat | loss_chunks | schedule | pp=1, N layers, GB | pp=2, 2N layers | M | "
-          "GB per device | ratio |\n|---|---|---|---|---|---|---|---|")
+    print("| remat | loss_chunks | schedule | pp_stash | pp=1, N layers, GB | pp=2, 2N layers | "
+          "M | GB per device | ratio |\n|---|---|---|---|---|---|---|---|---|")
     for remat in args.remats.split(","):
         for chunks in (int(c) for c in args.loss_chunks.split(",")):
             one = total_gb(N, 1, 1, "1f1b", remat, chunks)
             for schedule in args.schedules.split(","):
-                for M in (int(x) for x in args.microbatches.split(",")):
-                    two = total_gb(2 * N, 2, M, schedule, remat, chunks)
-                    print(f"| {remat} | {chunks} | {schedule} | {one:.3f} | {2 * N} | {M} | "
-                          f"{two:.3f} | {two / one:.2f} |", flush=True)
+                for stash in args.pp_stash.split(","):
+                    if stash != "inputs" and schedule != "1f1b":
+                        continue  # the residual stash is a 1F1B stash
+                    for M in (int(x) for x in args.microbatches.split(",")):
+                        two = total_gb(2 * N, 2, M, schedule, remat, chunks, stash)
+                        print(f"| {remat} | {chunks} | {schedule} | {stash} | {one:.3f} | "
+                              f"{2 * N} | {M} | {two:.3f} | {two / one:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
