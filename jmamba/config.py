@@ -49,7 +49,9 @@ class ModelConfig:
     # (parallel.setup.scans_layers). On 2 x H200 (docs/benchmarks.md, fourteenth session)
     # moe_1b's one-GPU step took 200.4 ms unrolled (no remat) against 257.9 scanned (full
     # remat), compiling in 36 s against 15; at ep=2 unrolled compiled in 187 s against 45
-    # and needed 87.5 GB against 26.7 for 3% less time. 1F1B's stages scan either way.
+    # and needed 87.5 GB against 26.7 for 3% less time. False also unrolls 1F1B's stage
+    # loops (forward and recompute; not yet measured on a GPU; the residual stash's stages
+    # are unrolled either way).
     scan_layers: bool | None = None
     # Block and LM.
     rms_norm_eps: float = 1e-5

@@ -21,9 +21,10 @@ TRAIN = TrainConfig(batch_size=8, seq_len=24, n_pairs=4)
 
 
 def make_cfg(pp, M=4, schedule="gpipe", split="", comm="pair", tied=True, virtual=2,
-             loss_chunks=1):
+             loss_chunks=1, scan=None):
     return validate(Config(
-        model=dataclasses.replace(MODEL, tie_embeddings=tied, loss_chunks=loss_chunks),
+        model=dataclasses.replace(MODEL, tie_embeddings=tied, loss_chunks=loss_chunks,
+                                  scan_layers=scan),
         train=TRAIN,
         parallel=ParallelConfig(pp=pp, microbatches=M, pp_schedule=schedule, pp_split=split,
                                 pp_comm=comm, pp_virtual=virtual)))
@@ -47,27 +48,31 @@ def reference():
 
 
 LAYOUTS = [  # pp = 1 with microbatches runs in test_kernels_in_shard_map.py
-    # pp, microbatches, schedule, split, comm, tied, loss_chunks (the reference: 1)
-    (2, 4, "1f1b", "3,5", "sum", True, 5),
-    (4, 4, "1f1b", "1,3,3,1", "pair", False, 1),
-    (4, 8, "gpipe", "", "sum", True, 1),
+    # pp, microbatches, schedule, split, comm, tied, loss_chunks (the reference: 1), and
+    # scan_layers (False: 1F1B's stages unrolled, with padded stages' skipped layers)
+    (2, 4, "1f1b", "3,5", "sum", True, 5, None),
+    (4, 4, "1f1b", "1,3,3,1", "pair", False, 1, False),
+    (4, 8, "gpipe", "", "sum", True, 1, None),
     # circular at pp = 4 runs in test_pp_ep.py ((4, 2, 4), even split); here an uneven one
-    (2, 2, "circular", "1,3,3,1", "pair", False, 4),
+    (2, 2, "circular", "1,3,3,1", "pair", False, 4, None),
 ]
 
 
-@pytest.mark.parametrize("pp,M,schedule,split,comm,tied,loss_chunks", LAYOUTS)
+@pytest.mark.parametrize("pp,M,schedule,split,comm,tied,loss_chunks,scan", LAYOUTS)
 def test_pipeline_equals_single_device(reference, pp, M, schedule, split, comm, tied,
-                                       loss_chunks, monkeypatch):
+                                       loss_chunks, scan, monkeypatch):
     params, loss_ref, metrics_ref, grads_ref = reference[tied]
-    cfg = make_cfg(pp, M, schedule, split, comm, tied, loss_chunks=loss_chunks)
+    cfg = make_cfg(pp, M, schedule, split, comm, tied, loss_chunks=loss_chunks, scan=scan)
     layout = lay.StageLayout.from_config(cfg)
     loss_fn = pipeline_loss(cfg, layout, make_mesh(pp, 1))
     chunked, real = [], model.linear_token_losses
     monkeypatch.setattr(model, "linear_token_losses",
                         lambda *a: chunked.append(a[4]) or real(*a))
-    (loss, metrics), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(
-        lay.to_stage(params, layout), the_batch())
+    value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+    if schedule == "1f1b":  # the stages' layer loops unrolled exactly when asked
+        jaxpr = str(jax.make_jaxpr(value_and_grad)(lay.to_stage(params, layout), the_batch()))
+        assert (f"unroll={layout.ymax}" in jaxpr) == (scan is False)
+    (loss, metrics), grads = jax.jit(value_and_grad)(lay.to_stage(params, layout), the_batch())
     assert set(chunked) == ({loss_chunks} if loss_chunks > 1 else set())  # the chunked head ran
     np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
     for key in ("ce", "aux_loss", "z_loss", "accuracy"):

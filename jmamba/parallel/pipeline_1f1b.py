@@ -72,6 +72,9 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
     head_cfg = m if m.tie_embeddings else tied_head_config(m)
     moe = m.mlp == "moe"
     residuals = p.pp_stash == "residuals" and pp > 1
+    # --scan_layers false: the stages' layer loops fully unrolled (each layer its own code,
+    # as on one GPU); the default (auto) scans them.
+    unroll = not model.scans(m)
     pull_tree = {}  # the stage pullback's treedef (--pp_stash residuals), set while tracing
 
     def block(p_y, h, r, seq_BxL, layer_id):
@@ -147,7 +150,7 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             zB = _vary(jnp.zeros((Bm,), jnp.float32))
             ((h, r, aux_B, z_B, dropped), stash), (inputs_Y, counts_YxE) = lax.scan(
                 body, ((h, r, zB, zB, _vary(jnp.zeros((), jnp.int32))), stash),
-                (js, layers_Y))
+                (js, layers_Y), unroll=unroll)
             return ((h, r), (jnp.sum(aux_B), jnp.sum(z_B), counts_YxE, dropped),
                     inputs_Y if stash is None else stash)
 
@@ -180,7 +183,8 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
                 return out, None
 
             ((ct_h, ct_r), acc_Y), _ = lax.scan(body, ((ct_h, ct_r), acc_Y),
-                                                (js, layers_Y), reverse=True)
+                                                (js, layers_Y), reverse=True,
+                                                unroll=unroll)
             return acc_Y, (ct_h, ct_r)
 
         def stage_fn(layers, h, r, seq):
