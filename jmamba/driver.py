@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import jax
@@ -15,8 +16,8 @@ from jmamba.checkpoint import Checkpoints, orbax_messages_to
 from jmamba.config import Config
 from jmamba.data import RecallData
 from jmamba.distributed import AgreedStop
-from jmamba.guard import (EXIT_BAD_INPUT, Hooks, NonFiniteLoss, RunError, SkipLimit,
-                          StopSignals, check_finite)
+from jmamba.guard import (EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, Hooks, NonFiniteLoss, RunError,
+                          SkipLimit, StopSignals, check_finite, is_out_of_memory)
 from jmamba.metrics import (FIT_SHARE, Profiler, RunLog, compiled_memory, device_memory,
                             device_pool_bytes, fit_warning, fits, write_memory_report)
 from jmamba.parallel.setup import build, process_rows, remat_choices, scans_layers
@@ -210,6 +211,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
             records.append(record)
             hooks.after_log(record)
 
+    step = start
     with StopSignals() as signals:
         try:
             stop = AgreedStop(signals)
@@ -262,6 +264,12 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
                     flush(pending)
             log.close()
             raise
+        except Exception as e:  # a device allocation that failed: one line, exit 3
+            log.close()
+            if not is_out_of_memory(e):
+                raise
+            raise RunError(out_of_memory_line(e, step, memory, device_pool_bytes(), cfg),
+                           EXIT_OUT_OF_MEMORY) from None
         finally:
             profiler.close()
             if ckpt is not None:
@@ -270,6 +278,33 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     if signals.exit_code:
         raise SystemExit(signals.exit_code)
     return records
+
+
+def out_of_memory_line(error, step: int, memory: dict, pool_bytes: int | None,
+                       cfg: Config) -> str:
+    """The one line for a device that ran out of memory by step `step`: what XLA planned
+    against the pool, the allocation that failed, what to change."""
+    first = str(error).split("\n")[0]
+    failed = first.split("RESOURCE_EXHAUSTED:", 1)[-1].split("[", 1)[0].strip().rstrip(".")
+    gb = lambda b: f"{b / 2**30:.1f} GB"
+    plan = (f"XLA planned {gb(memory['total_bytes'])} per device"
+            + (f" against a pool of {gb(pool_bytes)}" if pool_bytes else "")
+            + f" ({os.path.join(cfg.train.log_dir, 'memory.json')}); " if memory else "")
+    p = cfg.parallel
+    fixes = ["lower --batch_size"]
+    if p.remat in ("auto", "none", "dots") and not (p.pp > 1 and p.pp_schedule == "1f1b"):
+        fixes.append("use --remat full")  # (1F1B's stages recompute whatever it says)
+    if p.pp > 1:
+        fixes.append("raise --microbatches")
+    if p.pp_stash == "residuals" and p.pp > 1:
+        fixes.append("use --pp_stash inputs")
+    if not scans_layers(cfg):
+        fixes.append("use --scan_layers true")
+    saved = (f"; checkpoints in {cfg.train.ckpt_dir} are as they were"
+             if cfg.train.ckpt_dir else "")
+    return (f"jmamba: a device ran out of memory by step {step} ({failed}); {plan}"
+            f"{', '.join(fixes)}, or let JAX take more of the GPU "
+            f"(XLA_PYTHON_CLIENT_MEM_FRACTION){saved}")
 
 
 class RateMeter:

@@ -4,9 +4,10 @@ Exit codes (documented in README): 0 for a finished run or a clean stop on SIGTE
 scheduler asked, the state is saved); 130 for a clean stop on SIGINT (Ctrl-C, as shells
 report it); 1 when the loss turns NaN/Inf (unless --skip_nonfinite, then after more than
 --max_skipped_steps bad steps in a row); 2 for flags, config, paths or files that cannot
-work (checked before the model is built); 3 when a checkpoint save fails during the run
-(a full or read-only disk: the run stops, the last complete checkpoint is named). A second
-Ctrl-C interrupts at once.
+work (checked before the model is built); 1 also when a checkpoint save fails during the
+run (a full or read-only disk: the run stops, the last complete checkpoint is named); 3
+when a device runs out of memory (the line gives XLA's plan against the device pool and
+what to change; checkpoints already saved stay). A second Ctrl-C interrupts at once.
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from typing import Any, Callable
 
 
 # A save that fails mid-run exits 1, as issue 18 asks (the line says which failure it was).
-EXIT_NONFINITE, EXIT_BAD_INPUT, EXIT_DISK = 1, 2, 1
+EXIT_NONFINITE, EXIT_BAD_INPUT, EXIT_DISK, EXIT_OUT_OF_MEMORY = 1, 2, 1, 3
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether a runtime error from a device is an allocation failure (XLA's status
+    RESOURCE_EXHAUSTED, e.g. "Out of memory while trying to allocate 113.85GiB")."""
+    return type(error).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and (
+        "RESOURCE_EXHAUSTED" in str(error))
 
 
 class RunError(Exception):

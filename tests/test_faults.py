@@ -171,3 +171,45 @@ def test_closed_event_loop_noise_goes_to_the_orbax_log(tmp_path, monkeypatch, ca
     assert seen == ["something else"]
     assert "Event loop is closed" in open(path).read()
     assert "Event loop is closed" not in capsys.readouterr().err
+
+
+def test_running_out_of_device_memory_is_one_line_exit_3_and_keeps_the_checkpoints(
+        tmp_path, monkeypatch):
+    """A step whose allocation fails on the device (XLA's RESOURCE_EXHAUSTED, as a GPU
+    reports it) stops the run with exit 3 and one line: the failed allocation, XLA's plan
+    from memory.json, what to change. Checkpoints saved before it stay. Other runtime
+    errors pass through unchanged."""
+    import jax
+
+    from jmamba import driver
+    from jmamba.guard import EXIT_OUT_OF_MEMORY
+    real = driver.compile_step
+
+    def failing_at(n, message):
+        def compile_step(*args, **kwargs):
+            step_fn, memory = real(*args, **kwargs)
+            calls = []
+
+            def step(state, batch):
+                calls.append(1)
+                if len(calls) == n:
+                    raise jax.errors.JaxRuntimeError(message)
+                return step_fn(state, batch)
+            return step, memory
+        return compile_step
+
+    oom = ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 113.85GiB with "
+           "allocator GPU_0_bfc on device 0. [tf-allocator-allocation-error='']")
+    monkeypatch.setattr(driver, "compile_step", failing_at(3, oom))
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(RunError) as e:
+        train(tiny(tmp_path, ckpt_dir=str(ckpt), ckpt_every=1))
+    msg = str(e.value)
+    assert e.value.exit_code == EXIT_OUT_OF_MEMORY == 3 and "\n" not in msg
+    assert "ran out of memory by step 3" in msg and "allocate 113.85GiB" in msg
+    assert "XLA planned" in msg and "memory.json" in msg and "--batch_size" in msg
+    assert f"checkpoints in {ckpt} are as they were" in msg
+    assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [1, 2]
+    monkeypatch.setattr(driver, "compile_step", failing_at(2, "INTERNAL: something else"))
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        train(tiny(tmp_path / "other"))
