@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     # --- end issue 7 ---
     from jmamba.driver import train  # imports jax only after the flags are checked
     from jmamba.checkpoint import CheckpointError
-    from jmamba.guard import EXIT_BAD_INPUT, RunError
+    from jmamba.guard import EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, RunError, is_out_of_memory
     try:
         train(cfg)
     except CheckpointError as e:  # a checkpoint that cannot be used: say why, no traceback
@@ -225,3 +225,8 @@ def main(argv: list[str] | None = None) -> None:
         # never come (a read-only disk: a real run hung at exit, scripts/disk_faults.py);
         # the driver has closed everything of ours by now, so leave without joining them.
         fail(str(e), e.exit_code, hard=e.hard)
+    except Exception as e:  # out of memory before the loop (building, restoring, compiling)
+        if not is_out_of_memory(e):
+            raise
+        from jmamba.driver import out_of_memory_line
+        fail(out_of_memory_line(e, cfg), EXIT_OUT_OF_MEMORY)

@@ -20,7 +20,8 @@ from jmamba.guard import (EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, Hooks, NonFiniteLo
                           SkipLimit, StopSignals, check_finite, is_out_of_memory)
 from jmamba.metrics import (FIT_SHARE, Profiler, RunLog, compiled_memory, device_memory,
                             device_pool_bytes, fit_warning, fits, write_memory_report)
-from jmamba.parallel.setup import build, process_rows, remat_choices, scans_layers
+from jmamba.parallel.setup import (build, process_rows, remat_choices, scans_layers,
+                                   uses_1f1b)
 from jmamba.preflight import preflight
 from jmamba.tokens import mark_documents
 
@@ -268,7 +269,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
             log.close()
             if not is_out_of_memory(e):
                 raise
-            raise RunError(out_of_memory_line(e, step, memory, device_pool_bytes(), cfg),
+            raise RunError(out_of_memory_line(e, cfg, step, memory, device_pool_bytes()),
                            EXIT_OUT_OF_MEMORY) from None
         finally:
             profiler.close()
@@ -280,10 +281,11 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     return records
 
 
-def out_of_memory_line(error, step: int, memory: dict, pool_bytes: int | None,
-                       cfg: Config) -> str:
-    """The one line for a device that ran out of memory by step `step`: what XLA planned
-    against the pool, the allocation that failed, what to change."""
+def out_of_memory_line(error, cfg: Config, step: int | None = None, memory: dict | None = None,
+                       pool_bytes: int | None = None) -> str:
+    """The one line for a device that ran out of memory (by step `step`; None: before the
+    first step): the allocation that failed, what XLA planned against the pool, what to
+    change for this layout."""
     first = str(error).split("\n")[0]
     failed = first.split("RESOURCE_EXHAUSTED:", 1)[-1].split("[", 1)[0].strip().rstrip(".")
     gb = lambda b: f"{b / 2**30:.1f} GB"
@@ -291,18 +293,21 @@ def out_of_memory_line(error, step: int, memory: dict, pool_bytes: int | None,
             + (f" against a pool of {gb(pool_bytes)}" if pool_bytes else "")
             + f" ({os.path.join(cfg.train.log_dir, 'memory.json')}); " if memory else "")
     p = cfg.parallel
+    residual_stash = p.pp_stash == "residuals" and p.pp > 1
     fixes = ["lower --batch_size"]
-    if p.remat in ("auto", "none", "dots") and not (p.pp > 1 and p.pp_schedule == "1f1b"):
-        fixes.append("use --remat full")  # (1F1B's stages recompute whatever it says)
+    remat = (memory or {}).get("remat", p.remat)  # what --remat auto chose, where known
+    if remat in ("auto", "none", "dots") and not uses_1f1b(cfg):  # 1F1B stages recompute
+        fixes.append("use --remat full")                          # whatever it says
     if p.pp > 1:
         fixes.append("raise --microbatches")
-    if p.pp_stash == "residuals" and p.pp > 1:
+    if residual_stash:
         fixes.append("use --pp_stash inputs")
-    if not scans_layers(cfg):
+    elif not scans_layers(cfg):
         fixes.append("use --scan_layers true")
-    saved = (f"; checkpoints in {cfg.train.ckpt_dir} are as they were"
+    saved = (f"; checkpoints already saved in {cfg.train.ckpt_dir} stay"
              if cfg.train.ckpt_dir else "")
-    return (f"jmamba: a device ran out of memory by step {step} ({failed}); {plan}"
+    when = "before the first step" if step is None else f"by step {step}"
+    return (f"jmamba: a device ran out of memory {when} ({failed}); {plan}"
             f"{', '.join(fixes)}, or let JAX take more of the GPU "
             f"(XLA_PYTHON_CLIENT_MEM_FRACTION){saved}")
 

@@ -33,9 +33,12 @@ def main():
     ap.add_argument("--remats", default="none,full")
     ap.add_argument("--loss_chunks", default="1", help="model.loss_chunks values, e.g. 1,8")
     ap.add_argument("--pp_stash", default="inputs",
-                    help="parallel.pp_stash values for the pp=2 runs, e.g. inputs,residuals")
+                    help="parallel.pp_stash values for the pp=2 runs, e.g. inputs,residuals "
+                    "(residuals is 1F1B's: other schedules run only with inputs)")
     ap.add_argument("--scan_layers", default="auto", choices=["auto", "true", "false"],
-                    help="model.scan_layers for every run (auto: the scan on the CPU)")
+                    help="model.scan_layers for every run (auto: the scan on the CPU; on a "
+                    "GPU auto unrolls the pp=1 run and scans the pp=2 ones, so pass true or "
+                    "false to compare like with like)")
     ap.add_argument("--weak", action="store_true",
                     help="pp=2 at batch M x B (microbatches of the pp=1 batch)")
     args = ap.parse_args()

@@ -104,6 +104,8 @@ def main():
                     help="run the multi-GPU rows only with the --also flags (the one-GPU "
                     "rows still run): when the defaults' rows were measured before")
     args = ap.parse_args()
+    if args.also_only and not args.also:
+        ap.error("--also_only runs the --also variants of the multi-GPU rows: give --also")
     os.makedirs(args.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="jmamba_scaling_")  # train.py log dirs
     n = gpu_count()
@@ -111,13 +113,15 @@ def main():
     if args.random_tokens:
         extra += ["--data", random_token_file(work)]
     rows = {}
-    todo = [(name, shape, ROW_FLAGS.get(name, [])) for name, shape in runs(args, n).items()
+    # (name, shape, extra flags, whether an --also variant)
+    todo = [(name, shape, ROW_FLAGS.get(name, []), False)
+            for name, shape in runs(args, n).items()
             if not args.only or name in args.only.split(";")]
-    todo += [(f"{name}, `{also}`", shape, shlex.split(also))
-             for also in args.also for name, shape, _ in list(todo) if shape[0] > 1]
-    if args.also_only:
-        todo = [row for row in todo if row[1][0] == 1 or "`" in row[0]]
-    for name, (gpus, layers, experts, B, pp, ep, M), more in todo:
+    todo += [(f"{name}, `{also}`", shape, shlex.split(also), True)
+             for also in args.also for name, shape, _, _ in list(todo) if shape[0] > 1]
+    if args.also_only:  # one-GPU rows and the variants; not the defaults' multi-GPU rows
+        todo = [row for row in todo if row[1][0] == 1 or row[3]]
+    for name, (gpus, layers, experts, B, pp, ep, M), more, _ in todo:
         flags = ["--config", "moe_1b", "--n_layer", str(layers), "--n_experts", str(experts),
                  "--batch_size", str(B), "--pp", str(pp), "--ep", str(ep), "--microbatches",
                  str(M), "--steps", str(args.steps), "--warmup_steps", "4", "--log_every", "1",

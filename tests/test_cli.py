@@ -96,3 +96,28 @@ def test_deterministic_sets_xlas_flag_before_training(on, monkeypatch):
     assert seen["deterministic"] is on
     assert ("--xla_gpu_exclude_nondeterministic_ops=true" in seen["flags"]) is on
     assert "--xla_force_host_platform_device_count=8" in seen["flags"]
+
+
+def test_out_of_memory_before_the_first_step_exits_3_with_one_line(monkeypatch, capsys):
+    """A device allocation that fails before the loop (building, restoring or compiling
+    the step) ends as the loop's does: one line, exit 3, what to change for the layout."""
+    import jax
+
+    import jmamba.driver
+    from jmamba.cli import main
+
+    def oom(cfg):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to "
+                                         "allocate 54.00GiB. [tf-allocator-allocation-error='']")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    monkeypatch.setattr(jmamba.driver, "train", oom)
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "cpu_demo", "--pp", "2", "--microbatches", "4", "--pp_stash",
+              "residuals"])
+    err = capsys.readouterr().err
+    assert e.value.code == 3 and err.count("\n") == 1, err
+    assert "before the first step (Out of memory while trying to allocate 54.00GiB)" in err
+    assert "raise --microbatches, use --pp_stash inputs" in err and "--remat" not in err
+    monkeypatch.setattr(jmamba.driver, "train", lambda cfg: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        main(["--config", "cpu_demo"])

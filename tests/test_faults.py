@@ -208,7 +208,7 @@ def test_running_out_of_device_memory_is_one_line_exit_3_and_keeps_the_checkpoin
     assert e.value.exit_code == EXIT_OUT_OF_MEMORY == 3 and "\n" not in msg
     assert "ran out of memory by step 3" in msg and "allocate 113.85GiB" in msg
     assert "XLA planned" in msg and "memory.json" in msg and "--batch_size" in msg
-    assert f"checkpoints in {ckpt} are as they were" in msg
+    assert f"checkpoints already saved in {ckpt} stay" in msg
     assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) == [1, 2]
     monkeypatch.setattr(driver, "compile_step", failing_at(2, "INTERNAL: something else"))
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
