@@ -50,15 +50,23 @@ def emit_table(text: str, out_dir: str, name: str) -> None:
         f.write(text + "\n")
 
 
-def train_run(name, flags, work):
+def train_run(name, flags, work, timeout: float | None = None):
     """One `python train.py` run with `flags` (plus its log dir); returns a row of results:
     exit code, median step time after the first 3 logged steps, fullest-GPU peak, dropped
-    copies, per-step losses, and XLA's per-device estimate from memory.json."""
+    copies, per-step losses, and XLA's per-device estimate from memory.json. A run past
+    `timeout` seconds is killed and gets rc "timeout" (with XLA's estimate if it compiled),
+    so one slow compile does not take a whole device call."""
     log_dir = os.path.join(work, name)
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags,
-                           "--log_dir", log_dir], env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags,
+                               "--log_dir", log_dir], env=env, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+               for x in (e.stdout, e.stderr)]
+        proc = subprocess.CompletedProcess(e.cmd, "timeout", *out)
     row = {"name": name, "rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 1)}
     path = os.path.join(log_dir, "metrics.jsonl")
     recs = []
@@ -68,7 +76,7 @@ def train_run(name, flags, work):
     if os.path.exists(os.path.join(log_dir, "memory.json")):
         with open(os.path.join(log_dir, "memory.json")) as f:
             row["xla_total_gb"] = round(json.load(f)["total_bytes"] / 2**30, 2)
-    if proc.returncode or not recs:
+    if proc.returncode != 0 or not recs:
         row["tail"] = (proc.stdout + proc.stderr)[-2000:]
         print(f"== {name}: rc={proc.returncode}\n{row['tail']}", flush=True)
         return row

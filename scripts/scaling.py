@@ -100,6 +100,10 @@ def main():
                     help="train.py flags for another run of every selected multi-GPU row, in "
                     "the same table (an A/B against the defaults with the same 1 GPU "
                     "baseline); repeat it for more variants")
+    ap.add_argument("--row_timeout", type=float, default=None,
+                    help="seconds a row may take, compile included (killed after: rc "
+                    "timeout, with XLA's estimate if it compiled); keep a device call's "
+                    "other rows when one compiles for minutes")
     ap.add_argument("--also_only", action="store_true",
                     help="run the multi-GPU rows only with the --also flags (the one-GPU "
                     "rows still run): when the defaults' rows were measured before")
@@ -130,7 +134,7 @@ def main():
         if profiled:
             flags += ["--profile_steps", "6:8"]
         run_name = "".join(c if c.isalnum() or c in "=_" else "_" for c in name)
-        rows[name] = {**train_run(run_name, flags, work),
+        rows[name] = {**train_run(run_name, flags, work, args.row_timeout),
                       "gpus": gpus, "layers": layers, "experts": experts, "batch": B, "M": M}
         trace = find_trace(os.path.join(work, run_name)) if profiled else None
         if trace and "step_ms" in rows[name]:
