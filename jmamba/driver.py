@@ -193,7 +193,7 @@ def train(cfg: Config, hooks: Hooks | None = None) -> list[dict]:
     step_fn, memory = compile_step(run, cfg, state, first, log.note)
     if memory and main:
         log.note(write_memory_report(t.log_dir, memory))
-        warning = fit_warning(memory, device_pool_bytes())
+        warning = fit_warning(memory, device_pool_bytes(), memory_fixes(cfg, memory))
         if warning:
             log.note(warning)
 
@@ -292,24 +292,29 @@ def out_of_memory_line(error, cfg: Config, step: int | None = None, memory: dict
     plan = (f"XLA planned {gb(memory['total_bytes'])} per device"
             + (f" against a pool of {gb(pool_bytes)}" if pool_bytes else "")
             + f" ({os.path.join(cfg.train.log_dir, 'memory.json')}); " if memory else "")
-    p = cfg.parallel
-    residual_stash = p.pp_stash == "residuals" and p.pp > 1
-    fixes = ["lower --batch_size"]
-    remat = (memory or {}).get("remat", p.remat)  # what --remat auto chose, where known
-    if remat in ("auto", "none", "dots") and not uses_1f1b(cfg):  # 1F1B stages recompute
-        fixes.append("use --remat full")                          # whatever it says
-    if p.pp > 1:
-        fixes.append("raise --microbatches")
-    if residual_stash:
-        fixes.append("use --pp_stash inputs")
-    elif not scans_layers(cfg):
-        fixes.append("use --scan_layers true")
     saved = (f"; checkpoints already saved in {cfg.train.ckpt_dir} stay"
              if cfg.train.ckpt_dir else "")
     when = "before the first step" if step is None else f"by step {step}"
     return (f"jmamba: a device ran out of memory {when} ({failed}); {plan}"
-            f"{', '.join(fixes)}, or let JAX take more of the GPU "
+            f"{', '.join(memory_fixes(cfg, memory))}, or let JAX take more of the GPU "
             f"(XLA_PYTHON_CLIENT_MEM_FRACTION){saved}")
+
+
+def memory_fixes(cfg: Config, memory: dict | None = None) -> list[str]:
+    """What lowers the per-device memory of cfg's layout (memory: XLA's report, which says
+    what --remat auto chose)."""
+    p = cfg.parallel
+    fixes = ["lower --batch_size"]
+    remat = (memory or {}).get("remat", p.remat)
+    if remat in ("auto", "none", "dots") and not uses_1f1b(cfg):  # 1F1B stages recompute
+        fixes.append("use --remat full")                          # whatever it says
+    if p.pp > 1:
+        fixes.append("raise --microbatches")
+    if p.pp_stash == "residuals" and p.pp > 1:
+        fixes.append("use --pp_stash inputs")
+    elif not scans_layers(cfg):
+        fixes.append("use --scan_layers true")
+    return fixes
 
 
 class RateMeter:

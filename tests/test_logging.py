@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from jmamba.config import Config, ModelConfig, TrainConfig, validate
+from jmamba.config import Config, ModelConfig, ParallelConfig, TrainConfig, validate
 from jmamba import driver
 from jmamba.driver import make_data, train
 from jmamba.guard import Hooks, StopSignals
@@ -114,6 +114,12 @@ def test_fit_warning_names_what_to_change():
     line = fit_warning(report, 59 * 2**30)
     assert "64.0 GB" in line and "59.0 GB" in line and "--batch_size" in line
     assert fit_warning(report, 80 * 2**30) is None and fit_warning(report, None) is None
+    # the layout's own advice (driver.memory_fixes): a residual-stash pipeline
+    cfg = validate(Config(model=ModelConfig(n_layer=4), parallel=ParallelConfig(
+        pp=2, microbatches=4, pp_stash="residuals")))
+    line = fit_warning(report, 59 * 2**30, driver.memory_fixes(cfg))
+    assert "lower --batch_size, raise --microbatches, use --pp_stash inputs, or" in line
+    assert "--remat" not in line
 
 
 def test_progress_bar_on_a_terminal(tmp_path):
