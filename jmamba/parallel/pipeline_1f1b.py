@@ -226,7 +226,8 @@ def make_1f1b_value_and_grad(cfg, layout: StageLayout, mesh, experts_fn=moe_drop
             # input) are made again, which a fresh trace does (JAX drops the rest of it as
             # dead code); leaves psum'd / pmax'd over ep inside the stage (the same on every
             # ep rank) are pmax'd over those axes, which returns them unchanged.
-            fresh = jax.tree.leaves(pull_of(*zero_pair, seq_of(0))[1])
+            fresh = (jax.tree.leaves(pull_of(*zero_pair, seq_of(0))[1])
+                     if CONSTANT in pull_tree["kinds"] else None)  # (no stage traced twice)
             slots = iter(buf[k] for buf in stash)
             leaves = [fresh[n] if kind == CONSTANT else
                       (lax.pmax(next(slots), kind) if kind else next(slots))
