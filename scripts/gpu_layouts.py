@@ -50,14 +50,16 @@ def emit_table(text: str, out_dir: str, name: str) -> None:
         f.write(text + "\n")
 
 
-def train_run(name, flags, work, timeout: float | None = None):
+def train_run(name, flags, work, timeout: float | None = None, env: dict | None = None):
     """One `python train.py` run with `flags` (plus its log dir); returns a row of results:
     exit code, median step time after the first 3 logged steps, fullest-GPU peak, dropped
     copies, per-step losses, and XLA's per-device estimate from memory.json. A run past
     `timeout` seconds is killed and gets rc "timeout" (with XLA's estimate if it compiled),
-    so one slow compile does not take a whole device call."""
+    so one slow compile does not take a whole device call. `env`: more environment
+    variables for the run (e.g. an XLA_FLAGS with an HLO dump, see hlo_sources.py)."""
     log_dir = os.path.join(work, name)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **(env or {}))
     t0 = time.perf_counter()
     try:
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags,

@@ -6,6 +6,7 @@
         --variants "default;--remat full"                              # fewer rows
     XLA_FLAGS=--xla_gpu_enable_command_buffer= python3 scripts/moe_step.py --out $OUT \
         --no_peer --batches 8 --profile                                # kernel time by kind
+                                                                       # and by source line
 
 Rows: the peer (no recomputation) at each batch, then train.py --config moe_1b at each batch
 with the default flags and each variant's extra flags. MFU for every row uses
@@ -28,6 +29,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpu_layouts import emit_table, train_run  # noqa: E402
+from hlo_sources import DUMP_FLAGS, read_sources  # noqa: E402
 from trace_share import device_shares, find_trace  # noqa: E402
 
 
@@ -61,6 +63,19 @@ def print_profiles(profiles: dict, out: str) -> None:
     emit_table(text, out, "moe_step_profile.md")
 
 
+def print_sources(name: str, shares: dict, out: str) -> None:
+    """Device ms of one profiled run by the function, then the line, that made each kernel
+    (hlo_sources.py), forward and backward apart."""
+    lines = [f"### {name}: device ms over 2 steps by function", "",
+             "| direction, file, function | ms |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in shares.get("functions_ms_per_device", [])]
+    lines += ["", f"### {name}: device ms over 2 steps by line", "",
+              "| direction, file:line, function | ms |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in shares.get("lines_ms_per_device", [])]
+    run = "".join(c if c.isalnum() else "_" for c in name)
+    emit_table("\n".join(lines), out, f"moe_step_sources_{run}.md")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -72,7 +87,8 @@ def main():
     ap.add_argument("--no_peer", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="trace steps 6-7 of every jmamba run and print device time per kind "
-                    "of kernel (trace_share.group_key); run with XLA_FLAGS="
+                    "of kernel (trace_share.group_key) and per source line (the run dumps "
+                    "its optimized HLO: hlo_sources.py); run with XLA_FLAGS="
                     "--xla_gpu_enable_command_buffer= so kernels are not one command buffer")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -101,14 +117,18 @@ def main():
                      "--eval_every", "0", *extra]
             name = f"jmamba b{b} {variant}"
             run_name = "".join(c if c.isalnum() else "_" for c in name)
+            env, dump = None, os.path.join(work, run_name + "_hlo")
             if args.profile:
                 flags += ["--profile_steps", "6:8"]
-            r = train_run(run_name, flags, work)
+                env = {"XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), DUMP_FLAGS.format(
+                    dir=dump, module="train_step")]).strip()}
+            r = train_run(run_name, flags, work, env=env)
             rows.append({"run": f"jmamba `{variant}`", "batch": b, **r})
             trace = find_trace(os.path.join(work, run_name)) if args.profile else None
             if trace and "step_ms" in r:
-                groups = device_shares(trace, 2 * r["step_ms"] / 1e3)["groups_ms_per_device"]
-                profiles[name] = dict(groups)
+                shares = device_shares(trace, 2 * r["step_ms"] / 1e3, read_sources(dump))
+                profiles[name] = dict(shares["groups_ms_per_device"])
+                print_sources(name, shares, args.out)
         if profiles:
             print_profiles(profiles, args.out)
         with open(os.path.join(args.out, "moe_step.json"), "w") as f:

@@ -43,6 +43,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpu_layouts import emit_table, gpu_count, train_run  # noqa: E402
+from hlo_sources import DUMP_FLAGS, read_sources  # noqa: E402
 from trace_share import device_shares, find_trace  # noqa: E402
 
 
@@ -131,14 +132,17 @@ def main():
                  str(M), "--steps", str(args.steps), "--warmup_steps", "4", "--log_every", "1",
                  "--progress", "lines", *extra, *more]
         profiled = name in args.profile.split(";")
-        if profiled:
-            flags += ["--profile_steps", "6:8"]
         run_name = "".join(c if c.isalnum() or c in "=_" else "_" for c in name)
-        rows[name] = {**train_run(run_name, flags, work, args.row_timeout),
+        env, dump = None, os.path.join(work, run_name + "_hlo")
+        if profiled:  # a trace of steps 6-7 and the HLO dump that names its kernels' lines
+            flags += ["--profile_steps", "6:8"]
+            env = {"XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), DUMP_FLAGS.format(
+                dir=dump, module="train_step")]).strip()}
+        rows[name] = {**train_run(run_name, flags, work, args.row_timeout, env=env),
                       "gpus": gpus, "layers": layers, "experts": experts, "batch": B, "M": M}
         trace = find_trace(os.path.join(work, run_name)) if profiled else None
         if trace and "step_ms" in rows[name]:
-            shares = device_shares(trace, 2 * rows[name]["step_ms"] / 1e3)
+            shares = device_shares(trace, 2 * rows[name]["step_ms"] / 1e3, read_sources(dump))
             rows[name]["trace"] = shares
             print(json.dumps(shares, indent=1), flush=True)
         with open(os.path.join(args.out, "scaling.json"), "w") as f:

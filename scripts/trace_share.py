@@ -15,6 +15,8 @@ import json
 import os
 import re
 
+from hlo_sources import lookup
+
 KINDS = (("all_to_all", re.compile(r"all-to-all|all_to_all|alltoall", re.I)),
          ("permute", re.compile(r"collective-permute|ppermute", re.I)),
          ("other_comm", re.compile(r"nccl|all-reduce|all-gather|reduce-scatter", re.I)))
@@ -37,9 +39,11 @@ def classify(event: dict) -> str | None:
     return None
 
 
-def device_shares(path: str, window_s: float) -> dict:
+def device_shares(path: str, window_s: float, sources: dict | None = None) -> dict:
     """Per-kind device seconds, averaged over devices, as a share of `window_s` (the traced
-    steps' wall time). Also the busiest kernel names, to check the classification by eye."""
+    steps' wall time). Also the busiest kernel names, to check the classification by eye,
+    and with `sources` (hlo_sources.read_sources of the run's HLO dump) device ms by the
+    Python line and by the function that made each kernel, forward and backward apart."""
     with gzip.open(path) as f:
         trace = json.load(f)
     events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
@@ -53,6 +57,8 @@ def device_shares(path: str, window_s: float) -> dict:
     per_device: dict[int, dict[str, float]] = {}
     top: dict[str, float] = {}
     groups: dict[str, float] = {}
+    by_line: dict[str, float] = {}
+    by_function: dict[str, float] = {}
     for ev in events:
         if ev.get("ph") != "X" or ev.get("pid") not in devices:
             continue
@@ -67,17 +73,31 @@ def device_shares(path: str, window_s: float) -> dict:
         top[key] = top.get(key, 0.0) + dur
         g = group_key(ev)
         groups[g] = groups.get(g, 0.0) + dur
+        if sources is not None:
+            args = ev.get("args") or {}
+            src = lookup(sources, str(args.get("hlo_module", "")), str(args.get("hlo_op", "")))
+            line_key = src.label() if src else f"(no source) {g}"
+            fn_key = (f"{'bwd' if src.backward else 'fwd'} {src.file} {src.function}" if src
+                      else "(no source)")
+            by_line[line_key] = by_line.get(line_key, 0.0) + dur
+            by_function[fn_key] = by_function.get(fn_key, 0.0) + dur
     n = max(len(per_device), 1)
     kinds = {k for d in per_device.values() for k in d}
     share = {k: sum(d.get(k, 0.0) for d in per_device.values()) / n / window_s
              for k in sorted(kinds)}
     busiest = sorted(top.items(), key=lambda kv: -kv[1])[:12]
     lines = sorted({name for (pid, _), name in threads.items() if pid in devices})[:12]
-    return {"devices": len(per_device), "share": share, "processes": sorted(procs.values()),
-            "device_lines": lines,
-            "top_ms_all_devices": [(k, round(1e3 * v, 2)) for k, v in busiest],
-            "groups_ms_per_device": [(k, round(1e3 * v / n, 2)) for k, v in
-                                     sorted(groups.items(), key=lambda kv: -kv[1])[:30]]}
+    def per_device_ms(table, top):
+        return [(k, round(1e3 * v / n, 2)) for k, v in
+                sorted(table.items(), key=lambda kv: -kv[1])[:top]]
+    out = {"devices": len(per_device), "share": share, "processes": sorted(procs.values()),
+           "device_lines": lines,
+           "top_ms_all_devices": [(k, round(1e3 * v, 2)) for k, v in busiest],
+           "groups_ms_per_device": per_device_ms(groups, 30)}
+    if sources is not None:
+        out["lines_ms_per_device"] = per_device_ms(by_line, 60)
+        out["functions_ms_per_device"] = per_device_ms(by_function, 40)
+    return out
 
 
 def group_key(event: dict) -> str:
