@@ -47,7 +47,7 @@ MAY_DIFFER = {"train.steps", "train.log_every", "train.log_dir", "train.ckpt_dir
               "train.progress", "train.peak_tflops", "train.max_skipped_steps",
               "train.skip_nonfinite", "train.loader", "train.eval_data", "train.eval_every",
               "train.eval_steps", "train.deterministic", "model.ssm_impl", "model.dtype",
-              "model.chunk_size", "model.scan_layers", "model.attn_impl",
+              "model.chunk_size", "model.scan_layers", "model.attn_impl", "model.norm_impl",
               "model.loss_chunks"}
 MAY_DIFFER_SECTIONS = {"parallel", "dist"}
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 MLP_KINDS = ("moe", "dense", "none")
 SSM_IMPLS = ("auto", "chunked", "reference", "kernel")
+NORM_IMPLS = ("xla", "pallas")
 ATTN_IMPLS = ("auto", "cudnn", "xla", "reference")
 DTYPES = ("float32", "bfloat16")
 
@@ -53,6 +54,10 @@ class ModelConfig:
     # loops (forward and recompute; not yet measured on a GPU; the residual stash's stages
     # are unrolled either way).
     scan_layers: bool | None = None
+    # The block's residual add + RMSNorm (two a layer): XLA's fusions, or one Pallas kernel
+    # each way (jmamba/kernels/norm_pallas.py; Triton on GPU, interpret mode on CPU; rows
+    # whose width is not a power of two fall back to XLA). Not yet measured on a GPU.
+    norm_impl: str = "xla"
     # Block and LM.
     rms_norm_eps: float = 1e-5
     residual_in_fp32: bool = True
@@ -322,6 +327,7 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     lo, hi = m.A_init_range
     _check(0 < lo <= hi, "model.A_init_range", "need 0 < low <= high", m.A_init_range)
     _check_choice(m.ssm_impl, SSM_IMPLS, "model.ssm_impl")
+    _check_choice(m.norm_impl, NORM_IMPLS, "model.norm_impl")
     _check(m.loss_chunks >= 0, "model.loss_chunks", "must be >= 0 (0: chunks of ~4096 tokens)",
            m.loss_chunks)
     _check_choice(m.dtype, DTYPES, "model.dtype")

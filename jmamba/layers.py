@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jmamba.config import ModelConfig
+from jmamba.kernels import norm_pallas
 from jmamba.ssd import segments, ssd
 
 
@@ -45,6 +46,21 @@ def rms_norm(x, scale, eps, dtype, groups=1):
     xg = x32.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
     xg = xg * jax.lax.rsqrt(jnp.mean(xg * xg, axis=-1, keepdims=True) + eps)
     return (xg.reshape(x.shape) * scale).astype(dtype)
+
+
+def add_rms_norm_xla(h, r, scale, eps, dtype):
+    """(rms_norm(h + r), h + r): the block's residual add in r's dtype, then its norm."""
+    residual = h.astype(r.dtype) + r
+    return rms_norm(residual, scale, eps, dtype), residual
+
+
+def add_rms_norm(h, r, scale, eps, dtype, impl: str = "xla"):
+    """add_rms_norm_xla, or with impl "pallas" its one-kernel twin where the rows fit it
+    (kernels/norm_pallas.py)."""
+    D = h.shape[-1]
+    if impl == "pallas" and norm_pallas.fits(h.size // D, D):
+        return norm_pallas.add_rms_norm(h, r, scale, eps, dtype)
+    return add_rms_norm_xla(h, r, scale, eps, dtype)
 
 
 class RMSNorm(nnx.Module):

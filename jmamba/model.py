@@ -25,7 +25,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from jmamba.attention import self_attention
 from jmamba.config import ModelConfig
-from jmamba.layers import GatedMLP, Mamba2Mixer, RMSNorm, rms_norm, uniform_init
+from jmamba.layers import (GatedMLP, Mamba2Mixer, RMSNorm, add_rms_norm, rms_norm,
+                           uniform_init)
 from jmamba.moe import EXCHANGED, MoE, moe_dropless
 from jmamba.xent import linear_token_losses, token_losses
 
@@ -59,15 +60,17 @@ class Block(nnx.Module):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         res_dtype = jnp.float32 if cfg.residual_in_fp32 else dtype
-        residual = hidden_BxLxD.astype(res_dtype) + residual_BxLxD.astype(res_dtype)
-        hidden = self.mix(self.norm(residual, dtype), seq_idx_BxL, layer_id)
+        normed, residual = add_rms_norm(hidden_BxLxD, residual_BxLxD.astype(res_dtype),
+                                        self.norm.scale[...], self.norm.eps, dtype,
+                                        cfg.norm_impl)
+        hidden = self.mix(normed, seq_idx_BxL, layer_id)
         # zeros_like(hidden, ...) keeps hidden's per-device type when run under shard_map.
         aux_B = z_B = jnp.zeros_like(hidden, shape=hidden.shape[:1], dtype=jnp.float32)
         counts_E = jnp.zeros_like(hidden, shape=(max(cfg.n_experts, 1),), dtype=jnp.int32)
         dropped = jnp.zeros_like(hidden, shape=(), dtype=jnp.int32)
         if cfg.mlp != "none":
-            residual = hidden.astype(res_dtype) + residual
-            hidden = self.norm2(residual, dtype)
+            hidden, residual = add_rms_norm(hidden, residual, self.norm2.scale[...],
+                                            self.norm2.eps, dtype, cfg.norm_impl)
             if cfg.mlp == "moe":
                 hidden, aux_B, z_B, counts_E, dropped = self.mlp(hidden, experts_fn)
             else:

@@ -1,8 +1,8 @@
 """The GPU kernels inside the pipeline's shard_map, with vma checking on, at the layouts users
 run: loss and every gradient equal the single-device model on its plain twins.
 
-On the CPU the Pallas SSD kernel runs in interpret mode and the Mosaic grouped matmul as a
-stand-in typed like the real kernel (tests/conftest.py). A second test traces the GPU path
+On the CPU the Pallas SSD and add + norm kernels run in interpret mode and the Mosaic
+grouped matmul as a stand-in typed like the real kernel (tests/conftest.py). A second test traces the GPU path
 itself (Triton lowering, not interpreted): vma typing errors are raised at trace time.
 """
 
@@ -15,6 +15,7 @@ import pytest
 
 from jmamba.config import Config, ModelConfig, ParallelConfig, TrainConfig, validate
 from jmamba.data import recall_batch
+from jmamba.kernels import norm_pallas
 from jmamba.kernels import ssd_pallas as ssd_pallas_mod
 from tests.test_pp_ep import assert_grads_match, pipeline_parts, run, single_device
 
@@ -28,8 +29,10 @@ def the_batch():
 
 
 def make_cfg(pp, ep, M, ssm_impl="kernel", schedule="1f1b", **parallel):
+    # With the kernels, the block's add + norm runs as its Pallas kernel too (norm_pallas).
+    norm_impl = "pallas" if ssm_impl == "kernel" else "xla"
     return validate(Config(
-        model=ModelConfig(**{**MODEL.__dict__, "ssm_impl": ssm_impl}),
+        model=ModelConfig(**{**MODEL.__dict__, "ssm_impl": ssm_impl, "norm_impl": norm_impl}),
         train=TrainConfig(batch_size=8, seq_len=24, n_pairs=4),
         parallel=ParallelConfig(pp=pp, ep=ep, microbatches=M,  # default EP: dropless
                                 pp_schedule=schedule, **parallel)))
@@ -63,6 +66,8 @@ def test_gpu_path_types_trace_in_shard_map(reference, mosaic_standin, monkeypatc
     types). The gradients' types must equal the parameters'."""
     monkeypatch.setattr(ssd_pallas_mod, "ssd_pallas",
                         functools.partial(ssd_pallas_mod.ssd_pallas, interpret=False))
+    monkeypatch.setattr(norm_pallas, "add_rms_norm",
+                        functools.partial(norm_pallas.add_rms_norm, interpret=False))
     _, vg, stage_params = pipeline_parts(make_cfg(2, 2, 2, schedule=schedule, pp_stash=stash),
                                          reference[0])
     (loss, _), grads = jax.eval_shape(vg, stage_params, the_batch())

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jmamba.kernels import ssd_pallas_kernels as bodies
-from jmamba.kernels.vma import (cotangent_like, out_struct, to_varying, untyped,
-                                varying_axes)
+from jmamba.kernels.launch import typed_call
+from jmamba.kernels.vma import cotangent_like
 from jmamba.ssd import kernel_fits, starts
 
 f32 = jnp.float32
@@ -44,25 +44,9 @@ class _Cfg(NamedTuple):
 
 
 def _call(kernel, grid, in_specs, out_specs, out_shape, cfg, **kw):
-    """Returns fn(*args) running the kernel. Each output depends on every argument, so under
-    shard_map it varies over the mesh axes any argument varies over (see kernels/vma.py)."""
-    params = {}
-    if not cfg.interpret:
-        from jax.experimental.pallas import triton as pltriton
-        params["compiler_params"] = pltriton.CompilerParams(num_warps=cfg.num_warps,
-                                                            num_stages=cfg.num_stages)
-
-    def run(*args):
-        axes = varying_axes(*args)
-        # CPU: interpret mode runs only on untyped copies (see vma.untyped); its outputs are
-        # then given the type the GPU path declares.
-        declared = frozenset() if cfg.interpret else axes
-        typed = jax.tree.map(lambda s: out_struct(s.shape, s.dtype, declared), out_shape)
-        outs = pl.pallas_call(functools.partial(kernel, **kw), grid=grid, in_specs=in_specs,
-                              out_specs=out_specs, out_shape=typed, interpret=cfg.interpret,
-                              **params)(*(untyped(a) if cfg.interpret else a for a in args))
-        return jax.tree.map(lambda o: to_varying(o, axes), outs)
-    return run
+    """Returns fn(*args) running the kernel with cfg's launch settings (launch.typed_call)."""
+    return typed_call(kernel, grid, in_specs, out_specs, out_shape, interpret=cfg.interpret,
+                      num_warps=cfg.num_warps, num_stages=cfg.num_stages, **kw)
 
 
 class _Specs:

@@ -41,11 +41,15 @@ def to_varying(x, axes: frozenset):
 def cotangent_like(ct, primal):
     """Gives a cotangent its primal's type: summed over the axes where only the cotangent
     varies (transpose of the implicit broadcast), marked varying where only the primal does."""
-    want = jax.typeof(primal).manual_axis_type.varying
+    return typed_like(ct, jax.typeof(primal).manual_axis_type.varying)
+
+
+def typed_like(ct, axes: frozenset):
+    """cotangent_like for a primal known only by the axes it varies over."""
     have = jax.typeof(ct).manual_axis_type.varying
-    if have - want:
-        ct = jax.lax.psum(ct, tuple(sorted(have - want)))
-    return to_varying(ct, want)
+    if have - axes:
+        ct = jax.lax.psum(ct, tuple(sorted(have - axes)))
+    return to_varying(ct, axes)
 
 
 def untyped(x):

@@ -1,0 +1,134 @@
+"""The block's residual add and RMSNorm as one Pallas kernel each way (Triton on GPU,
+interpret mode on CPU). Twin: `layers.add_rms_norm_xla` (tests/test_norm_pallas.py).
+
+Why by hand: XLA runs the add, the row reduction and the scaling as separate fusions that
+each read the fp32 residual again, forward and backward (the profile by source line in
+docs/benchmarks.md: the norms are ~8% of the moe_1b step on one GPU). Here each direction
+reads every row once: forward (h, r) -> (y, residual); backward (residual, dy, d residual)
+-> (d r, d h, per-block partial sums of d scale, which XLA adds up). The backward
+recomputes the row's rms from the saved residual instead of saving it.
+
+Rows are processed in blocks of `rows` (a power of two dividing the row count); the
+feature width D must be a power of two (Triton's blocks): `fits` says whether they are.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from jmamba.kernels.launch import typed_call
+from jmamba.kernels.vma import cotangent_like, typed_like
+
+f32 = jnp.float32
+
+
+def fits(n_rows: int, width: int) -> bool:
+    """Whether the kernels take rows of `width` (a power of two, 16..16384) and some block of
+    rows divides n_rows."""
+    return (width & (width - 1)) == 0 and 16 <= width <= 16384 and block_rows(n_rows,
+                                                                              width) > 0
+
+
+def block_rows(n_rows: int, width: int) -> int:
+    """Rows per program: the largest power of two up to 4096 elements a block (32 a thread
+    at 4 warps; not tuned on a GPU yet) that divides n_rows (0 if n_rows is 0)."""
+    rows = max(1, min(16, 4096 // max(width, 1)))
+    while rows > 1 and n_rows % rows:
+        rows //= 2
+    return rows if n_rows > 0 else 0
+
+
+def _fwd_kernel(h_ref, r_ref, w_ref, y_ref, res_ref, *, eps):
+    res = h_ref[...].astype(res_ref.dtype) + r_ref[...].astype(res_ref.dtype)
+    res_ref[...] = res
+    x = res.astype(f32)
+    rstd = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    y_ref[...] = (x * rstd * w_ref[...][None, :]).astype(y_ref.dtype)
+
+
+def _bwd_kernel(res_ref, w_ref, dy_ref, dres_ref, dr_ref, dh_ref, dw_ref, *, eps):
+    x = res_ref[...].astype(f32)
+    rstd = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+    xhat = x * rstd
+    dy = dy_ref[...].astype(f32)
+    g = dy * w_ref[...][None, :]
+    dx = rstd * (g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+    total = dres_ref[...].astype(f32) + dx
+    dr_ref[...] = total.astype(dr_ref.dtype)
+    dh_ref[...] = total.astype(dh_ref.dtype)
+    dw_ref[...] = jnp.sum(dy * xhat, axis=0)
+
+
+def _specs(rows, width):
+    block = pl.BlockSpec((rows, width), lambda i: (i, 0))
+    vector = pl.BlockSpec((width,), lambda i: (0,))
+    partial_sums = pl.BlockSpec((None, width), lambda i: (i, 0))
+    return block, vector, partial_sums
+
+
+def _forward(h_TxD, r_TxD, w_D, eps, dtype, interpret):
+    T, D = h_TxD.shape
+    rows = block_rows(T, D)
+    block, vector, _ = _specs(rows, D)
+    return typed_call(_fwd_kernel, (T // rows,), [block, block, vector], [block, block],
+                      [jax.ShapeDtypeStruct((T, D), dtype),
+                       jax.ShapeDtypeStruct((T, D), r_TxD.dtype)],
+                      interpret=interpret, eps=eps)(h_TxD, r_TxD, w_D)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _add_norm(h_TxD, r_TxD, w_D, eps, static):
+    return tuple(_forward(h_TxD, r_TxD, w_D, eps, static.dtype, static.interpret))
+
+
+def _add_norm_fwd(h_TxD, r_TxD, w_D, eps, static):
+    y, res = _forward(h_TxD, r_TxD, w_D, eps, static.dtype, static.interpret)
+    return (y, res), (res, w_D)
+
+
+def _add_norm_bwd(eps, static, saved, cts):
+    res, w_D = saved
+    dy, dres = cts
+    T, D = res.shape
+    rows = block_rows(T, D)
+    block, vector, partial_sums = _specs(rows, D)
+    dr, dh, dw_parts = typed_call(
+        _bwd_kernel, (T // rows,), [block, vector, block, block],
+        [block, block, partial_sums],
+        [jax.ShapeDtypeStruct((T, D), res.dtype), jax.ShapeDtypeStruct((T, D), static.h_dtype),
+         jax.ShapeDtypeStruct((T // rows, D), f32)],
+        interpret=static.interpret, eps=eps)(res, w_D, dy.astype(static.dtype),
+                                             dres.astype(res.dtype))
+    # Each cotangent typed like its primal; the scale (a parameter) may be the same on every
+    # device where the rows differ, so its cotangent is summed over those axes (vma.py).
+    dw = cotangent_like(dw_parts.sum(0).astype(w_D.dtype), w_D)
+    return (typed_like(dh, static.h_axes), typed_like(dr, static.r_axes), dw)
+
+
+_add_norm.defvjp(_add_norm_fwd, _add_norm_bwd)
+
+
+class _Static(NamedTuple):
+    """The kernel pair's static settings (hashable: custom_vjp's nondiff argument)."""
+    dtype: jnp.dtype       # of y
+    h_dtype: jnp.dtype
+    h_axes: frozenset      # the mesh axes h and r vary over (shard_map), for their cotangents
+    r_axes: frozenset
+    interpret: bool
+
+
+def add_rms_norm(h, r, scale_D, eps: float, dtype, interpret: bool | None = None):
+    """(RMSNorm(h + r) * scale in `dtype`, h + r in r's dtype), the add in r's dtype and
+    the norm in fp32, as `layers.add_rms_norm_xla` computes them. h, r: [..., D]."""
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    D = h.shape[-1]
+    static = _Static(jnp.dtype(dtype), h.dtype, jax.typeof(h).manual_axis_type.varying,
+                     jax.typeof(r).manual_axis_type.varying, interpret)
+    y, res = _add_norm(h.reshape(-1, D), r.reshape(-1, D), scale_D, float(eps), static)
+    return y.reshape(h.shape), res.reshape(r.shape)
