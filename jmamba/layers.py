@@ -122,7 +122,7 @@ class Mamba2Mixer(nnx.Module):
                            self.dt_bias[...], None, seq_idx_BxL, chunk_size=cfg.chunk_size,
                            impl=cfg.ssm_impl)
         y_BxLxI = gated_rms_norm(y_BxLxHxP.reshape(Bsz, L, I), z_BxLxI, self.norm.scale[...],
-                                 self.norm.eps, dtype, self.norm.groups)
+                                 self.norm.eps, dtype, self.norm.groups, cfg.norm_impl)
         return linear(self.out_proj, y_BxLxI, dtype)
 
 
@@ -157,8 +157,17 @@ def conv_silu(xBC_BxLxX, w_KxX, bias_X=None, seq_idx_BxL=None):
     return jax.nn.silu(causal_conv1d(xBC_BxLxX, w_KxX, bias_X, seq_idx_BxL))
 
 
+def gated_rms_norm(y_BxLxI, z_BxLxI, scale_I, eps, dtype, groups, impl: str = "xla"):
+    """gated_rms_norm_xla, or with impl "pallas" its kernel twin where the groups' width fits
+    it (kernels/norm_pallas.py)."""
+    I = y_BxLxI.shape[-1]
+    if impl == "pallas" and norm_pallas.fits(y_BxLxI.size // I, I // groups):
+        return norm_pallas.gated_rms_norm(y_BxLxI, z_BxLxI, scale_I, eps, dtype, groups)
+    return gated_rms_norm_xla(y_BxLxI, z_BxLxI, scale_I, eps, dtype, groups)
+
+
 @functools.partial(jax.checkpoint, static_argnums=(3, 4, 5))
-def gated_rms_norm(y_BxLxI, z_BxLxI, scale_I, eps, dtype, groups):
+def gated_rms_norm_xla(y_BxLxI, z_BxLxI, scale_I, eps, dtype, groups):
     """mamba_ssm's gated RMSNorm with norm_before_gate=False, norm(y * silu(z)), in fp32;
     recomputed in the backward."""
     gated = y_BxLxI.astype(jnp.float32) * jax.nn.silu(z_BxLxI.astype(jnp.float32))

@@ -1,5 +1,6 @@
-"""The block's add + RMSNorm kernel pair (kernels/norm_pallas.py, interpret mode on the CPU)
-against its twin, layers.add_rms_norm_xla: outputs and the gradients of h, r and the scale.
+"""The norm kernels (kernels/norm_pallas.py, interpret mode on the CPU) against their twins:
+the block's add + RMSNorm (layers.add_rms_norm_xla) and the mixer's gated norm
+(layers.gated_rms_norm_xla): outputs and the gradients of every input and the scale.
 Inside shard_map at the layouts users run: tests/test_kernels_in_shard_map.py."""
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 
 from jmamba.kernels import norm_pallas
-from jmamba.layers import add_rms_norm, add_rms_norm_xla
+from jmamba.layers import add_rms_norm, add_rms_norm_xla, gated_rms_norm_xla
 
 
 def _value_and_grads(fn, h, r, w, dy, dres):
@@ -53,3 +54,26 @@ def test_rows_the_kernel_cannot_take_fall_back_to_xla():
     y, res = add_rms_norm(h, h, jnp.ones((96,)), 1e-5, jnp.float32, impl="pallas")
     np.testing.assert_allclose(y, 1.0, rtol=1e-5)
     np.testing.assert_array_equal(res, 2.0)
+
+
+@pytest.mark.parametrize("dtype,groups,tol", [(jnp.float32, 1, 1e-5), (jnp.bfloat16, 2, 1e-2)])
+def test_gated_norm_kernel_equals_twin(dtype, groups, tol):
+    k = jax.random.split(jax.random.key(1), 4)
+    shape, width = (2, 16, 128), 128
+    y = jax.random.normal(k[0], shape).astype(dtype)
+    z = (2.0 * jax.random.normal(k[1], shape)).astype(dtype)
+    w = 1.0 + 0.1 * jax.random.normal(k[2], (width,))
+    do = jax.random.normal(k[3], shape).astype(dtype)
+
+    def value_and_grads(fn):
+        def loss(y, z, w):
+            return jnp.sum(fn(y, z, w).astype(jnp.float32) * do.astype(jnp.float32))
+        return jax.value_and_grad(loss, argnums=(0, 1, 2))(y, z, w)
+    kern = value_and_grads(lambda y, z, w: norm_pallas.gated_rms_norm(y, z, w, 1e-5, dtype,
+                                                                      groups))
+    twin = value_and_grads(lambda y, z, w: gated_rms_norm_xla(y, z, w, 1e-5, dtype, groups))
+    np.testing.assert_allclose(kern[0], twin[0], rtol=max(tol, 1e-6))
+    for g_kern, g_twin, like in zip(kern[1], twin[1], (y, z, w)):
+        assert g_kern.dtype == g_twin.dtype == like.dtype
+        a, b = (np.asarray(g.astype(jnp.float32)) for g in (g_kern, g_twin))
+        assert np.max(np.abs(a - b)) <= tol * np.max(np.abs(b))

@@ -132,3 +132,92 @@ def add_rms_norm(h, r, scale_D, eps: float, dtype, interpret: bool | None = None
                      jax.typeof(r).manual_axis_type.varying, interpret)
     y, res = _add_norm(h.reshape(-1, D), r.reshape(-1, D), scale_D, float(eps), static)
     return y.reshape(h.shape), res.reshape(r.shape)
+
+
+# The mixer's gated norm: RMSNorm(y * silu(z)) per group of W = I / G features, in fp32
+# (mamba_ssm's RMSNormGated with norm_before_gate=False). Twin: layers.gated_rms_norm_xla.
+# The backward reads y and z again and recomputes the gate and the group's rms (what the
+# twin's jax.checkpoint does, in one kernel).
+
+def _gated_fwd_kernel(y_ref, z_ref, w_ref, o_ref, *, eps):
+    z = z_ref[...].astype(f32)
+    g = y_ref[...].astype(f32) * (z * jax.nn.sigmoid(z))
+    rstd = jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + eps)
+    o_ref[...] = (g * rstd * w_ref[...][None, :]).astype(o_ref.dtype)
+
+
+def _gated_bwd_kernel(y_ref, z_ref, w_ref, do_ref, dy_ref, dz_ref, dw_ref, *, eps):
+    y, z = y_ref[...].astype(f32), z_ref[...].astype(f32)
+    sig = jax.nn.sigmoid(z)
+    silu = z * sig
+    g = y * silu
+    rstd = jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + eps)
+    ghat = g * rstd
+    do = do_ref[...].astype(f32)
+    dghat = do * w_ref[...][None, :]
+    dg = rstd * (dghat - ghat * jnp.mean(dghat * ghat, axis=-1, keepdims=True))
+    dy_ref[...] = (dg * silu).astype(dy_ref.dtype)
+    dz_ref[...] = (dg * y * (sig * (1.0 + z * (1.0 - sig)))).astype(dz_ref.dtype)
+    dw_ref[...] = jnp.sum(do * ghat, axis=0)
+
+
+def _gated_specs(rows, width):
+    block = pl.BlockSpec((rows, width), lambda i, g: (i, g))
+    vector = pl.BlockSpec((width,), lambda i, g: (g,))
+    partial_sums = pl.BlockSpec((None, width), lambda i, g: (i, g))
+    return block, vector, partial_sums
+
+
+class _GatedStatic(NamedTuple):
+    dtype: jnp.dtype  # of the output
+    groups: int
+    y_axes: frozenset
+    z_axes: frozenset
+    interpret: bool
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gated(y_TxI, z_TxI, w_I, eps, static):
+    T, I = y_TxI.shape
+    W = I // static.groups
+    rows = block_rows(T, W)
+    block, vector, _ = _gated_specs(rows, W)
+    return typed_call(_gated_fwd_kernel, (T // rows, static.groups), [block, block, vector],
+                      block, jax.ShapeDtypeStruct((T, I), static.dtype),
+                      interpret=static.interpret, eps=eps)(y_TxI, z_TxI, w_I)
+
+
+def _gated_fwd(y_TxI, z_TxI, w_I, eps, static):
+    return _gated(y_TxI, z_TxI, w_I, eps, static), (y_TxI, z_TxI, w_I)
+
+
+def _gated_bwd(eps, static, saved, do):
+    y, z, w_I = saved
+    T, I = y.shape
+    W = I // static.groups
+    rows = block_rows(T, W)
+    block, vector, partial_sums = _gated_specs(rows, W)
+    dy, dz, dw_parts = typed_call(
+        _gated_bwd_kernel, (T // rows, static.groups), [block, block, vector, block],
+        [block, block, partial_sums],
+        [jax.ShapeDtypeStruct((T, I), y.dtype), jax.ShapeDtypeStruct((T, I), z.dtype),
+         jax.ShapeDtypeStruct((T // rows, I), f32)],
+        interpret=static.interpret, eps=eps)(y, z, w_I, do.astype(static.dtype))
+    dw = cotangent_like(dw_parts.sum(0).astype(w_I.dtype), w_I)
+    return typed_like(dy, static.y_axes), typed_like(dz, static.z_axes), dw
+
+
+_gated.defvjp(_gated_fwd, _gated_bwd)
+
+
+def gated_rms_norm(y, z, scale_I, eps: float, dtype, groups: int = 1,
+                   interpret: bool | None = None):
+    """RMSNorm(y * silu(z)) * scale per group, in fp32, output in `dtype`, as
+    `layers.gated_rms_norm_xla` computes it. y, z: [..., I]."""
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    I = y.shape[-1]
+    static = _GatedStatic(jnp.dtype(dtype), groups, jax.typeof(y).manual_axis_type.varying,
+                          jax.typeof(z).manual_axis_type.varying, interpret)
+    out = _gated(y.reshape(-1, I), z.reshape(-1, I), scale_I, float(eps), static)
+    return out.reshape(y.shape)
