@@ -24,3 +24,14 @@ def test_cross_lowering_takes_the_gpu_paths(tmp_path):
                         "--variants", "scan:full")
     assert row["rc"] == 0 and row["compile_s"] == "-", row  # lowered only
     assert row["triton_calls"] > 0 and row["mosaic_calls"] > 0, row
+
+
+def test_norm_kernels_lower_for_cuda(tmp_path):
+    """--norm_impl pallas: the add + norm and gated norm kernels pass Pallas' Triton lowering
+    (every primitive they use has a GPU lowering) as more Triton calls in the module."""
+    rows = {}
+    for name, extra in (("xla", ""), ("pallas", " --norm_impl pallas")):
+        [rows[name]] = cross_lower(tmp_path / name, "--preset", "moe_1b", "--layouts", "1x1",
+                                   "--variants", "scan:full", "--flags", "--n_layer 2" + extra)
+    assert rows["xla"]["rc"] == 0 and rows["pallas"]["rc"] == 0, rows
+    assert rows["pallas"]["triton_calls"] > rows["xla"]["triton_calls"], rows
