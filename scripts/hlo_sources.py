@@ -16,6 +16,7 @@ shows op names, not lines, and needs the xplane from the same run).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import os
@@ -24,6 +25,8 @@ import re
 DUMP_FLAGS = "--xla_dump_to={dir} --xla_dump_hlo_as_text --xla_dump_hlo_module_re={module}"
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*?metadata=\{([^}]*)\}")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.\-]+) \(")
+_CALLS = re.compile(r"calls=%([\w.\-]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _FRAME = re.compile(r"stack_frame_id=(\d+)")
 _ROW = re.compile(r"^(\d+) (.*)$")
@@ -36,6 +39,9 @@ class Source:
     line: int
     function: str   # e.g. "moe_dropless.<locals>.experts"
     backward: bool  # the op is part of a transpose (autodiff's backward)
+    # For a fusion: the functions of the instructions fused into it, most frequent first
+    # (a fusion is named after its root, but holds the work of every op XLA fused in).
+    contents: str = ""
 
     def where(self) -> str:
         return f"{self.file}:{self.line} {self.function}"
@@ -72,20 +78,34 @@ def parse_module(text: str) -> tuple[str, dict[str, Source]]:
             for i, row in t.get("FileLocations", {}).items()}
     frames = {i: dict((k, int(v)) for k, v in _FIELDS.findall(row))
               for i, row in t.get("StackFrames", {}).items()}
-    out = {}
+    out, members, calls, computation = {}, {}, {}, None
     for line in lines:
+        head_c = _COMPUTATION.match(line)
+        if head_c:
+            computation = head_c.group(1)
+            continue
         m = _INSTR.match(line)
         if not m:
             continue
+        callee = _CALLS.search(line)
+        if callee:
+            calls[m.group(1)] = callee.group(1)
         frame = _FRAME.search(m.group(2))
         op_name = _OP_NAME.search(m.group(2))
         loc = locs.get(frames.get(int(frame.group(1)), {}).get("file_location_id", -1)) \
             if frame else None
         if not loc:
             continue
-        out[m.group(1)] = Source(files.get(loc.get("file_name_id"), "?"), loc.get("line", 0),
-                                 funcs.get(loc.get("function_name_id"), "?"),
-                                 "transpose(" in (op_name.group(1) if op_name else ""))
+        src = Source(files.get(loc.get("file_name_id"), "?"), loc.get("line", 0),
+                     funcs.get(loc.get("function_name_id"), "?"),
+                     "transpose(" in (op_name.group(1) if op_name else ""))
+        out[m.group(1)] = src
+        members.setdefault(computation, []).append(f"{src.file} {src.function}")
+    for op, callee in calls.items():
+        if op in out and members.get(callee):
+            counts = collections.Counter(members[callee])
+            label = " + ".join(k for k, _ in counts.most_common(3))
+            out[op] = dataclasses.replace(out[op], contents=label)
     return module, out
 
 

@@ -69,6 +69,9 @@ def print_sources(name: str, shares: dict, out: str) -> None:
     lines = [f"### {name}: device ms over 2 steps by function", "",
              "| direction, file, function | ms |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in shares.get("functions_ms_per_device", [])]
+    lines += ["", f"### {name}: device ms over 2 steps by what a fusion holds", "",
+              "| direction, the functions of its fused ops (most first) | ms |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in shares.get("fusions_ms_per_device", [])]
     lines += ["", f"### {name}: device ms over 2 steps by line", "",
               "| direction, file:line, function | ms |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in shares.get("lines_ms_per_device", [])]

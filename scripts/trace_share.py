@@ -43,7 +43,8 @@ def device_shares(path: str, window_s: float, sources: dict | None = None) -> di
     """Per-kind device seconds, averaged over devices, as a share of `window_s` (the traced
     steps' wall time). Also the busiest kernel names, to check the classification by eye,
     and with `sources` (hlo_sources.read_sources of the run's HLO dump) device ms by the
-    Python line and by the function that made each kernel, forward and backward apart."""
+    Python line and by the function that made each kernel, forward and backward apart, and
+    by what each fusion holds (the functions of its fused ops)."""
     with gzip.open(path) as f:
         trace = json.load(f)
     events = trace.get("traceEvents", []) if isinstance(trace, dict) else trace
@@ -59,6 +60,7 @@ def device_shares(path: str, window_s: float, sources: dict | None = None) -> di
     groups: dict[str, float] = {}
     by_line: dict[str, float] = {}
     by_function: dict[str, float] = {}
+    by_contents: dict[str, float] = {}
     for ev in events:
         if ev.get("ph") != "X" or ev.get("pid") not in devices:
             continue
@@ -81,6 +83,9 @@ def device_shares(path: str, window_s: float, sources: dict | None = None) -> di
                       else "(no source)")
             by_line[line_key] = by_line.get(line_key, 0.0) + dur
             by_function[fn_key] = by_function.get(fn_key, 0.0) + dur
+            what = (f"{'bwd' if src.backward else 'fwd'} {src.contents or src.where()}"
+                    if src else f"(no source) {g}")
+            by_contents[what] = by_contents.get(what, 0.0) + dur
     n = max(len(per_device), 1)
     kinds = {k for d in per_device.values() for k in d}
     share = {k: sum(d.get(k, 0.0) for d in per_device.values()) / n / window_s
@@ -97,6 +102,7 @@ def device_shares(path: str, window_s: float, sources: dict | None = None) -> di
     if sources is not None:
         out["lines_ms_per_device"] = per_device_ms(by_line, 60)
         out["functions_ms_per_device"] = per_device_ms(by_function, 40)
+        out["fusions_ms_per_device"] = per_device_ms(by_contents, 40)
     return out
 
 

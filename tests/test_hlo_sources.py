@@ -35,6 +35,9 @@ def test_compiled_ops_map_to_lines_forward_and_backward():
     dots = [s for op, s in here.items() if op.startswith("dot")]
     # the forward matmul and the weight gradient's, both from the matmul's line
     assert {(s.line, s.backward) for s in dots} == {(matmul_line, False), (matmul_line, True)}
+    # a fusion names the functions of the ops fused into it
+    fused = [s for op, s in here.items() if "fusion" in op]
+    assert fused and all(s.contents.startswith("test_hlo_sources.py _loss") for s in fused)
 
 
 def test_device_time_by_line_from_a_gpu_shaped_trace(tmp_path):
@@ -60,4 +63,5 @@ def test_device_time_by_line_from_a_gpu_shaped_trace(tmp_path):
     assert sum(v for k, v in by_fn.items() if "_loss" in k) == sum(
         1 for s in table.values() if s.function == "_loss")
     assert by_line["(no source) copy_fusion"] == 1.0
+    assert sum(dict(shares["fusions_ms_per_device"]).values()) == len(ops) + 1
     assert any(k.startswith("bwd test_hlo_sources.py:") for k in by_line)
