@@ -26,7 +26,7 @@ def _value_and_grads(fn, h, r, w, dy, dres):
 ])
 def test_add_norm_kernel_equals_twin(h_dtype, out_dtype, width, tol):
     k = jax.random.split(jax.random.key(0), 5)
-    shape = (3, 16, width)  # 48 rows: blocks of 16 (width 64) or 16 (width 128)
+    shape = (4, 32, width)  # 128 rows: steps of 16, a backward program loops over 8
     h = jax.random.normal(k[0], shape).astype(h_dtype)
     r = 3.0 * jax.random.normal(k[1], shape)
     w = 1.0 + 0.1 * jax.random.normal(k[2], (width,))
@@ -59,7 +59,7 @@ def test_rows_the_kernel_cannot_take_fall_back_to_xla():
 @pytest.mark.parametrize("dtype,groups,tol", [(jnp.float32, 1, 1e-5), (jnp.bfloat16, 2, 1e-2)])
 def test_gated_norm_kernel_equals_twin(dtype, groups, tol):
     k = jax.random.split(jax.random.key(1), 4)
-    shape, width = (2, 16, 128), 128
+    shape, width = (2, 16, 128), 128  # 32 rows: a backward program loops over 2 steps
     y = jax.random.normal(k[0], shape).astype(dtype)
     z = (2.0 * jax.random.normal(k[1], shape)).astype(dtype)
     w = 1.0 + 0.1 * jax.random.normal(k[2], (width,))

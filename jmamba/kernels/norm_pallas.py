@@ -5,11 +5,12 @@ Why by hand: XLA runs the add, the row reduction and the scaling as separate fus
 each read the fp32 residual again, forward and backward (the profile by source line in
 docs/benchmarks.md: the norms are ~8% of the moe_1b step on one GPU). Here each direction
 reads every row once: forward (h, r) -> (y, residual); backward (residual, dy, d residual)
--> (d r, d h, per-block partial sums of d scale, which XLA adds up). The backward
+-> (d r, d h, per-program partial sums of d scale, which XLA adds up). The backward
 recomputes the row's rms from the saved residual instead of saving it.
 
-Rows are processed in blocks of `rows` (a power of two dividing the row count); the
-feature width D must be a power of two (Triton's blocks): `fits` says whether they are.
+Rows are processed in blocks of `block_rows` (a power of two dividing the row count), a
+backward program looping over up to 16 of them; the feature width must be a power of two
+(Triton's blocks): `fits` says whether it is.
 """
 
 from __future__ import annotations
@@ -35,12 +36,20 @@ def fits(n_rows: int, width: int) -> bool:
 
 
 def block_rows(n_rows: int, width: int) -> int:
-    """Rows per program: the largest power of two up to 4096 elements a block (32 a thread
+    """Rows a kernel step takes: the largest power of two up to 4096 elements (32 a thread
     at 4 warps; not tuned on a GPU yet) that divides n_rows (0 if n_rows is 0)."""
     rows = max(1, min(16, 4096 // max(width, 1)))
     while rows > 1 and n_rows % rows:
         rows //= 2
     return rows if n_rows > 0 else 0
+
+
+def program_rows(n_rows: int, rows: int, steps: int = 16) -> int:
+    """Rows a backward program loops over (up to `steps` steps of `rows`, dividing n_rows):
+    its d scale is one partial sum, so the partial sums XLA adds up are 1/steps as many."""
+    while steps > 1 and n_rows % (rows * steps):
+        steps //= 2
+    return rows * steps
 
 
 def _fwd_kernel(h_ref, r_ref, w_ref, y_ref, res_ref, *, eps):
@@ -51,20 +60,29 @@ def _fwd_kernel(h_ref, r_ref, w_ref, y_ref, res_ref, *, eps):
     y_ref[...] = (x * rstd * w_ref[...][None, :]).astype(y_ref.dtype)
 
 
-def _bwd_kernel(res_ref, w_ref, dy_ref, dres_ref, dr_ref, dh_ref, dw_ref, *, eps):
-    x = res_ref[...].astype(f32)
-    rstd = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-    xhat = x * rstd
-    dy = dy_ref[...].astype(f32)
-    g = dy * w_ref[...][None, :]
-    dx = rstd * (g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
-    total = dres_ref[...].astype(f32) + dx
-    dr_ref[...] = total.astype(dr_ref.dtype)
-    dh_ref[...] = total.astype(dh_ref.dtype)
-    dw_ref[...] = jnp.sum(dy * xhat, axis=0)
+def _bwd_kernel(res_ref, w_ref, dy_ref, dres_ref, dr_ref, dh_ref, dw_ref, *, eps, rows):
+    """`rows` rows at a time over the program's block; d scale summed over the block."""
+    w = w_ref[...][None, :]
+
+    def body(i, dw):
+        sl = pl.ds(i * rows, rows)
+        x = res_ref[sl, :].astype(f32)
+        rstd = jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+        xhat = x * rstd
+        dy = dy_ref[sl, :].astype(f32)
+        g = dy * w
+        dx = rstd * (g - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
+        total = dres_ref[sl, :].astype(f32) + dx
+        dr_ref[sl, :] = total.astype(dr_ref.dtype)
+        dh_ref[sl, :] = total.astype(dh_ref.dtype)
+        return dw + jnp.sum(dy * xhat, axis=0)
+
+    dw_ref[...] = jax.lax.fori_loop(0, res_ref.shape[0] // rows, body,
+                                    jnp.zeros(dw_ref.shape, f32))
 
 
 def _specs(rows, width):
+    """Block specs over a grid of row blocks: rows x width, the scale, a partial sum row."""
     block = pl.BlockSpec((rows, width), lambda i: (i, 0))
     vector = pl.BlockSpec((width,), lambda i: (0,))
     partial_sums = pl.BlockSpec((None, width), lambda i: (i, 0))
@@ -96,14 +114,15 @@ def _add_norm_bwd(eps, static, saved, cts):
     dy, dres = cts
     T, D = res.shape
     rows = block_rows(T, D)
-    block, vector, partial_sums = _specs(rows, D)
+    per_program = program_rows(T, rows)
+    block, vector, partial_sums = _specs(per_program, D)
     dr, dh, dw_parts = typed_call(
-        _bwd_kernel, (T // rows,), [block, vector, block, block],
+        _bwd_kernel, (T // per_program,), [block, vector, block, block],
         [block, block, partial_sums],
         [jax.ShapeDtypeStruct((T, D), res.dtype), jax.ShapeDtypeStruct((T, D), static.h_dtype),
-         jax.ShapeDtypeStruct((T // rows, D), f32)],
-        interpret=static.interpret, eps=eps)(res, w_D, dy.astype(static.dtype),
-                                             dres.astype(res.dtype))
+         jax.ShapeDtypeStruct((T // per_program, D), f32)],
+        interpret=static.interpret, eps=eps, rows=rows)(res, w_D, dy.astype(static.dtype),
+                                                        dres.astype(res.dtype))
     # Each cotangent typed like its primal; the scale (a parameter) may be the same on every
     # device where the rows differ, so its cotangent is summed over those axes (vma.py).
     dw = cotangent_like(dw_parts.sum(0).astype(w_D.dtype), w_D)
@@ -146,19 +165,27 @@ def _gated_fwd_kernel(y_ref, z_ref, w_ref, o_ref, *, eps):
     o_ref[...] = (g * rstd * w_ref[...][None, :]).astype(o_ref.dtype)
 
 
-def _gated_bwd_kernel(y_ref, z_ref, w_ref, do_ref, dy_ref, dz_ref, dw_ref, *, eps):
-    y, z = y_ref[...].astype(f32), z_ref[...].astype(f32)
-    sig = jax.nn.sigmoid(z)
-    silu = z * sig
-    g = y * silu
-    rstd = jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + eps)
-    ghat = g * rstd
-    do = do_ref[...].astype(f32)
-    dghat = do * w_ref[...][None, :]
-    dg = rstd * (dghat - ghat * jnp.mean(dghat * ghat, axis=-1, keepdims=True))
-    dy_ref[...] = (dg * silu).astype(dy_ref.dtype)
-    dz_ref[...] = (dg * y * (sig * (1.0 + z * (1.0 - sig)))).astype(dz_ref.dtype)
-    dw_ref[...] = jnp.sum(do * ghat, axis=0)
+def _gated_bwd_kernel(y_ref, z_ref, w_ref, do_ref, dy_ref, dz_ref, dw_ref, *, eps, rows):
+    """`rows` rows at a time over the program's block; d scale summed over the block."""
+    w = w_ref[...][None, :]
+
+    def body(i, dw):
+        sl = pl.ds(i * rows, rows)
+        y, z = y_ref[sl, :].astype(f32), z_ref[sl, :].astype(f32)
+        sig = jax.nn.sigmoid(z)
+        silu = z * sig
+        g = y * silu
+        rstd = jax.lax.rsqrt(jnp.mean(g * g, axis=-1, keepdims=True) + eps)
+        ghat = g * rstd
+        do = do_ref[sl, :].astype(f32)
+        dghat = do * w
+        dg = rstd * (dghat - ghat * jnp.mean(dghat * ghat, axis=-1, keepdims=True))
+        dy_ref[sl, :] = (dg * silu).astype(dy_ref.dtype)
+        dz_ref[sl, :] = (dg * y * (sig * (1.0 + z * (1.0 - sig)))).astype(dz_ref.dtype)
+        return dw + jnp.sum(do * ghat, axis=0)
+
+    dw_ref[...] = jax.lax.fori_loop(0, y_ref.shape[0] // rows, body,
+                                    jnp.zeros(dw_ref.shape, f32))
 
 
 def _gated_specs(rows, width):
@@ -196,13 +223,14 @@ def _gated_bwd(eps, static, saved, do):
     T, I = y.shape
     W = I // static.groups
     rows = block_rows(T, W)
-    block, vector, partial_sums = _gated_specs(rows, W)
+    per_program = program_rows(T, rows)
+    block, vector, partial_sums = _gated_specs(per_program, W)
     dy, dz, dw_parts = typed_call(
-        _gated_bwd_kernel, (T // rows, static.groups), [block, block, vector, block],
+        _gated_bwd_kernel, (T // per_program, static.groups), [block, block, vector, block],
         [block, block, partial_sums],
         [jax.ShapeDtypeStruct((T, I), y.dtype), jax.ShapeDtypeStruct((T, I), z.dtype),
-         jax.ShapeDtypeStruct((T // rows, I), f32)],
-        interpret=static.interpret, eps=eps)(y, z, w_I, do.astype(static.dtype))
+         jax.ShapeDtypeStruct((T // per_program, I), f32)],
+        interpret=static.interpret, eps=eps, rows=rows)(y, z, w_I, do.astype(static.dtype))
     dw = cotangent_like(dw_parts.sum(0).astype(w_I.dtype), w_I)
     return typed_like(dy, static.y_axes), typed_like(dz, static.z_axes), dw
 
