@@ -54,9 +54,10 @@ class ModelConfig:
     # loops (forward and recompute; not yet measured on a GPU; the residual stash's stages
     # are unrolled either way).
     scan_layers: bool | None = None
-    # The block's residual add + RMSNorm (two a layer): XLA's fusions, or one Pallas kernel
-    # each way (jmamba/kernels/norm_pallas.py; Triton on GPU, interpret mode on CPU; rows
-    # whose width is not a power of two fall back to XLA). Not yet measured on a GPU.
+    # The norms: the block's residual add + RMSNorm (two a layer) and the mixer's gated
+    # RMSNorm, as XLA's fusions or as one Pallas kernel each way (kernels/norm_pallas.py;
+    # Triton on GPU, interpret mode on CPU; widths that are not a power of two up to 4096
+    # fall back to XLA). Not yet measured on a GPU.
     norm_impl: str = "xla"
     # Block and LM.
     rms_norm_eps: float = 1e-5

@@ -79,12 +79,11 @@ def device_shares(path: str, window_s: float, sources: dict | None = None) -> di
             args = ev.get("args") or {}
             src = lookup(sources, str(args.get("hlo_module", "")), str(args.get("hlo_op", "")))
             line_key = src.label() if src else f"(no source) {g}"
-            fn_key = (f"{'bwd' if src.backward else 'fwd'} {src.file} {src.function}" if src
-                      else "(no source)")
+            fn_key = (f"{src.phase} {src.file} {src.function}"
+                      + (f" < {src.caller}" if src.caller else "") if src else "(no source)")
             by_line[line_key] = by_line.get(line_key, 0.0) + dur
             by_function[fn_key] = by_function.get(fn_key, 0.0) + dur
-            what = (f"{'bwd' if src.backward else 'fwd'} {src.contents or src.where()}"
-                    if src else f"(no source) {g}")
+            what = f"{src.phase} {src.contents or src.where()}" if src else f"(no source) {g}"
             by_contents[what] = by_contents.get(what, 0.0) + dur
     n = max(len(per_device), 1)
     kinds = {k for d in per_device.values() for k in d}

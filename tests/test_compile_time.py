@@ -28,10 +28,12 @@ def test_cross_lowering_takes_the_gpu_paths(tmp_path):
 
 def test_norm_kernels_lower_for_cuda(tmp_path):
     """--norm_impl pallas: the add + norm and gated norm kernels pass Pallas' Triton lowering
-    (every primitive they use has a GPU lowering) as more Triton calls in the module."""
+    (every primitive they use has a GPU lowering), none falling back to XLA."""
     rows = {}
     for name, extra in (("xla", ""), ("pallas", " --norm_impl pallas")):
         [rows[name]] = cross_lower(tmp_path / name, "--preset", "moe_1b", "--layouts", "1x1",
                                    "--variants", "scan:full", "--flags", "--n_layer 2" + extra)
     assert rows["xla"]["rc"] == 0 and rows["pallas"]["rc"] == 0, rows
-    assert rows["pallas"]["triton_calls"] > rows["xla"]["triton_calls"], rows
+    # Three norms a layer (two add + norm, one gated), each a forward, a backward and, under
+    # full remat, a forward again: 9 kernels more in the scanned layer's body.
+    assert rows["pallas"]["triton_calls"] - rows["xla"]["triton_calls"] == 9, rows

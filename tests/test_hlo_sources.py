@@ -34,7 +34,7 @@ def test_compiled_ops_map_to_lines_forward_and_backward():
     assert {s.line for s in here.values()} <= {matmul_line, matmul_line + 1}
     dots = [s for op, s in here.items() if op.startswith("dot")]
     # the forward matmul and the weight gradient's, both from the matmul's line
-    assert {(s.line, s.backward) for s in dots} == {(matmul_line, False), (matmul_line, True)}
+    assert {(s.line, s.phase) for s in dots} == {(matmul_line, "fwd"), (matmul_line, "bwd")}
     # a fusion names the functions of the ops fused into it
     fused = [s for op, s in here.items() if "fusion" in op]
     assert fused and all(s.contents.startswith("test_hlo_sources.py _loss") for s in fused)
@@ -65,3 +65,52 @@ def test_device_time_by_line_from_a_gpu_shaped_trace(tmp_path):
     assert by_line["(no source) copy_fusion"] == 1.0
     assert sum(dict(shares["fusions_ms_per_device"]).values()) == len(ops) + 1
     assert any(k.startswith("bwd test_hlo_sources.py:") for k in by_line)
+
+
+SYNTHETIC = """HloModule jit_x, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+FileNames
+1 "/src/jmamba/kernels/launch.py"
+2 "/src/jmamba/kernels/norm_pallas.py"
+
+FunctionNames
+1 "typed_call.<locals>.run"
+2 "_forward"
+3 "add_rms_norm"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=31 end_line=31 column=1 end_column=9}
+2 {file_name_id=2 function_name_id=2 line=80 end_line=80 column=1 end_column=9}
+3 {file_name_id=2 function_name_id=3 line=120 end_line=120 column=1 end_column=9}
+
+StackFrames
+1 {file_location_id=3 parent_frame_id=0}
+2 {file_location_id=2 parent_frame_id=2}
+3 {file_location_id=1 parent_frame_id=3}
+
+%fused_computation (param_0: f32[4]) -> f32[4] {
+  %param_0 = f32[4]{0} parameter(0)
+  ROOT %multiply.1 = f32[4]{0} multiply(%param_0, %param_0), metadata={op_name="jit(x)/transpose(jvp(x))/mul" stack_frame_id=2}
+}
+
+ENTRY %main (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  %custom-call.1 = f32[4]{0} custom-call(%p), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="jit(x)/pallas_call" stack_frame_id=3}
+  ROOT %loop_multiply_fusion = f32[4]{0} fusion(%custom-call.1), kind=kLoop, calls=%fused_computation
+}
+"""
+
+
+def test_kernel_launches_are_charged_past_the_launcher_and_bare_fusions_by_contents():
+    """The dump prints a frame's parent id plus one (0: none). A kernel launched from
+    launch.py is charged to the frame that called the launcher (with its caller); a fusion
+    without metadata to the ops it holds."""
+    module, table = parse_module(SYNTHETIC)
+    assert module == "jit_x"
+    kernel = table["custom-call.1"]
+    assert (kernel.file, kernel.line, kernel.function, kernel.caller, kernel.phase) == (
+        "norm_pallas.py", 80, "_forward", "add_rms_norm", "fwd")
+    fusion = table["loop_multiply_fusion"]
+    assert (fusion.file, fusion.line, fusion.function, fusion.phase) == (
+        "norm_pallas.py", 0, "_forward", "bwd")
+    assert fusion.contents == "norm_pallas.py _forward"

@@ -66,8 +66,9 @@ def test_gpu_path_types_trace_in_shard_map(reference, mosaic_standin, monkeypatc
     types). The gradients' types must equal the parameters'."""
     monkeypatch.setattr(ssd_pallas_mod, "ssd_pallas",
                         functools.partial(ssd_pallas_mod.ssd_pallas, interpret=False))
-    monkeypatch.setattr(norm_pallas, "add_rms_norm",
-                        functools.partial(norm_pallas.add_rms_norm, interpret=False))
+    for name in ("add_rms_norm", "gated_rms_norm"):
+        monkeypatch.setattr(norm_pallas, name,
+                            functools.partial(getattr(norm_pallas, name), interpret=False))
     _, vg, stage_params = pipeline_parts(make_cfg(2, 2, 2, schedule=schedule, pp_stash=stash),
                                          reference[0])
     (loss, _), grads = jax.eval_shape(vg, stage_params, the_batch())

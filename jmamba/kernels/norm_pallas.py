@@ -29,10 +29,10 @@ f32 = jnp.float32
 
 
 def fits(n_rows: int, width: int) -> bool:
-    """Whether the kernels take rows of `width` (a power of two, 16..16384) and some block of
-    rows divides n_rows."""
-    return (width & (width - 1)) == 0 and 16 <= width <= 16384 and block_rows(n_rows,
-                                                                              width) > 0
+    """Whether the kernels take rows of `width`: a power of two from 16 to 4096 (a step
+    holds at least one whole row; wider rows would spill registers), and n_rows > 0."""
+    return (width & (width - 1)) == 0 and 16 <= width <= 4096 and block_rows(n_rows,
+                                                                             width) > 0
 
 
 def block_rows(n_rows: int, width: int) -> int:
