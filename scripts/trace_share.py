@@ -108,11 +108,12 @@ def device_shares(path: str, window_s: float, sources: dict | None = None) -> di
 def group_key(event: dict) -> str:
     """A kernel's kind of work: its HLO op without the numeric suffix (loop_gather_fusion,
     all-to-all-start, ...), or for custom calls (Pallas, Mosaic, cuBLAS) the kernel name
-    without digits. Meaningful when XLA's command buffers are off
-    (XLA_FLAGS=--xla_gpu_enable_command_buffer=), else most time is one command_buffer."""
+    without digits (each Pallas kernel apart, e.g. the SSD backward's two). Meaningful when
+    XLA's command buffers are off (XLA_FLAGS=--xla_gpu_enable_command_buffer=), else most
+    time is one command_buffer."""
     args = event.get("args") or {}
     op = re.sub(r"[.\d]+$", "", str(args.get("hlo_op", "")))
-    if not op or op.startswith("custom-call") or op.startswith("command_buffer"):
+    if not op or op.startswith(("custom-call", "command_buffer", "pallas_call")):
         name = re.sub(r"\d+", "", str(event.get("name", "")))[:48]
         return f"{op or '?'}:{name}"
     return op
