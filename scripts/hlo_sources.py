@@ -10,7 +10,8 @@ module text. This reads those tables so a profile can be summed by source line.
 By hand because no library reads the text dump's stack-frame tables (xprof's op profile
 shows op names, not lines, and needs the xplane from the same run).
 
-    sources = read_sources(DIR)        # {(module, hlo_op): Source}
+    env = dump_env(DIR)                # a train.py run's environment: dump its train step
+    sources = read_sources(DIR)        # then {(module, hlo_op): Source}
     lookup(sources, module, hlo_op)    # a trace event's Source, or None
 """
 
@@ -113,7 +114,8 @@ def parse_module(text: str) -> tuple[str, dict[str, Source]]:
             if loc and files.get(loc.get("file_name_id")) not in HELPER_FILES:
                 up = parent(frame_id)
                 caller_loc = loc_of(up) if up else None
-                caller = funcs.get(caller_loc.get("function_name_id"), "") if caller_loc else ""
+                caller = (funcs.get(caller_loc.get("function_name_id"), "") if caller_loc
+                          else "")
                 return loc, caller
             frame_id = parent(frame_id)
         return None, ""
@@ -152,6 +154,13 @@ def parse_module(text: str) -> tuple[str, dict[str, Source]]:
             out[op] = dataclasses.replace(top, line=0, caller="")
         out[op] = dataclasses.replace(out[op], contents=label)
     return module, out
+
+
+def dump_env(dump_dir: str, module: str = "train_step") -> dict:
+    """Environment for a run that dumps its optimized HLO (module names matching `module`)
+    into dump_dir, keeping the XLA_FLAGS already set."""
+    flags = DUMP_FLAGS.format(dir=dump_dir, module=module)
+    return {"XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), flags]).strip()}
 
 
 def read_sources(dump_dir: str) -> dict[tuple[str, str], Source]:

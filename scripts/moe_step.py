@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpu_layouts import emit_table, train_run  # noqa: E402
-from hlo_sources import DUMP_FLAGS, read_sources  # noqa: E402
+from hlo_sources import dump_env, read_sources  # noqa: E402
 from trace_share import device_shares, find_trace  # noqa: E402
 
 
@@ -123,8 +123,7 @@ def main():
             env, dump = None, os.path.join(work, run_name + "_hlo")
             if args.profile:
                 flags += ["--profile_steps", "6:8"]
-                env = {"XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), DUMP_FLAGS.format(
-                    dir=dump, module="train_step")]).strip()}
+                env = dump_env(dump)
             r = train_run(run_name, flags, work, env=env)
             rows.append({"run": f"jmamba `{variant}`", "batch": b, **r})
             trace = find_trace(os.path.join(work, run_name)) if args.profile else None

@@ -43,7 +43,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from gpu_layouts import emit_table, gpu_count, train_run  # noqa: E402
-from hlo_sources import DUMP_FLAGS, read_sources  # noqa: E402
+from hlo_sources import dump_env, read_sources  # noqa: E402
 from trace_share import device_shares, find_trace  # noqa: E402
 
 
@@ -136,8 +136,7 @@ def main():
         env, dump = None, os.path.join(work, run_name + "_hlo")
         if profiled:  # a trace of steps 6-7 and the HLO dump that names its kernels' lines
             flags += ["--profile_steps", "6:8"]
-            env = {"XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), DUMP_FLAGS.format(
-                dir=dump, module="train_step")]).strip()}
+            env = dump_env(dump)
         rows[name] = {**train_run(run_name, flags, work, args.row_timeout, env=env),
                       "gpus": gpus, "layers": layers, "experts": experts, "batch": B, "M": M}
         trace = find_trace(os.path.join(work, run_name)) if profiled else None

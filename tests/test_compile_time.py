@@ -31,7 +31,7 @@ def test_norm_kernels_lower_for_cuda(tmp_path):
     (every primitive they use has a GPU lowering), none falling back to XLA."""
     rows = {}
     for name, extra in (("xla", ""), ("pallas", " --norm_impl pallas")):
-        [rows[name]] = cross_lower(tmp_path / name, "--preset", "moe_1b", "--layouts", "1x1",
+        [rows[name]] = cross_lower(tmp_path / name, "--preset", "cpu_demo", "--layouts", "1x1",
                                    "--variants", "scan:full", "--flags", "--n_layer 2" + extra)
     assert rows["xla"]["rc"] == 0 and rows["pallas"]["rc"] == 0, rows
     # Three norms a layer (two add + norm, one gated), each a forward, a backward and, under
