@@ -47,33 +47,35 @@ def peer_run(args, batch: int, work: str) -> dict:
     return row
 
 
-def print_profiles(profiles: dict, out: str) -> None:
-    """Milliseconds per kind of kernel over the two traced steps, one column per run."""
+def print_profiles(profiles: dict, out: str, what: str = "kernel kind",
+                   file: str = "moe_step_profile.md", top: int = 30) -> None:
+    """Milliseconds per `what` over the two traced steps, one column per run (so variants
+    compare side by side)."""
     names = list(profiles)
     kinds = sorted({k for p in profiles.values() for k in p},
                    key=lambda k: -max(p.get(k, 0.0) for p in profiles.values()))
-    lines = ["| kernel kind (2 steps) | " + " | ".join(names) + " |",
+    lines = [f"| {what} (2 steps) | " + " | ".join(names) + " |",
              "|" + "---|" * (len(names) + 1)]
-    for k in kinds[:30]:
+    for k in kinds[:top]:
         lines.append(f"| {k} | " + " | ".join(f"{profiles[n].get(k, 0.0):.1f}"
                                                for n in names) + " |")
     lines.append("| total of these | " + " | ".join(
-        f"{sum(profiles[n].get(k, 0.0) for k in kinds[:30]):.1f}" for n in names) + " |")
+        f"{sum(profiles[n].get(k, 0.0) for k in kinds[:top]):.1f}" for n in names) + " |")
     text = "\n".join(lines)
-    emit_table(text, out, "moe_step_profile.md")
+    emit_table(text, out, file)
 
 
 def print_sources(name: str, shares: dict, out: str) -> None:
     """Device ms of one profiled run by the function, then the line, that made each kernel
-    (hlo_sources.py), forward and backward apart."""
+    (hlo_sources.py), by phase (forward, backward, recomputed forward)."""
     lines = [f"### {name}: device ms over 2 steps by function", "",
-             "| direction, file, function | ms |", "|---|---|"]
+             "| phase, file, function | ms |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in shares.get("functions_ms_per_device", [])]
     lines += ["", f"### {name}: device ms over 2 steps by what a fusion holds", "",
-              "| direction, the functions of its fused ops (most first) | ms |", "|---|---|"]
+              "| phase, the functions of its fused ops (most first) | ms |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in shares.get("fusions_ms_per_device", [])]
     lines += ["", f"### {name}: device ms over 2 steps by line", "",
-              "| direction, file:line, function | ms |", "|---|---|"]
+              "| phase, file:line, function | ms |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in shares.get("lines_ms_per_device", [])]
     run = "".join(c if c.isalnum() else "_" for c in name)
     emit_table("\n".join(lines), out, f"moe_step_sources_{run}.md")
@@ -108,7 +110,7 @@ def main():
     print(f"device {dev.device_kind}, moe_1b {flops_tok / 1e9:.2f} GFLOP/token, peak {peak}",
           flush=True)
 
-    rows, profiles = [], {}
+    rows, profiles, by_function = [], {}, {}
     for b in [int(x) for x in args.batches.split(",")]:
         if not args.no_peer:
             rows.append({"run": "PyTorch peer (no remat)", "batch": b,
@@ -130,9 +132,12 @@ def main():
             if trace and "step_ms" in r:
                 shares = device_shares(trace, 2 * r["step_ms"] / 1e3, read_sources(dump))
                 profiles[name] = dict(shares["groups_ms_per_device"])
+                by_function[name] = dict(shares["functions_ms_per_device"])
                 print_sources(name, shares, args.out)
         if profiles:
             print_profiles(profiles, args.out)
+            print_profiles(by_function, args.out, "phase, file, function",
+                           "moe_step_functions.md", top=40)
         with open(os.path.join(args.out, "moe_step.json"), "w") as f:
             json.dump(rows, f, indent=1)
 
