@@ -1,5 +1,7 @@
-"""The block's residual add and RMSNorm as one Pallas kernel each way (Triton on GPU,
-interpret mode on CPU). Twin: `layers.add_rms_norm_xla` (tests/test_norm_pallas.py).
+"""The norms as Pallas kernels, one each way (Triton on GPU, interpret mode on CPU): the
+block's residual add + RMSNorm (`add_rms_norm`, twin `layers.add_rms_norm_xla`) and the
+mixer's gated RMSNorm (`gated_rms_norm`, twin `layers.gated_rms_norm_xla`; below).
+Tests: tests/test_norm_pallas.py. Used with `--norm_impl pallas`.
 
 Why by hand: XLA runs the add, the row reduction and the scaling as separate fusions that
 each read the fp32 residual again, forward and backward (the profile by source line in
