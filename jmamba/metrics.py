@@ -84,18 +84,14 @@ def fits(report: dict, pool_bytes: int | None) -> bool:
     return not report or not pool_bytes or report["total_bytes"] <= FIT_SHARE * pool_bytes
 
 
-MEMORY_FIXES = ["lower --batch_size", "use --remat full", "raise --microbatches with --pp"]
-
-
-def fit_warning(report: dict, pool_bytes: int | None,
-                fixes: list[str] | None = None) -> str | None:
+def fit_warning(report: dict, pool_bytes: int | None, fixes: list[str]) -> str | None:
     """One line naming what to change (`fixes`, the layout's: driver.memory_fixes) when
     XLA's estimate exceeds the device pool."""
     if not report or not pool_bytes or report["total_bytes"] <= pool_bytes:
         return None
     return (f"jmamba: warning: the step needs {report['total_bytes'] / 2**30:.1f} GB per "
             f"device but the device pool holds {pool_bytes / 2**30:.1f} GB, so it will likely "
-            f"run out of memory: {', '.join(fixes or MEMORY_FIXES)}, or let JAX take more of "
+            f"run out of memory: {', '.join(fixes)}, or let JAX take more of "
             f"the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION)")
 
 

@@ -111,9 +111,11 @@ def test_scan_layers_auto_rules():
 def test_fit_warning_names_what_to_change():
     report = {"argument_bytes": 10, "output_bytes": 10, "temp_bytes": 60 * 2**30,
               "total_bytes": 64 * 2**30}
-    line = fit_warning(report, 59 * 2**30)
+    one_device = driver.memory_fixes(validate(Config()))
+    line = fit_warning(report, 59 * 2**30, one_device)
     assert "64.0 GB" in line and "59.0 GB" in line and "--batch_size" in line
-    assert fit_warning(report, 80 * 2**30) is None and fit_warning(report, None) is None
+    assert (fit_warning(report, 80 * 2**30, one_device) is None
+            and fit_warning(report, None, one_device) is None)
     # the layout's own advice (driver.memory_fixes): a residual-stash pipeline
     cfg = validate(Config(model=ModelConfig(n_layer=4), parallel=ParallelConfig(
         pp=2, microbatches=4, pp_stash="residuals")))

@@ -84,10 +84,11 @@ def _bwd_kernel(res_ref, w_ref, dy_ref, dres_ref, dr_ref, dh_ref, dw_ref, *, eps
 
 
 def _specs(rows, width):
-    """Block specs over a grid of row blocks: rows x width, the scale, a partial sum row."""
-    block = pl.BlockSpec((rows, width), lambda i: (i, 0))
-    vector = pl.BlockSpec((width,), lambda i: (0,))
-    partial_sums = pl.BlockSpec((None, width), lambda i: (i, 0))
+    """Block specs over a grid of (row block i, feature group g): rows x width, the group's
+    scale, a partial-sum row. The add + norm has one group (grid (n, 1))."""
+    block = pl.BlockSpec((rows, width), lambda i, g: (i, g))
+    vector = pl.BlockSpec((width,), lambda i, g: (g,))
+    partial_sums = pl.BlockSpec((None, width), lambda i, g: (i, g))
     return block, vector, partial_sums
 
 
@@ -95,7 +96,7 @@ def _forward(h_TxD, r_TxD, w_D, eps, dtype, interpret):
     T, D = h_TxD.shape
     rows = block_rows(T, D)
     block, vector, _ = _specs(rows, D)
-    return typed_call(_fwd_kernel, (T // rows,), [block, block, vector], [block, block],
+    return typed_call(_fwd_kernel, (T // rows, 1), [block, block, vector], [block, block],
                       [jax.ShapeDtypeStruct((T, D), dtype),
                        jax.ShapeDtypeStruct((T, D), r_TxD.dtype)],
                       interpret=interpret, eps=eps)(h_TxD, r_TxD, w_D)
@@ -119,7 +120,7 @@ def _add_norm_bwd(eps, static, saved, cts):
     per_program = program_rows(T, rows)
     block, vector, partial_sums = _specs(per_program, D)
     dr, dh, dw_parts = typed_call(
-        _bwd_kernel, (T // per_program,), [block, vector, block, block],
+        _bwd_kernel, (T // per_program, 1), [block, vector, block, block],
         [block, block, partial_sums],
         [jax.ShapeDtypeStruct((T, D), res.dtype), jax.ShapeDtypeStruct((T, D), static.h_dtype),
          jax.ShapeDtypeStruct((T // per_program, D), f32)],
@@ -190,13 +191,6 @@ def _gated_bwd_kernel(y_ref, z_ref, w_ref, do_ref, dy_ref, dz_ref, dw_ref, *, ep
                                     jnp.zeros(dw_ref.shape, f32))
 
 
-def _gated_specs(rows, width):
-    block = pl.BlockSpec((rows, width), lambda i, g: (i, g))
-    vector = pl.BlockSpec((width,), lambda i, g: (g,))
-    partial_sums = pl.BlockSpec((None, width), lambda i, g: (i, g))
-    return block, vector, partial_sums
-
-
 class _GatedStatic(NamedTuple):
     dtype: jnp.dtype  # of the output
     groups: int
@@ -210,7 +204,7 @@ def _gated(y_TxI, z_TxI, w_I, eps, static):
     T, I = y_TxI.shape
     W = I // static.groups
     rows = block_rows(T, W)
-    block, vector, _ = _gated_specs(rows, W)
+    block, vector, _ = _specs(rows, W)
     return typed_call(_gated_fwd_kernel, (T // rows, static.groups), [block, block, vector],
                       block, jax.ShapeDtypeStruct((T, I), static.dtype),
                       interpret=static.interpret, eps=eps)(y_TxI, z_TxI, w_I)
@@ -226,7 +220,7 @@ def _gated_bwd(eps, static, saved, do):
     W = I // static.groups
     rows = block_rows(T, W)
     per_program = program_rows(T, rows)
-    block, vector, partial_sums = _gated_specs(per_program, W)
+    block, vector, partial_sums = _specs(per_program, W)
     dy, dz, dw_parts = typed_call(
         _gated_bwd_kernel, (T // per_program, static.groups), [block, block, vector, block],
         [block, block, partial_sums],
